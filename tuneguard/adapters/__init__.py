@@ -1,0 +1,1 @@
+"""Adapters on a frozen backbone: PEFT configs per method, layer freezing schedules, merge/export."""

@@ -1,0 +1,124 @@
+"""One PEFT config per adapter method, built from the recipe's ``adapter`` section."""
+
+from __future__ import annotations
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+from transformers import PreTrainedModel
+
+from tuneguard.errors import TuneguardError
+from tuneguard.recipe import AdapterConfig
+
+HEAD_NAMES = {"lm_head", "classifier", "score", "pooler", "embed_out"}
+ATTENTION_HINTS = ("attn", "attention")
+ATTENTION_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv_proj", "c_attn"}
+FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
+    return isinstance(module, torch.nn.Linear)
+
+
+def linear_module_names(model: PreTrainedModel) -> dict[str, str]:
+    """Full name -> 'attention' | 'mlp' for every linear layer outside the output head and pooler."""
+    kinds: dict[str, str] = {}
+    for full, module in model.named_modules():
+        parts = full.split(".")
+        if not _is_linear(module) or HEAD_NAMES & set(parts):
+            continue
+        in_attention = any(h in p for p in parts[:-1] for h in ATTENTION_HINTS)
+        kinds[full] = "attention" if in_attention or parts[-1] in ATTENTION_LEAVES else "mlp"
+    return kinds
+
+
+def resolve_targets(model: PreTrainedModel, target: str | list[str]) -> list[str]:
+    """Expand ``all-linear`` / ``attention`` / ``mlp`` to full module names; check explicit names match.
+
+    Full names, because leaf names are ambiguous (BERT has ``dense`` in attention, MLP and pooler).
+    """
+    kinds = linear_module_names(model)
+    if isinstance(target, str):
+        if target == "all-linear":
+            return sorted(kinds)
+        if target in ("attention", "mlp"):
+            return sorted(n for n, k in kinds.items() if k == target)
+        target = [target]
+    missing = [t for t in target if not any(n == t or n.endswith(f".{t}") for n in kinds)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in kinds})
+        raise TuneguardError(
+            f"adapter.target_modules: no linear layer named {missing} in this model; "
+            f"available: {leaves} or a preset (all-linear, attention, mlp)"
+        )
+    return list(target)
+
+
+def peft_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType, total_steps: int) -> PeftConfig:
+    if cfg.method == "prompt_tuning":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
+    targets = resolve_targets(model, cfg.target_modules)
+    if not targets:
+        raise TuneguardError(f"adapter.target_modules: preset '{cfg.target_modules}' matches no layer in this model")
+    common = dict(target_modules=targets, layers_to_transform=cfg.layers_to_transform, task_type=task_type)
+    if cfg.method == "lora":
+        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[cfg.init]
+        return LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+            use_dora=cfg.use_dora, init_lora_weights=init, **common,
+        )
+    if cfg.method == "ia3":
+        kinds = linear_module_names(model)
+        ff = [
+            t for t in targets
+            if kinds.get(t) == "mlp" and (t.endswith(FEEDFORWARD_OUT) or t.endswith("output.dense"))
+        ]
+        return IA3Config(feedforward_modules=ff, **common)
+    if cfg.method == "loha":
+        return LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common)
+    if cfg.method == "lokr":
+        return LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common)
+    if cfg.method == "adalora":
+        return AdaLoraConfig(
+            init_r=max(cfg.r * 3 // 2, cfg.r + 1), target_r=cfg.r, lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout, total_step=max(total_steps, 10),
+            tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1), deltaT=1, **common,
+        )
+    raise TuneguardError(f"adapter.method: unknown method '{cfg.method}'")
+
+
+def apply_adapter(
+    model: PreTrainedModel, cfg: AdapterConfig, *, is_encoder: bool, total_steps: int
+) -> PeftModel:
+    """Wrap the frozen backbone with the recipe's adapter; only adapter (and new head) weights train."""
+    task_type = TaskType.SEQ_CLS if is_encoder else TaskType.CAUSAL_LM
+    config = peft_config(cfg, model, task_type, total_steps)
+    try:
+        peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise TuneguardError(f"adapter.method '{cfg.method}' cannot be applied to this backbone: {exc}") from None
+    return peft_model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting a 4-bit packed weight at its real element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

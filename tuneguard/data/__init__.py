@@ -1,0 +1,1 @@
+"""Data: read, validate, template, tokenize, pack."""

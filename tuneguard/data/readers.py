@@ -1,0 +1,95 @@
+"""Read JSONL / CSV / TSV / Parquet rows, each tagged with ``file:line`` so problems can be named."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneguard.errors import TuneguardError
+
+
+@dataclass
+class Row:
+    where: str
+    """``file:line`` (1-based, as an editor shows it)."""
+    fields: dict[str, Any] | None
+    problem: str | None = None
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower().lstrip(".")
+    mapping = {"jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "csv": "csv", "tsv": "tsv", "parquet": "parquet"}
+    if suffix not in mapping:
+        raise TuneguardError(f"{path}: cannot tell the format from '.{suffix}'; set data.format (jsonl, csv, tsv, parquet)")
+    return mapping[suffix]
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rows.append(Row(where, None, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            if not isinstance(value, dict):
+                rows.append(Row(where, None, f"expected a JSON object, got {type(value).__name__}"))
+                continue
+            rows.append(Row(where, value))
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8", newline="") as fh:
+        # TSV files such as GLUE's have no quoting; CSV files are quoted.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if not any(cell.strip() for cell in record):
+                continue
+            if len(record) != len(header):
+                rows.append(Row(where, None, f"expected {len(header)} columns {header}, got {len(record)}"))
+                continue
+            rows.append(Row(where, dict(zip(header, record, strict=True))))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    from datasets import Dataset
+
+    table = Dataset.from_parquet(str(path))
+    return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(table)]
+
+
+def read_rows(path: str | Path, fmt: str = "auto") -> list[Row]:
+    """All rows of a data file in order; unreadable rows carry a ``problem`` instead of fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneguardError(f"data file not found: {path}")
+    kind = detect_format(path, fmt)
+    try:
+        if kind == "jsonl":
+            rows = _read_jsonl(path)
+        elif kind in ("csv", "tsv"):
+            rows = _read_delimited(path, "\t" if kind == "tsv" else ",")
+        else:
+            rows = _read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise TuneguardError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
+    if not rows:
+        raise TuneguardError(f"{path}: the dataset is empty")
+    return rows

@@ -1,0 +1,1 @@
+"""Evaluation: the scoring engine, tasks, metrics and the base-vs-tuned comparison."""

@@ -1,0 +1,259 @@
+"""The recipe: one YAML file describing a run, validated before anything heavy is loaded.
+
+Errors name the YAML path (``adapter.r``), what was expected, and for unknown keys the closest
+valid key, so a typo costs seconds rather than a failed run twenty minutes in.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneguard.errors import TuneguardError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    source: str = "bundled:smollm2-135m-instruct"
+    """A local HF directory, a hub id, a ``.gguf`` file, or ``bundled:NAME``."""
+    gguf_file: str | None = None
+    """The GGUF file name inside ``source`` when ``source`` is a directory or hub id."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class QuantizationConfig(Section):
+    method: Literal["none", "nf4", "fp4", "int8"] = "none"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class AdapterConfig(Section):
+    method: Literal["lora", "ia3", "loha", "lokr", "adalora", "prompt_tuning"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    """``all-linear``, ``attention``, ``mlp``, or explicit module names."""
+    layers_to_transform: list[int] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    num_virtual_tokens: int = Field(16, ge=1)
+    """Prompt tuning only."""
+    freeze_layers_below: int = Field(0, ge=0)
+    """Keep the adapters of the lowest N layers frozen (layer-wise freezing)."""
+    unfreeze_every: int = Field(0, ge=0)
+    """Gradual unfreezing: every N steps, one more frozen layer (top-down) starts training."""
+
+
+class DataConfig(Section):
+    kind: Literal["classification", "instruction", "text"] = "classification"
+    train: str
+    validation: str | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """When ``validation`` is not given, this fraction of ``train`` is split off with ``seed``."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] | dict[str, str] | None = None
+    """Classification label set. A list maps index -> verbalizer; a dict maps raw label -> verbalizer."""
+    prompt_template: str = "{text}"
+    """Classification/instruction prompt. Fields of the row go in as ``{name}``."""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    system_prompt: str | None = None
+    use_chat_template: bool = True
+    max_length: int = Field(512, ge=8)
+    pack: bool = True
+    max_train_samples: int | None = Field(None, ge=1)
+    max_val_samples: int | None = Field(None, ge=1)
+    max_bad_fraction: float = Field(0.0, ge=0, le=1)
+    augment: Literal["none", "word_dropout", "swap"] = "none"
+    augment_prob: float = Field(0.1, ge=0, le=1)
+    replay: str | None = None
+    """A text file (or ``bundled:wikitext``) of general data mixed into training to keep generalization."""
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    deterministic: bool = False
+    log_every: int = Field(5, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+
+class EvalConfig(Section):
+    task: bool = True
+    """Score the recipe's own validation data (base and tuned)."""
+    suites: list[str] = []
+    """General suites or task names run on base and tuned, e.g. ``general-small``."""
+    limit: int | None = Field(None, ge=1)
+    max_regression: float | None = None
+    batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(1000, ge=100)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/{name}"
+    name: str | None = None
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Recipe:
+        if self.adapter.use_dora and self.adapter.method != "lora":
+            raise ValueError("adapter.use_dora applies to method 'lora' only")
+        if self.data.kind == "classification" and not self.data.labels:
+            raise ValueError("data.labels is required when data.kind is 'classification'")
+        return self
+
+    def run_dir(self, recipe_path: Path | None = None) -> Path:
+        name = self.output.name or (recipe_path.stem if recipe_path else "run")
+        return Path(self.output.dir.format(name=name))
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (to suggest the closest valid key)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _describe(err: dict[str, Any], origin: str) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        hint = ""
+        if section is not None:
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(section), n=1)
+            if close:
+                hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
+        return f"{origin}: unknown key '{path}'{hint}"
+    if err["type"] == "missing":
+        return f"{origin}: missing required key '{path}'"
+    if err["type"] == "value_error":
+        return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{origin}: '{path}': {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value parsed as YAML so ``1e-4`` is a float."""
+    if "=" not in text:
+        raise TuneguardError(f"override '{text}' is not of the form section.key=value")
+    key, _, raw = text.partition("=")
+    if not key.strip():
+        raise TuneguardError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise TuneguardError(f"override '{text}': '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Data paths in a recipe are relative to the recipe file; make them absolute and check them."""
+    for attr in ("train", "validation", "replay"):
+        value = getattr(recipe.data, attr)
+        if value is None or value.startswith("bundled:"):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            candidates = [base / path, Path.cwd() / path]
+            path = next((c for c in candidates if c.exists()), candidates[0])
+        if not path.exists():
+            raise TuneguardError(f"data.{attr}: file not found: {value} (looked in {path.parent})")
+        setattr(recipe.data, attr, str(path.resolve()))
+    return recipe
+
+
+def validate(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise TuneguardError(f"{origin}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0], origin)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise TuneguardError(first + more) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneguardError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TuneguardError(f"{path}{where}: malformed YAML: {problem}") from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+    recipe = validate(data, str(path))
+    if recipe.output.name is None:
+        recipe.output.name = path.stem
+    return resolve_paths(recipe, path.parent)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
