@@ -155,11 +155,13 @@ def classification_example(
     context = encode_context(tokenizer, cfg, prompt)
     choices = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
     answer = choices[label] + end
+    room = cfg.max_length - max(len(c) for c in choices) - len(end)
+    if room < 4:
+        raise ValueError(f"data.max_length={cfg.max_length} leaves no room for the prompt before the answer")
+    cut = len(context) > room
+    context = context[-room:]  # keep the end: the question and the assistant turn's opening
     ids = context + answer
     labels = [IGNORE] * len(context) + answer
-    ids, labels, cut = _truncate(ids, labels, cfg.max_length)
-    if cut and all(t == IGNORE for t in labels):
-        raise ValueError(f"prompt is longer than data.max_length={cfg.max_length}, leaving no answer to learn")
     return Example(ids, labels, label, cut), ChoiceItem(context, choices, label, row.where)
 
 

@@ -1,0 +1,101 @@
+"""The data stage of a run: read, split, validate, tokenize, mix in replay data, pack."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from tuneguard.data.examples import ChoiceItem, Example, build_examples, label_index
+from tuneguard.data.packing import Packed, pack
+from tuneguard.data.readers import Row, read_rows
+from tuneguard.errors import TuneguardError
+from tuneguard.recipe import DataConfig
+
+BUNDLED_REPLAY = {"wikitext": Path(__file__).resolve().parent.parent / "eval" / "data" / "wikitext2.jsonl"}
+
+
+@dataclass
+class Prepared:
+    train: list[Packed] | list[Example]
+    """Packed rows for decoders; single examples (with class labels) for encoder classifiers."""
+    val: list[Packed] | list[Example]
+    val_items: list[ChoiceItem]
+    """Decoder classification: one scoring item per validation row (context + verbalized labels)."""
+    val_examples: list[Example]
+    verbalizers: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_rows(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
+    """A seeded split of the training file when no validation file is given."""
+    if cfg.validation:
+        return rows, read_rows(cfg.validation, cfg.format)
+    if cfg.val_fraction == 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * cfg.val_fraction))
+    val_idx = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
+
+
+def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
+    """General text mixed into training (``replay_fraction`` of the mix) to keep what the model knew."""
+    if not cfg.replay or cfg.replay_fraction == 0:
+        return []
+    source = cfg.replay
+    if source.startswith("bundled:"):
+        name = source.removeprefix("bundled:")
+        if name not in BUNDLED_REPLAY:
+            raise TuneguardError(f"data.replay: unknown bundled replay set '{name}'; choose {sorted(BUNDLED_REPLAY)}")
+        source = str(BUNDLED_REPLAY[name])
+    path = Path(source)
+    rows = read_rows(path, "jsonl") if path.suffix == ".jsonl" else [
+        Row(f"{path}:{i}", {"text": line}) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()
+    ]
+    want = round(n_train * cfg.replay_fraction / (1 - cfg.replay_fraction))
+    rng = random.Random(seed + 1)
+    return [rows[rng.randrange(len(rows))] for _ in range(want)]
+
+
+def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool, seed: int) -> Prepared:
+    if is_encoder and cfg.kind != "classification":
+        raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
+    rows = read_rows(cfg.train, cfg.format)
+    train_rows, val_rows = split_rows(rows, cfg, seed)
+    if cfg.max_train_samples and cfg.max_train_samples < len(train_rows):
+        chosen = sorted(random.Random(seed).sample(range(len(train_rows)), cfg.max_train_samples))
+        train_rows = [train_rows[i] for i in chosen]
+    if cfg.max_val_samples:
+        val_rows = val_rows[: cfg.max_val_samples]
+    rng = random.Random(seed + 2) if cfg.augment != "none" else None
+    train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_rng=rng)
+    val_ex, val_items = build_examples(val_rows, cfg, tokenizer, is_encoder=is_encoder, what="validation")
+    if not train_ex:
+        raise TuneguardError(f"{cfg.train}: no usable training examples")
+    replay = replay_rows(cfg, len(train_ex), seed)
+    if replay:
+        text_cfg = cfg.model_copy(update={"kind": "text", "text_field": "text"})
+        replay_ex, _ = build_examples(replay, text_cfg, tokenizer, is_encoder=False, what="replay")
+        train_ex = train_ex + replay_ex
+    random.Random(seed + 3).shuffle(train_ex)  # rows were read in file order so problems are named in order
+    stats = {
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "replay_examples": len(replay),
+        "train_examples": len(train_ex),
+        "truncated_train": sum(e.truncated for e in train_ex),
+        "truncated_val": sum(e.truncated for e in val_ex),
+        "train_target_tokens": sum(sum(t != -100 for t in e.labels[1:]) for e in train_ex),
+    }
+    _, verbalizers = label_index(cfg)
+    if is_encoder:
+        return Prepared(train_ex, val_ex, [], val_ex, verbalizers, stats)
+    train_packed = pack(train_ex, cfg.max_length, cfg.pack)
+    val_packed = pack(val_ex, cfg.max_length, cfg.pack)
+    stats["train_rows_packed"] = len(train_packed)
+    return Prepared(train_packed, val_packed, val_items, val_ex, verbalizers, stats)

@@ -1,0 +1,172 @@
+"""Formatting shared by the terminal, markdown and HTML reports, so each cell is defined once.
+
+Everything here takes the plain dicts of a report (``Comparison.to_dict()`` rows, the run
+summary), so a report can be re-rendered from ``report.json`` alone.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+VERDICT_STYLE = {"improved": "green", "regressed": "red", "no significant change": "dim"}
+COMPARISON_HEADERS = ["task", "metric", "n", "before", "after", "Δ", "95% CI of Δ", "p", "test", "verdict"]
+DASH = "–"
+Cell = Union[str, tuple[str, str]]
+"""A table cell or a line: its text, optionally with a style class (a verdict, ``pass`` or ``fail``)."""
+
+
+def missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def fmt_value(v: float | None, how: str = "mean") -> str:
+    """Mean metrics (in [0, 1]) as percentages, perplexity-like ones in their own units."""
+    if missing(v):
+        return DASH
+    return f"{100 * v:.1f}%" if how == "mean" else f"{v:.3f}"
+
+
+def _fmt_change(v: float, how: str) -> str:
+    return f"{100 * v:+.1f}" if how == "mean" else f"{v:+.3f}"
+
+
+def fmt_delta(c: dict[str, Any]) -> str:
+    """``+3.1 pp`` for means; ``+0.420 (+2.1%)`` for perplexity-like metrics (the budget's units)."""
+    if missing(c.get("delta")):
+        return DASH
+    how = c.get("aggregate", "mean")
+    if how == "mean":
+        return f"{_fmt_change(c['delta'], how)} pp"
+    return f"{_fmt_change(c['delta'], how)} ({100 * c['delta'] / max(abs(c['base']), 1e-12):+.1f}%)"
+
+
+def fmt_ci(c: dict[str, Any]) -> str:
+    if missing(c.get("ci_low")) or missing(c.get("ci_high")):
+        return DASH
+    how = c.get("aggregate", "mean")
+    return f"[{_fmt_change(c['ci_low'], how)}, {_fmt_change(c['ci_high'], how)}]"
+
+
+def fmt_p(p: float | None) -> str:
+    if missing(p):
+        return DASH
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_int(n: int | None) -> str:
+    return DASH if missing(n) else f"{int(n):,}"
+
+
+def fmt_memory(mb: float | None) -> str:
+    if missing(mb):
+        return DASH
+    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def fmt_float(v: float | None, digits: int = 1) -> str:
+    return DASH if missing(v) else f"{v:,.{digits}f}"
+
+
+def fmt_adapter(summary: dict[str, Any]) -> str:
+    method = summary.get("adapter") or DASH
+    return f"{method} r{summary['r']}" if summary.get("r") else method
+
+
+def comparison_row(c: dict[str, Any]) -> list[Cell]:
+    how = c.get("aggregate", "mean")
+    return [
+        c["task"], c["metric"], fmt_int(c.get("n")), fmt_value(c.get("base"), how), fmt_value(c.get("tuned"), how),
+        fmt_delta(c), fmt_ci(c), fmt_p(c.get("p_value")), c.get("test") or DASH, (c["verdict"], verdict_class(c["verdict"])),
+    ]
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's identity and cost, as (label, value) pairs."""
+    return [
+        ("model", str(summary.get("model") or DASH)),
+        ("quantization", str(summary.get("quantization") or DASH)),
+        ("adapter", fmt_adapter(summary)),
+        ("trainable params", fmt_int(summary.get("trainable_params"))),
+        ("tokens trained", fmt_int(summary.get("tokens_trained"))),
+        ("tokens/s", fmt_float(summary.get("tokens_per_s"))),
+        ("peak memory", fmt_memory(summary.get("peak_memory_mb"))),
+        ("wall time", DASH if missing(summary.get("wall_time_s")) else f"{summary['wall_time_s']:.0f} s"),
+        ("fingerprint", str(summary.get("fingerprint") or DASH)),
+    ]
+
+
+def verdict_class(verdict: str | None) -> str:
+    return verdict if verdict in ("improved", "regressed") else "nochange"
+
+
+def cell_text(cell: Cell) -> str:
+    return cell[0] if isinstance(cell, tuple) else cell
+
+
+def cell_class(cell: Cell) -> str:
+    return cell[1] if isinstance(cell, tuple) else ""
+
+
+@dataclass
+class Block:
+    """One section of a report: a table, or lines of text; rendered alike to markdown, HTML and rich."""
+
+    title: str
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[Cell]] = field(default_factory=list)
+    lines: list[Cell] = field(default_factory=list)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_block(block: Block) -> str:
+    out = [f"## {block.title}\n"]
+    if block.headers:
+        def line(cells: list[Cell]) -> str:
+            return "| " + " | ".join(_md_escape(cell_text(c)) for c in cells) + " |"
+
+        out += [line(block.headers), "|" + "---|" * len(block.headers), *map(line, block.rows)]
+    out += [f"- {cell_text(c)}" for c in block.lines]
+    return "\n".join(out) + "\n"
+
+
+def _td(cell: Cell, tag: str = "td") -> str:
+    cls = cell_class(cell)
+    return f"<{tag}{f' class=\"{cls}\"' if cls else ''}>{html.escape(cell_text(cell))}</{tag}>"
+
+
+def html_block(block: Block) -> str:
+    out = [f"<h2>{html.escape(block.title)}</h2>"]
+    if block.headers:
+        head = "".join(_td(h, "th") for h in block.headers)
+        body = "".join("<tr>" + "".join(map(_td, row)) + "</tr>" for row in block.rows)
+        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    if block.lines:
+        out.append("<ul>" + "".join(_td(c, "li") for c in block.lines) + "</ul>")
+    return "\n".join(out) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:70rem;
+color:#1d1d1f;padding:0 1rem}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f5f5f7}
+.improved,.pass{color:#137333;font-weight:600}.regressed,.fail{color:#c5221f;font-weight:600}
+.nochange{color:#80868b}
+img{max-width:100%;height:auto;display:block;margin:.5rem 0}
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete page with inline CSS and nothing fetched from elsewhere."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n"
+    )
