@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/merged)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_export)
+
+    from tuneguard.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 VERDICT_STYLE = {"improved": "green", "regressed": "red", "no significant change": "dim"}
 COMPARISON_HEADERS = ["task", "metric", "n", "before", "after", "Δ", "95% CI of Δ", "p", "test", "verdict"]
 DASH = "–"
-Cell = Union[str, tuple[str, str]]
+Cell = str | tuple[str, str]
 """A table cell or a line: its text, optionally with a style class (a verdict, ``pass`` or ``fail``)."""
 
 
@@ -136,8 +136,8 @@ def md_block(block: Block) -> str:
 
 
 def _td(cell: Cell, tag: str = "td") -> str:
-    cls = cell_class(cell)
-    return f"<{tag}{f' class=\"{cls}\"' if cls else ''}>{html.escape(cell_text(cell))}</{tag}>"
+    cls = f' class="{cell_class(cell)}"' if cell_class(cell) else ""
+    return f"<{tag}{cls}>{html.escape(cell_text(cell))}</{tag}>"
 
 
 def html_block(block: Block) -> str:

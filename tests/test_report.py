@@ -1,0 +1,222 @@
+"""Reports from synthetic run directories: files, terminal, history and runs side by side."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from rich.console import Console
+
+from tuneguard.errors import TuneguardError
+from tuneguard.eval.compare import Comparison, compare_results
+from tuneguard.eval.records import TaskResult, aggregate
+from tuneguard.io import atomic_write_json, atomic_write_text
+from tuneguard.report.compare_runs import compare_run_dirs, print_run_comparison
+from tuneguard.report.files import build_report, write_reports
+from tuneguard.report.history import list_history, record_run
+from tuneguard.report.terminal import print_history, print_report
+
+GENERAL = {"arc_easy", "wikitext"}
+
+
+def _acc(task: str, items: np.ndarray) -> dict[str, Any]:
+    values = [float(x) for x in items]
+    mean = sum(values) / len(values)
+    return TaskResult(task, "acc", mean, True, len(values), values, metrics={"acc": mean, "f1_macro": mean - 0.01},
+                      fingerprint="fp-123").to_dict()
+
+
+def _ppl(task: str, nll: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
+    value = aggregate(list(nll), list(tokens), "perplexity")
+    return TaskResult(task, "perplexity", value, False, len(nll), [float(x) for x in nll], [float(x) for x in tokens],
+                      "perplexity").to_dict()
+
+
+def _flip(items: np.ndarray, wins: int, losses: int) -> np.ndarray:
+    out = items.copy()
+    out[np.flatnonzero(items == 0)[:wins]] = 1
+    out[np.flatnonzero(items == 1)[:losses]] = 0
+    return out
+
+
+def make_run(root: Path, name: str, *, method: str = "lora", r: int = 16, quant: str = "nf4", wins: int = 60,
+             max_regression: float | None = 2.0, with_general: bool = True) -> tuple[Path, dict[str, Any]]:
+    """A run directory as the training and eval sides leave it, before the report is written."""
+    rng = np.random.default_rng(len(name))
+    run_dir = root / name
+    recipe = {
+        "model": {"source": "bundled:smollm2-135m-instruct"}, "quantization": {"method": quant},
+        "adapter": {"method": method, "r": r}, "data": {"kind": "classification", "train": "train.jsonl"},
+        "eval": {"max_regression": max_regression, "suites": ["general-small"]}, "output": {"name": name},
+    }
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe))
+    atomic_write_json(run_dir / "run.json", {
+        "recipe": name, "fingerprint": "fp-123", "adapter_method": method, "quantization": quant, "seed": 42,
+        "steps": 20, "tokens_trained": 40960, "wall_time_s": 200.5, "tokens_per_s": 204.3,
+        "peak_memory_mb": 3890.0, "trainable_params": 4_884_480, "total_params": 139_000_000,
+    })
+    metrics = [{"step": s, "loss": 2.5 - 0.05 * s, "lr": 1e-4, "tokens_per_s": 200.0} for s in range(1, 21)]
+    metrics += [{"step": 10, "val_loss": 2.2}, {"step": 20, "val_loss": 2.0}]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    sst2 = (rng.random(400) < 0.6).astype(float)
+    arc = (rng.random(500) < 0.5).astype(float)
+    nll, tokens = rng.gamma(2.0, 20.0, 300), rng.integers(10, 60, 300).astype(float)
+    eval_data = {
+        "base": [_acc("sst2", sst2)], "tuned": [_acc("sst2", _flip(sst2, wins, 5))],
+        "original": [_acc("sst2", _flip(sst2, 1, 0))],
+        "general_text_loss": {"base": 2.91, "tuned": 2.95},
+        "guards": [{"name": "adapter-fingerprint", "passed": True, "detail": "matches fp-123"},
+                   {"name": "label-leak", "passed": False, "detail": "3 validation rows also in train"}],
+        "seconds": 12.5,
+    }
+    if with_general:
+        eval_data["base"] += [_acc("arc_easy", arc), _ppl("wikitext", nll, tokens)]
+        eval_data["tuned"] += [_acc("arc_easy", _flip(arc, 0, 40)), _ppl("wikitext", nll, tokens)]
+    atomic_write_json(run_dir / "eval.json", eval_data)
+    return run_dir, eval_data
+
+
+def _report(run_dir: Path, eval_data: dict[str, Any]) -> dict[str, Any]:
+    def results(side: str) -> list[TaskResult]:
+        return [TaskResult.from_dict(d) for d in eval_data[side]]
+
+    comparisons = compare_results(results("base"), results("tuned"), general_tasks=GENERAL, n_boot=500)
+    original = compare_results(results("original"), results("base")[:1], general_tasks=set(), n_boot=500)
+    return build_report(run_dir, eval_data, comparisons, original)
+
+
+@pytest.fixture()
+def run(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    run_dir, eval_data = make_run(tmp_path, "sst2-lora")
+    return run_dir, _report(run_dir, eval_data)
+
+
+def test_report_content(run: tuple[Path, dict[str, Any]]) -> None:
+    _, report = run
+    assert [c["task"] for c in report["task"]] == ["sst2"]
+    assert [c["task"] for c in report["general"]] == ["arc_easy", "wikitext"]
+    verdicts = {c["task"]: c["verdict"] for c in report["task"] + report["general"]}
+    assert verdicts == {"sst2": "improved", "arc_easy": "regressed", "wikitext": "no significant change"}
+    assert report["budget"] == {"max_regression": 2.0, "exceeded": ["arc_easy"]}
+    assert report["quantization"][0]["verdict"] == "no significant change"
+    assert report["summary"]["adapter"] == "lora" and report["summary"]["r"] == 16
+    assert report["train_val_gap"]["val_loss"] == 2.0
+    assert len(report["curves"]["train"]) == 20 and report["curves"]["val"] == [[10, 2.2], [20, 2.0]]
+    assert report["task_metrics"]["sst2"]["tuned"]["f1_macro"] == pytest.approx(report["task"][0]["tuned"] - 0.01)
+
+
+def test_write_reports(run: tuple[Path, dict[str, Any]]) -> None:
+    run_dir, report = run
+    paths = write_reports(run_dir, report)
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
+    assert not list(run_dir.glob(".*.tmp"))
+
+    loaded = json.loads(paths[0].read_text())
+    assert loaded == report
+    assert Comparison.from_dict(loaded["general"][0]).to_dict() == report["general"][0]
+
+    md = paths[1].read_text()
+    assert re.search(r"^\| sst2 \| acc \| 400 \| .* \| improved \|$", md, re.M)
+    assert re.search(r"^\| arc_easy \| acc \| 500 \| .* \| regressed \|$", md, re.M)
+    assert re.search(r"^\| wikitext \| perplexity \| 300 \| .* \| no significant change \|$", md, re.M)
+    assert "## General suite" in md and "FAIL label-leak" in md and "exceeded (max 2 points) by: arc_easy" in md
+
+    page = paths[2].read_text()
+    assert page.count('<img src="data:image/png;base64,') == 3        # before/after, quantization, loss curves
+    assert not re.search(r"https?://|(?:src|href)\s*=\s*[\"']?//", page)
+    assert "<link" not in page and "<script" not in page
+    assert '<td class="regressed">regressed</td>' in page
+
+
+def test_print_report_colours_verdicts(run: tuple[Path, dict[str, Any]]) -> None:
+    _, report = run
+    out = io.StringIO()
+    print_report(report, Console(file=out, force_terminal=True, color_system="standard", width=220))
+    text = out.getvalue()
+    assert "\x1b[32mimproved" in text and "\x1b[31mregressed" in text
+    assert "\x1b[2mno significant change" in text
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    for expected in ("Task", "General suite", "General-text loss", "PASS adapter-fingerprint", "FAIL label-leak",
+                     "sst2", "arc_easy", "wikitext", "Regression budget"):
+        assert expected in plain
+
+
+def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   run: tuple[Path, dict[str, Any]]) -> None:
+    monkeypatch.setenv("TUNEGUARD_HOME", str(tmp_path / "home"))
+    run_dir, report = run
+    record_run(run_dir, report)
+    record_run(run_dir, report)          # the same run again replaces, not duplicates
+    assert (tmp_path / "home" / "history.sqlite").is_file()
+    rows = list_history()
+    assert [r["task"] for r in rows] == ["sst2", "arc_easy", "wikitext"]
+    row = rows[0]
+    assert (row["recipe"], row["fingerprint"], row["adapter_method"], row["adapter_r"]) == ("sst2-lora", "fp-123",
+                                                                                            "lora", 16)
+    assert row["run_dir"] == str(run_dir.resolve()) and row["verdict"] == "improved" and not row["is_general"]
+    assert row["delta"] == pytest.approx(report["task"][0]["delta"])
+
+    other_dir, eval_data = make_run(tmp_path, "sst2-ia3", method="ia3", wins=0)
+    record_run(other_dir, _report(other_dir, eval_data))
+    assert len(list_history()) == 6
+    sst2 = list_history(task="sst2")
+    assert [(r["recipe"], r["verdict"]) for r in sst2] == [("sst2-lora", "improved"),
+                                                           ("sst2-ia3", "no significant change")]
+    assert sst2[1]["adapter_r"] is None
+    assert {r["recipe"] for r in list_history(last=1)} == {"sst2-ia3"}
+    assert len(list_history(recipe="sst2-lora")) == 3
+
+    out = io.StringIO()
+    print_history(sst2, Console(file=out, width=200))
+    assert "sst2-ia3" in out.getvalue() and "ia3" in out.getvalue()
+
+
+def test_compare_runs_side_by_side(tmp_path: Path) -> None:
+    dirs = []
+    for name, method, r, quant, general in (("lora-r16", "lora", 16, "nf4", True), ("lora-r8", "lora", 8, "none", True),
+                                             ("ia3", "ia3", 16, "nf4", False)):
+        run_dir, eval_data = make_run(tmp_path / "runs", name, method=method, r=r, quant=quant, with_general=general)
+        write_reports(run_dir, _report(run_dir, eval_data))
+        dirs.append(run_dir)
+    comparison = compare_run_dirs(dirs, tmp_path / "out")
+    assert [r["label"] for r in comparison["runs"]] == ["lora-r16", "lora-r8", "ia3"]
+    assert [r["quantization"] for r in comparison["runs"]] == ["nf4", "none", "nf4"]
+    tasks = {t["task"]: t for t in comparison["tasks"]}
+    assert list(tasks) == ["sst2", "arc_easy", "wikitext"]
+    assert all(cell is not None for cell in tasks["sst2"]["cells"])
+    assert tasks["arc_easy"]["cells"][2] is None and tasks["arc_easy"]["cells"][0]["verdict"] == "regressed"
+
+    files = [Path(p) for p in comparison["files"]]
+    assert [p.name for p in files] == ["comparison.json", "comparison.md", "comparison.html"]
+    assert json.loads(files[0].read_text())["runs"][1]["r"] == 8
+    md = files[1].read_text()
+    assert "|  | lora-r16 | lora-r8 | ia3 |" in md
+    assert re.search(r"^\| r \| 16 \| 8 \| – \|$", md, re.M)
+    assert re.search(r"^\| peak memory \| 3\.80 GB \| 3\.80 GB \| 3\.80 GB \|$", md, re.M)
+    assert re.search(r"^\| arc_easy \(acc\) · general \| .*\(-8\.0 pp\) \| .* \| – \|$", md, re.M)
+    assert "https://" not in files[2].read_text()
+
+    out = io.StringIO()
+    print_run_comparison(comparison, Console(file=out, width=200))
+    assert "lora-r8" in out.getvalue() and "tokens/s" in out.getvalue()
+    assert "files" not in compare_run_dirs(dirs[:1], None)
+
+
+def test_missing_files_are_named(tmp_path: Path, run: tuple[Path, dict[str, Any]]) -> None:
+    run_dir, _ = run
+    with pytest.raises(TuneguardError, match="report.json: file not found"):
+        compare_run_dirs([run_dir], None)
+    with pytest.raises(TuneguardError, match="not a directory"):
+        compare_run_dirs([tmp_path / "nope"], None)
+    (run_dir / "run.json").unlink()
+    with pytest.raises(TuneguardError, match="run.json: file not found"):
+        build_report(run_dir, {}, [], None)
+    (run_dir / "recipe.yaml").unlink()
+    with pytest.raises(TuneguardError, match="recipe.yaml: file not found"):
+        compare_run_dirs([run_dir], None)

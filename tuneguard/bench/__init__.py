@@ -1,0 +1,1 @@
+"""Benchmarks of training and evaluation memory and speed, against the usual way."""

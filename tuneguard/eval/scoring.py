@@ -1,0 +1,365 @@
+"""The scoring engine every task reduces to: log-likelihoods, rolling perplexity, greedy generation.
+
+Multiple-choice items share their context: the context and every choice are packed into one row
+with a block mask (each choice sees the context and itself, never the other choices) and position
+ids that restart after the context for each choice. One forward pass then scores all choices, which
+is exact and about ``n_choices`` times cheaper than re-running the context per choice. Logits are
+computed only at the positions that predict a scored token (``logits_to_keep``) and reduced batch by
+batch, so memory does not grow with the vocabulary, the task or the number of items.
+
+The functions take any causal LM, including a ``PeftModel`` with its adapter on or under
+``disable_adapter()``: the caller picks which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from tuneguard.errors import TuneguardError
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class Score:
+    """The log-likelihood of one continuation given its context."""
+
+    logprob: float
+    is_greedy: bool
+    """Every continuation token is the argmax of its position (LAMBADA's accuracy)."""
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class RollingScore:
+    """Negative log-likelihood of a whole text, with the units perplexities are normalised by."""
+
+    nll: float
+    n_tokens: int
+    n_bytes: int
+
+
+@dataclass
+class _Row:
+    """One packed sequence: a context, then the inputs of each continuation scored against it."""
+
+    context: list[int]
+    requests: list[int] = field(default_factory=list)
+    continuations: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        # A continuation's last token is predicted but never fed back in.
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off and no autograd while scoring; the training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def max_model_length(model: torch.nn.Module) -> int:
+    config = _base(model).config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+def prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token an empty context starts from (lm-evaluation-harness: BOS, else EOS)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise TuneguardError("the tokenizer has neither a BOS nor an EOS token to start an empty context from")
+    return token
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation, split the way lm-evaluation-harness splits them.
+
+    The whole string is encoded once so the continuation's tokens are those the model would see in
+    running text; trailing spaces of the context move to the continuation (``"Answer: " + "yes"``
+    and ``"Answer:" + " yes"`` score the same).
+    """
+    if not context:
+        return [prefix_token_id(tokenizer)], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Row]:
+    """Group requests by identical context into rows of at most ``max_length`` tokens."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx:
+            raise ValueError(f"request {i} has an empty context; start it with prefix_token_id(tokenizer)")
+        if not cont:
+            raise ValueError(f"request {i} has an empty continuation")
+        if len(cont) > max_length:
+            raise ValueError(f"request {i}: the continuation ({len(cont)} tokens) is longer than max_length={max_length}")
+        groups.setdefault(tuple(ctx), []).append(i)
+    rows: list[_Row] = []
+    for ctx, members in groups.items():
+        row: _Row | None = None
+        for i in members:
+            cont = list(requests[i][1])
+            if row is None or len(row) + len(cont) - 1 > max_length:
+                # Too long: drop the oldest context tokens, as lm-evaluation-harness does.
+                row = _Row(list(ctx[-(max_length - len(cont) + 1):]))
+                rows.append(row)
+            row.requests.append(i)
+            row.continuations.append(cont)
+    return rows
+
+
+def _virtual_prefix(model: torch.nn.Module, batch_size: int) -> torch.Tensor | None:
+    """The soft-prompt embeddings of an active prompt-tuning adapter (prepended to every row), else None."""
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning or getattr(model, "_adapters_disabled", False):
+        return None
+    from peft import PeftType
+
+    if cfg.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        raise TuneguardError(f"scoring a {cfg.peft_type} adapter is not supported (prompt tuning and LoRA-family are)")
+    return model.get_prompt(batch_size=batch_size)
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
+
+
+def _forward_kept(
+    model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Logits ``(n_kept, vocab)`` at the ``keep`` positions of packed rows.
+
+    ``seg`` is 0 for context, ``j + 1`` for the inputs of continuation ``j`` and -1 for padding: a
+    token attends causally to the context and to its own segment.
+    """
+    batch, _ = ids.shape
+    prefix = _virtual_prefix(model, batch)
+    embeds = None
+    if prefix is not None:
+        n_virtual = prefix.shape[1]
+        embeds = torch.cat([prefix.to(model.word_embeddings.weight.dtype), model.word_embeddings(ids)], dim=1)
+        seg = F.pad(seg, (n_virtual, 0), value=0)
+        pos = torch.cat([torch.arange(n_virtual, device=pos.device).expand(batch, -1), pos + n_virtual], dim=1)
+        keep = F.pad(keep, (n_virtual, 0), value=False)
+    length = seg.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+    allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :])
+    dtype = _base(model).get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    kwargs: dict = {"attention_mask": mask[:, None], "position_ids": pos, "use_cache": False}
+    if _supports_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    if embeds is None:
+        logits = model(input_ids=ids, **kwargs).logits
+    else:
+        logits = model.base_model(inputs_embeds=embeds, **kwargs).logits
+    return logits[keep] if logits.dim() == 3 else logits
+
+
+def loglikelihood(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    *,
+    max_length: int | None = None,
+) -> list[Score]:
+    """Score ``(context_ids, continuation_ids)`` pairs; requests with the same context share one pass.
+
+    Rows are sorted longest first, so an out-of-memory shows up on the first batch rather than the last.
+    """
+    max_length = max_length or max_model_length(model)
+    rows = sorted(_pack(requests, max_length), key=len, reverse=True)
+    device = model_device(model)
+    pad = 0
+    logprob = torch.zeros(len(requests), dtype=torch.float64)
+    misses = torch.zeros(len(requests), dtype=torch.long)
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r) for r in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            pos = torch.zeros((len(batch), width), dtype=torch.long)
+            seg = torch.full((len(batch), width), -1, dtype=torch.long)
+            t_row: list[int] = []
+            t_pos: list[int] = []
+            t_tok: list[int] = []
+            t_req: list[int] = []
+            for b, row in enumerate(batch):
+                n_ctx = len(row.context)
+                ids[b, :n_ctx] = torch.tensor(row.context)
+                pos[b, :n_ctx] = torch.arange(n_ctx)
+                seg[b, :n_ctx] = 0
+                offset = n_ctx
+                for j, (req, cont) in enumerate(zip(row.requests, row.continuations)):
+                    fed = cont[:-1]
+                    ids[b, offset : offset + len(fed)] = torch.tensor(fed, dtype=torch.long)
+                    pos[b, offset : offset + len(fed)] = torch.arange(n_ctx, n_ctx + len(fed))
+                    seg[b, offset : offset + len(fed)] = j + 1
+                    # Token t of the continuation is predicted at the context's last position (t = 0)
+                    # or at the position of token t - 1.
+                    positions = [n_ctx - 1, *range(offset, offset + len(fed))]
+                    t_row += [b] * len(cont)
+                    t_pos += positions
+                    t_tok += cont
+                    t_req += [req] * len(cont)
+                    offset += len(fed)
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            keep[t_row, t_pos] = True
+            index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[t_row, t_pos]
+            logits = _forward_kept(model, ids.to(device), pos.to(device), seg.to(device), keep.to(device))
+            logits = logits.float()[index.to(device)]
+            tokens = torch.tensor(t_tok, device=device)
+            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            hit = logits.argmax(dim=-1) == tokens
+            req = torch.tensor(t_req)
+            logprob.index_add_(0, req, lp.double().cpu())
+            misses.index_add_(0, req, (~hit).long().cpu())
+    return [
+        Score(float(logprob[i]), bool(misses[i] == 0), len(cont)) for i, (_, cont) in enumerate(requests)
+    ]
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_token: int, max_length: int, context_len: int = 1
+) -> list[tuple[list[int], list[int]]]:
+    """Disjoint ``(context, scored)`` windows covering every token once (lm-evaluation-harness's rolling windows).
+
+    The first window is scored from ``prefix_token``; each later one predicts up to
+    ``max_length - context_len + 1`` new tokens with at least ``context_len`` tokens of context,
+    and the last one takes as much context as fits.
+    """
+    if not 1 <= context_len <= max_length:
+        raise ValueError(f"context_len must be in [1, max_length={max_length}], got {context_len}")
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    pred_len = max_length - context_len + 1
+    first = min(max_length, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, pred_len)
+        end = done + n
+        inputs = tokens[max(end - max_length - 1, 0) : end - 1]
+        windows.append((inputs[: len(inputs) - n + 1], tokens[end - n : end]))
+        done = end
+    return windows
+
+
+def rolling_loglikelihood(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    context_len: int = 1,
+) -> list[RollingScore]:
+    """Summed NLL of each whole text over rolling windows, for token/word/byte perplexities."""
+    max_length = min(max_length or DEFAULT_MAX_LENGTH, max_model_length(model))
+    prefix = prefix_token_id(tokenizer)
+    requests: list[tuple[list[int], list[int]]] = []
+    owner: list[int] = []
+    n_tokens: list[int] = []
+    for i, text in enumerate(texts):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_tokens.append(len(tokens))
+        for window in rolling_windows(tokens, prefix, max_length, context_len):
+            requests.append(window)
+            owner.append(i)
+    scores = loglikelihood(model, requests, batch_size, max_length=max_length)
+    nll = [0.0] * len(texts)
+    for i, score in zip(owner, scores):
+        nll[i] -= score.logprob
+    return [RollingScore(nll[i], n_tokens[i], len(t.encode("utf-8"))) for i, t in enumerate(texts)]
+
+
+def generate_until(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[Sequence[int]],
+    until: Sequence[str] = ("\n",),
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy continuations of token-id contexts, cut at the first stop string (batched, left-padded)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        stop_strings=list(until) or None,
+    )
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    out: list[str] = [""] * len(contexts)
+    device = model_device(model)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(contexts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, i in enumerate(chunk):
+                ctx = list(contexts[i])
+                ids[b, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
+                attn[b, width - len(ctx) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config, tokenizer=tokenizer
+            )
+            for b, i in enumerate(chunk):
+                text = tokenizer.decode(generated[b, width:], skip_special_tokens=True)
+                cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+                out[i] = text[:cut]
+    return out
+
+
+def classify(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> list[int]:
+    """Predicted class indices from a sequence-classification head (encoders such as BERT or MiniLM)."""
+    preds: list[int] = []
+    device = model_device(model)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            preds += model(**enc).logits.argmax(dim=-1).tolist()
+    return preds

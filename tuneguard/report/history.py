@@ -1,0 +1,97 @@
+"""An SQLite history of runs and their task results, so results can be followed over time.
+
+The database lives at ``$TUNEGUARD_HOME/history.sqlite`` (default ``~/.cache/tuneguard``). One
+row per run in ``runs``, one row per task result in ``results``. Recording the same run again
+(same directory, same run.json facts) replaces its rows instead of duplicating them; a new
+training run in the same directory is a new row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    run_key TEXT UNIQUE NOT NULL,
+    created TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    recipe TEXT, model TEXT, fingerprint TEXT, quantization TEXT, adapter_method TEXT, adapter_r INTEGER,
+    trainable_params INTEGER, tokens_per_s REAL, peak_memory_mb REAL
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    task TEXT NOT NULL, metric TEXT NOT NULL, aggregate TEXT NOT NULL, is_general INTEGER NOT NULL,
+    base REAL, tuned REAL, delta REAL, ci_low REAL, ci_high REAL, p_value REAL, verdict TEXT,
+    PRIMARY KEY (run_id, task)
+);
+CREATE INDEX IF NOT EXISTS results_task ON results(task);
+"""
+_RESULT_KEYS = ("task", "metric", "aggregate", "is_general", "base", "tuned", "delta", "ci_low", "ci_high",
+                "p_value", "verdict")
+
+
+def history_path() -> Path:
+    home = os.environ.get("TUNEGUARD_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "tuneguard") / "history.sqlite"
+
+
+def _connect(db: Path | None) -> sqlite3.Connection:
+    db = db or history_path()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db, timeout=30)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA foreign_keys = ON")
+    con.executescript(_SCHEMA)
+    return con
+
+
+def record_run(run_dir: Path, report: dict[str, Any], *, db: Path | None = None) -> None:
+    """Store one run and each of its task and general-suite comparisons."""
+    s = report["summary"]
+    run_dir_text = str(Path(run_dir).resolve())
+    key = hashlib.sha256(json.dumps([run_dir_text, s], sort_keys=True, default=str).encode()).hexdigest()
+    with closing(_connect(db)) as con, con:
+        con.execute("DELETE FROM runs WHERE run_key = ?", (key,))
+        run_id = con.execute(
+            "INSERT INTO runs (run_key, created, run_dir, recipe, model, fingerprint, quantization, adapter_method, "
+            "adapter_r, trainable_params, tokens_per_s, peak_memory_mb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, report["created"], run_dir_text, s.get("name"), s.get("model"), s.get("fingerprint"),
+             s.get("quantization"), s.get("adapter"), s.get("r"), s.get("trainable_params"), s.get("tokens_per_s"),
+             s.get("peak_memory_mb")),
+        ).lastrowid
+        con.executemany(
+            f"INSERT INTO results (run_id, {', '.join(_RESULT_KEYS)}) VALUES (?{', ?' * len(_RESULT_KEYS)})",
+            [(run_id, *(c.get(k) for k in _RESULT_KEYS)) for c in report["task"] + report["general"]],
+        )
+
+
+def list_history(
+    *, task: str | None = None, recipe: str | None = None, last: int | None = None, db: Path | None = None
+) -> list[dict[str, Any]]:
+    """Task results joined with their run, oldest first; ``last`` keeps the most recent N runs."""
+    where, args = [], []
+    if task is not None:
+        where.append("results.task = ?")
+        args.append(task)
+    if recipe is not None:
+        where.append("runs.recipe = ?")
+        args.append(recipe)
+    if last is not None:
+        where.append("runs.id IN (SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT ?)")
+        args.append(last)
+    sql = (
+        "SELECT runs.created, runs.run_dir, runs.recipe, runs.model, runs.fingerprint, runs.quantization, "
+        "runs.adapter_method, runs.adapter_r, runs.trainable_params, runs.tokens_per_s, runs.peak_memory_mb, "
+        f"{', '.join('results.' + k for k in _RESULT_KEYS)} FROM results JOIN runs ON runs.id = results.run_id"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + " ORDER BY runs.created, runs.id, results.rowid"
+    )
+    with closing(_connect(db)) as con:
+        return [dict(row) | {"is_general": bool(row["is_general"])} for row in con.execute(sql, args)]

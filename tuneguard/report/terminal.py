@@ -1,0 +1,70 @@
+"""The report in the terminal: rich tables with coloured verdicts, then one line per signal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tuneguard.report._format import (
+    DASH,
+    Block,
+    Cell,
+    cell_class,
+    cell_text,
+    fmt_adapter,
+    fmt_delta,
+    fmt_float,
+    fmt_memory,
+    fmt_value,
+    verdict_class,
+)
+from tuneguard.report.layout import report_blocks
+
+STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "pass": "green", "fail": "red"}
+_NUMERIC = {"n", "before", "after", "Δ", "95% CI of Δ", "p"}
+"""Columns right-aligned so digits line up; every other column reads left to right."""
+
+
+def _text(cell: Cell) -> Text:
+    return Text(cell_text(cell), style=STYLES.get(cell_class(cell), ""))
+
+
+def print_block(block: Block, console: Console) -> None:
+    """A table block as a rich table, a lines block as lines headed by the block's title."""
+    if block.headers:
+        table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold")
+        for header in block.headers:
+            table.add_column(header, justify="right" if header in _NUMERIC else "left")
+        for row in block.rows:
+            table.add_row(*map(_text, row))
+        console.print(table)
+    for line in block.lines:
+        console.print(Text(f"{block.title}: ", style="bold") + _text(line))
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """One header line for the run, the task and general-suite tables, then loss, gap, guards, budget."""
+    console = console or Console()
+    s = report["summary"]
+    console.print(
+        Text(s["name"], style="bold")
+        + Text(f"  {s.get('model')} · {s.get('quantization')} · {fmt_adapter(s)} · "
+               f"{fmt_float(s.get('tokens_per_s'))} tokens/s · peak {fmt_memory(s.get('peak_memory_mb'))}")
+    )
+    for block in report_blocks(report, detail=False):
+        print_block(block, console)
+
+
+def print_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """The rows of :func:`tuneguard.report.history.list_history` as one table, oldest first."""
+    headers = ["time", "recipe", "adapter", "quantization", "task", "metric", "before", "after", "Δ", "verdict"]
+    table = [
+        [r["created"], r["recipe"] or DASH, fmt_adapter({"adapter": r["adapter_method"], "r": r["adapter_r"]}),
+         r["quantization"] or DASH, r["task"], r["metric"], fmt_value(r["base"], r["aggregate"]),
+         fmt_value(r["tuned"], r["aggregate"]), fmt_delta(r), (r["verdict"], verdict_class(r["verdict"]))]
+        for r in rows
+    ]
+    print_block(Block("History", headers, table), console or Console())
