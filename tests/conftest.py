@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -48,6 +54,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Keep hashes and GGUF conversions of a test run out of the user's cache (but shared within the run)."""
     if "TUNEGUARD_CACHE" not in os.environ:
         monkeypatch.setenv("TUNEGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "tuneguard-cache"))
+    monkeypatch.setenv("TUNEGUARD_HOME", str(tmp_path_factory.getbasetemp() / "tuneguard-home"))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from tuneguard.eval.compare import (
     aggregate_rows,
     bootstrap_p,
     check_budget,
+    compare_quantization,
     compare_results,
     compare_task,
     read_metrics,
@@ -93,6 +94,14 @@ def test_bootstrap_is_seeded_and_independent_of_task_order(outcomes: np.ndarray)
     assert [c.is_general for c in a] == [False, True]
     other_seed = compare_results([acc("a", outcomes)], [acc("a", tuned)], general_tasks=set(), seed=4)[0]
     assert (other_seed.ci_low, other_seed.ci_high) != (a[0].ci_low, a[0].ci_high)
+
+
+def test_quantization_cost_uses_the_tasks_the_original_was_scored_on(outcomes: np.ndarray) -> None:
+    quantized = flipped(outcomes, wins=0, losses=30)
+    [cost] = compare_quantization([acc("g", outcomes)], [acc("t", outcomes), acc("g", quantized)],
+                                  general_tasks={"g"})
+    assert (cost.task, cost.is_general, cost.verdict) == ("g", True, "regressed")
+    assert cost.regression_points == pytest.approx(3.0)
 
 
 def test_vectorised_resampling_equals_records_aggregate() -> None:

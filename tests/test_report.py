@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.compare import Comparison, compare_results
+from tuneguard.eval.compare import Comparison, compare_quantization, compare_results
 from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.compare_runs import compare_run_dirs, print_run_comparison
@@ -87,7 +87,7 @@ def _report(run_dir: Path, eval_data: dict[str, Any]) -> dict[str, Any]:
         return [TaskResult.from_dict(d) for d in eval_data[side]]
 
     comparisons = compare_results(results("base"), results("tuned"), general_tasks=GENERAL, n_boot=500)
-    original = compare_results(results("original"), results("base")[:1], general_tasks=set(), n_boot=500)
+    original = compare_quantization(results("original"), results("base"), general_tasks=GENERAL, n_boot=500)
     return build_report(run_dir, eval_data, comparisons, original)
 
 

@@ -146,6 +146,16 @@ class Recipe(Section):
         return Path(self.output.dir.format(name=name))
 
 
+# Names other fine-tuning tools use for our keys, so a migrating user gets the right suggestion.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "sequence_len": "max_length", "max_seq_length": "max_length", "lr_scheduler": "scheduler",
+    "lora_target_modules": "target_modules", "base_model": "source", "model_name_or_path": "source",
+}
+
+
 def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
@@ -169,7 +179,9 @@ def _describe(err: dict[str, Any], origin: str) -> str:
         section = _section_at(loc)
         hint = ""
         if section is not None:
-            close = difflib.get_close_matches(str(loc[-1]), _field_names(section), n=1)
+            names = _field_names(section)
+            alias = ALIASES.get(str(loc[-1]))
+            close = [alias] if alias in names else difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
             if close:
                 hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
         return f"{origin}: unknown key '{path}'{hint}"

@@ -3,9 +3,9 @@
 Both models are scored on the same items in the same order, so every comparison is paired: the
 bootstrap resamples items jointly (one index draw serves base and tuned) and recomputes each
 metric the way :func:`tuneguard.eval.records.aggregate` does, which keeps the confidence interval
-honest for means and for token-weighted perplexity alike. The same function also compares the
-unquantized original (as "base") with the quantized base (as "tuned"), which isolates the cost of
-quantization from the effect of fine-tuning.
+honest for means and for token-weighted perplexity alike. ``compare_quantization`` runs the same
+comparison from the unquantized original to the quantized base, so the cost of quantization shows
+apart from the effect of fine-tuning.
 
 Regression budget points: for mean metrics (accuracy, F1, exact match; all in [0, 1]) a point is a
 percentage point, ``100 * delta``; for perplexity-like metrics (``perplexity``, ``bits_per_byte``)
@@ -67,7 +67,7 @@ class Comparison:
         return "pp" if self.aggregate == "mean" else "%"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; NaN (no test possible) becomes None so the file stays valid JSON."""
+        """Plain JSON types; a NaN (from a NaN outcome upstream) becomes None so report.json stays valid JSON."""
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
     @classmethod
@@ -129,7 +129,9 @@ def _is_binary(values: list[float]) -> bool:
 def _check_pair(base: TaskResult, tuned: TaskResult) -> None:
     where = f"task '{base.task}'"
     if base.metric != tuned.metric or base.aggregate != tuned.aggregate:
-        raise TuneguardError(f"{where}: base scored '{base.metric}' but tuned scored '{tuned.metric}'")
+        raise TuneguardError(
+            f"{where}: base scored '{base.metric}' ({base.aggregate}) but tuned '{tuned.metric}' ({tuned.aggregate})"
+        )
     if not base.per_item or len(base.per_item) != len(tuned.per_item):
         raise TuneguardError(
             f"{where}: base has {len(base.per_item)} per-item outcomes and tuned {len(tuned.per_item)}; "
@@ -175,8 +177,7 @@ def compare_results(
 ) -> list[Comparison]:
     """Every task scored on both sides, in the order of ``base``.
 
-    Pass the unquantized original as ``base`` and the quantized base as ``tuned`` to get the
-    cost of quantization. A task scored on one side only is an error, not a silent omission.
+    A task scored on one side only is an error, not a silent omission.
     """
     by_task = {r.task: r for r in tuned}
     one_sided = sorted(set(by_task) ^ {r.task for r in base})
@@ -186,6 +187,17 @@ def compare_results(
         compare_task(b, by_task[b.task], is_general=b.task in general_tasks, n_boot=n_boot, seed=seed, alpha=alpha)
         for b in base
     ]
+
+
+def compare_quantization(
+    original: list[TaskResult], base: list[TaskResult], *, general_tasks: set[str], n_boot: int = 1000,
+    seed: int = 0, alpha: float = ALPHA,
+) -> list[Comparison]:
+    """The cost of quantization: the unquantized original ("before") against the quantized base
+    ("after"), on the tasks the original was scored on (it is often scored on fewer)."""
+    scored = {r.task for r in original}
+    return compare_results(original, [r for r in base if r.task in scored], general_tasks=general_tasks,
+                           n_boot=n_boot, seed=seed, alpha=alpha)
 
 
 def budget_violations(comparisons: list[Comparison], max_regression: float) -> list[Comparison]:

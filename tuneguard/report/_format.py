@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-VERDICT_STYLE = {"improved": "green", "regressed": "red", "no significant change": "dim"}
 COMPARISON_HEADERS = ["task", "metric", "n", "before", "after", "Δ", "95% CI of Δ", "p", "test", "verdict"]
 DASH = "–"
 Cell = str | tuple[str, str]

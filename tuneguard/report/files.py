@@ -48,7 +48,7 @@ def build_report(
         "general": [c.to_dict() for c in comparisons if c.is_general],
         "quantization": [c.to_dict() for c in original_comparisons] if original_comparisons else None,
         "general_text_loss": eval_data.get("general_text_loss"),
-        "train_val_gap": eval_data.get("train_val_gap") or train_val_gap(records),
+        "train_val_gap": train_val_gap(records) or eval_data.get("train_val_gap"),
         "guards": eval_data.get("guards") or [],
         "budget": None if limit is None else {
             "max_regression": limit, "exceeded": [c.task for c in budget_violations(comparisons, limit)],

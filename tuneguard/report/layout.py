@@ -22,6 +22,9 @@ def _text_loss(loss: dict[str, Any]) -> str:
 
 
 def _gap(gap: dict[str, Any]) -> Cell:
+    """The gap as :func:`tuneguard.eval.compare.train_val_gap` describes it; any other shape as key-value pairs."""
+    if "best_val_loss" not in gap:
+        return ", ".join(f"{k} {_plain(v)}" for k, v in gap.items())
     text = (
         f"at step {gap['step']}: validation loss {gap['val_loss']:.4f} vs train loss {gap['train_loss']:.4f} "
         f"(mean of the last logs): gap {gap['gap']:+.4f} ({100 * gap['relative_gap']:+.1f}%); "

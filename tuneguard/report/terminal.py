@@ -51,7 +51,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     s = report["summary"]
     console.print(
         Text(s["name"], style="bold")
-        + Text(f"  {s.get('model')} · {s.get('quantization')} · {fmt_adapter(s)} · "
+        + Text(f"  {s.get('model') or DASH} · {s.get('quantization') or DASH} · {fmt_adapter(s)} · "
                f"{fmt_float(s.get('tokens_per_s'))} tokens/s · peak {fmt_memory(s.get('peak_memory_mb'))}")
     )
     for block in report_blocks(report, detail=False):

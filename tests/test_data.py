@@ -1,0 +1,167 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneguard.data.examples import IGNORE, augment_fields, build_examples, label_index
+from tuneguard.data.packing import collate, pack
+from tuneguard.data.prepare import prepare_data
+from tuneguard.data.readers import read_rows
+from tuneguard.errors import TuneguardError
+from tuneguard.recipe import DataConfig
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def cls_cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(kind="classification", train=str(path), labels=["negative", "positive"],
+                      prompt_template="Review: {text}", **kw)
+
+
+def test_readers_name_file_and_line(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, "{broken", "[1, 2]", ""])
+    rows = read_rows(path)
+    assert rows[0].fields == {"text": "ok"}
+    assert rows[1].where.endswith("d.jsonl:2") and "invalid JSON" in rows[1].problem
+    assert rows[2].where.endswith("d.jsonl:3") and "expected a JSON object" in rows[2].problem
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("sentence\tlabel\na \"quoted\" film \t1\nbad row\n")
+    rows = read_rows(tsv)
+    assert rows[0].fields == {"sentence": 'a "quoted" film ', "label": "1"}
+    assert rows[1].where.endswith("d.tsv:3") and "expected 2 columns" in rows[1].problem
+
+
+def test_parquet_and_csv(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": "x", "label": 1}]).to_parquet(str(tmp_path / "d.parquet"))
+    assert read_rows(tmp_path / "d.parquet")[0].fields == {"text": "x", "label": 1}
+    (tmp_path / "d.csv").write_text('text,label\n"a, b",0\n')
+    assert read_rows(tmp_path / "d.csv")[0].fields == {"text": "a, b", "label": "0"}
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(TuneguardError, match="the dataset is empty"):
+        read_rows(jsonl(tmp_path / "e.jsonl", []))
+    with pytest.raises(TuneguardError, match="data file not found"):
+        read_rows(tmp_path / "none.jsonl")
+    with pytest.raises(TuneguardError, match="cannot tell the format"):
+        read_rows(jsonl(tmp_path / "x.data", [{"a": 1}]))
+
+
+def test_classification_masks_prompt_and_maps_labels(tmp_path: Path, tokenizer) -> None:
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "great film", "label": 1}, {"text": "dull", "label": "negative"}])
+    cfg = cls_cfg(path)
+    examples, items = build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")
+    assert [e.label for e in examples] == [1, 0]
+    first = examples[0]
+    answer = [t for t in first.labels if t != IGNORE]
+    assert tokenizer.decode(answer) == "positive<|im_end|>\n"
+    assert first.input_ids[len(first.input_ids) - len(answer):] == answer
+    assert items[0].gold == 1 and items[0].choices[1] == tokenizer("positive", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(items[0].context_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_bad_rows_counted_named_and_allowed_fraction(tmp_path: Path, tokenizer) -> None:
+    rows = [{"text": "fine", "label": 0}] * 8 + [{"text": "x", "label": 7}, "{oops"]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(TuneguardError) as err:
+        build_examples(read_rows(path), cls_cfg(path), tokenizer, is_encoder=False, what="training")
+    msg = str(err.value)
+    assert msg.startswith("2 of 10 training rows are bad")
+    assert "d.jsonl:9: label '7' is not in the label set" in msg and "d.jsonl:10: invalid JSON" in msg
+    examples, _ = build_examples(read_rows(path), cls_cfg(path, max_bad_fraction=0.25), tokenizer,
+                                 is_encoder=False, what="training")
+    assert len(examples) == 8
+
+
+def test_label_index_accepts_dict_and_names() -> None:
+    cfg = DataConfig(kind="classification", train="x", labels={"pos": "positive", "neg": "negative"})
+    mapping, verbalizers = label_index(cfg)
+    assert verbalizers == ["positive", "negative"]
+    assert mapping["pos"] == 0 and mapping["negative"] == 1
+
+
+def test_instruction_loss_only_on_assistant_turns(tmp_path: Path, tokenizer) -> None:
+    msgs = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]
+    path = jsonl(tmp_path / "d.jsonl", [{"messages": msgs}, {"prompt": "what is two plus two", "response": "four"}])
+    cfg = DataConfig(kind="instruction", train=str(path))
+    examples, _ = build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")
+    learned = tokenizer.decode([t for t in examples[0].labels if t != IGNORE])
+    assert learned == "four<|im_end|>\nbecause<|im_end|>\n"
+    assert tokenizer.decode([t for t in examples[1].labels if t != IGNORE]) == "four<|im_end|>\n"
+    bad = jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(TuneguardError, match="no assistant turn"):
+        build_examples(read_rows(bad), cfg, tokenizer, is_encoder=False, what="training")
+
+
+def test_text_kind_windows_keep_every_token(tmp_path: Path, tokenizer) -> None:
+    text = "the movie was great and the acting was wonderful " * 10
+    path = jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    cfg = DataConfig(kind="text", train=str(path), max_length=16)
+    examples, _ = build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")
+    flat = [t for e in examples for t in e.input_ids]
+    assert flat == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert all(len(e.input_ids) <= 16 for e in examples)
+
+
+def test_packed_forward_equals_separate_forwards(tiny_llama, tokenizer) -> None:
+    """Packing must not let documents see each other: per-document logits are unchanged."""
+    model, _ = tiny_llama
+    docs = [tokenizer(t)["input_ids"] for t in ["the movie was great", "a dull boring film", "what is two plus two"]]
+    from tuneguard.data.examples import Example
+
+    rows = pack([Example(d, d) for d in docs], max_length=64)
+    assert len(rows) == 1
+    batch = collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(**{k: batch[k] for k in ("input_ids", "position_ids")}, use_cache=False).logits[0]
+        offset = 0
+        for d in docs:
+            alone = model(input_ids=torch.tensor([d])).logits[0]
+            torch.testing.assert_close(packed[offset : offset + len(d)], alone, atol=1e-5, rtol=1e-4)
+            offset += len(d)
+    # The first token of each document is never a target; padding is never a target.
+    assert rows[0].labels[0] == IGNORE and rows[0].labels[len(docs[0])] == IGNORE
+
+
+def test_pack_respects_max_length_and_pad_segment(tokenizer) -> None:
+    from tuneguard.data.examples import Example
+
+    rows = pack([Example([1] * 5, [1] * 5), Example([2] * 4, [2] * 4), Example([3] * 6, [3] * 6)], max_length=10)
+    assert [len(r.input_ids) for r in rows] == [9, 6]
+    batch = collate(rows, pad_id=0)
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert (batch["labels"][1, 6:] == IGNORE).all()
+    assert pack([Example([1] * 3, [1] * 3)] * 2, 10, enabled=False)[0].input_ids == [1, 1, 1]
+
+
+def test_prepare_splits_with_seed_and_mixes_replay(tmp_path: Path, tokenizer) -> None:
+    rows = [{"text": f"the movie {i}", "label": i % 2} for i in range(40)]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    cfg = cls_cfg(path, val_fraction=0.25)
+    a = prepare_data(cfg, tokenizer, is_encoder=False, seed=1)
+    b = prepare_data(cfg, tokenizer, is_encoder=False, seed=1)
+    assert a.stats["val_rows"] == 10 and a.stats["train_rows"] == 30
+    assert [i.context_ids for i in a.val_items] == [i.context_ids for i in b.val_items]
+    replay = tmp_path / "general.txt"
+    replay.write_text("the acting was wonderful\nwhat is two plus two\n")
+    mixed = prepare_data(cls_cfg(path, val_fraction=0.25, replay=str(replay), replay_fraction=0.2), tokenizer,
+                         is_encoder=False, seed=1)
+    assert mixed.stats["replay_examples"] == round(30 * 0.2 / 0.8)
+    with pytest.raises(TuneguardError, match="encoders train classification only"):
+        prepare_data(DataConfig(kind="text", train=str(path)), tokenizer, is_encoder=True, seed=0)
+
+
+def test_augmentation_changes_words_not_labels() -> None:
+    cfg = DataConfig(kind="classification", train="x", labels=["a", "b"], augment="word_dropout", augment_prob=0.5)
+    fields = {"text": "one two three four five six seven eight", "label": 1}
+    out = augment_fields(fields, cfg, random.Random(0))
+    assert out["label"] == 1 and out["text"] != fields["text"]
+    assert set(out["text"].split()) <= set(fields["text"].split())

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from tuneguard.errors import TuneguardError
+from tuneguard.recipe import apply_overrides, dump_recipe, load_recipe, parse_override
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "train.jsonl").write_text('{"text": "a b", "label": 0}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert Path(recipe.data.train).is_file()
+    assert recipe.output.name == path.stem
+
+
+def test_unknown_key_names_path_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\nadapter: {rank: 8}\n")
+    with pytest.raises(TuneguardError, match=r"unknown key 'adapter.rank'; did you mean 'adapter.r'"):
+        load_recipe(path)
+
+
+def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrian: {lr: 1}\n")
+    with pytest.raises(TuneguardError, match=r"unknown key 'trian'; did you mean 'train'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_path_and_expected_type(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrain: {batch_size: many}\n")
+    with pytest.raises(TuneguardError, match=r"'train.batch_size': Input should be a valid integer"):
+        load_recipe(path)
+
+
+def test_missing_data_file_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: nowhere.jsonl, labels: [a, b]}\n")
+    with pytest.raises(TuneguardError, match=r"data.train: file not found: nowhere.jsonl"):
+        load_recipe(path)
+
+
+def test_missing_recipe_and_malformed_yaml(tmp_path: Path) -> None:
+    with pytest.raises(TuneguardError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    path = write(tmp_path, "data: {train: [unclosed\n")
+    with pytest.raises(TuneguardError, match=r"r.yaml:\d+:\d+: malformed YAML"):
+        load_recipe(path)
+
+
+def test_classification_needs_labels(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl}\n")
+    with pytest.raises(TuneguardError, match="data.labels is required"):
+        load_recipe(path)
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\n")
+    recipe = load_recipe(path, ["train.lr=1e-4", "adapter.r=8", "adapter.target_modules=[q_proj, v_proj]"])
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.adapter.r == 8
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(TuneguardError, match="unknown key 'adapter.rr'"):
+        load_recipe(path, ["adapter.rr=8"])
+    with pytest.raises(TuneguardError, match="not of the form"):
+        parse_override("adapter.r")
+    with pytest.raises(TuneguardError, match="'r' is not a section"):
+        apply_overrides({"adapter": {"r": 4}}, ["adapter.r.x=1"])
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\n"), ["train.seed=7"])
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(recipe))
+    assert load_recipe(again).model_dump() == {**recipe.model_dump(), "output": {**recipe.model_dump()["output"]}}
