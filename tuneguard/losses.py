@@ -70,8 +70,10 @@ class CausalLMLoss(torch.nn.Module):
         keep = targets != IGNORE
         n = keep.sum()
         if self.parts is None:
-            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            logits = out.logits[:, :-1][keep].float()
+            # Prompt tuning: PeftModel prepends virtual tokens (rows are unpacked and right-padded,
+            # so plain causal attention is exact) and returns their logits too; drop them.
+            out = self.model(input_ids=input_ids, use_cache=False)
+            logits = out.logits[:, -input_ids.shape[1] : -1][keep].float()
             return F.cross_entropy(logits, targets[keep], reduction="sum"), n
         body, head = self.parts
         hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load_file, save_file
 
 from tuneguard.adapters.freezing import frozen_floor
-from tuneguard.adapters.methods import apply_adapter, count_parameters
+from tuneguard.adapters.methods import adalora_orthogonality, apply_adapter, count_parameters
 from tuneguard.backbones import Backbone, load_backbone, supports_bf16
 from tuneguard.data.packing import collate, collate_classification
 from tuneguard.data.prepare import Prepared, prepare_data
@@ -99,10 +99,10 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps
 
 
 def planned_steps(recipe: Recipe, n_rows: int, n_processes: int) -> tuple[int, int]:
-    """(optimizer steps in total, micro-batches per epoch per process)."""
+    """(optimizer steps in total, micro-batches per epoch per process); ``max_steps`` overrides epochs."""
     per_epoch = math.ceil(n_rows / (recipe.train.batch_size * n_processes))
-    steps = math.ceil(per_epoch * recipe.train.epochs / recipe.train.grad_accum)
-    return (min(steps, recipe.train.max_steps) if recipe.train.max_steps else steps), per_epoch
+    steps = recipe.train.max_steps or math.ceil(per_epoch * recipe.train.epochs / recipe.train.grad_accum)
+    return steps, per_epoch
 
 
 def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -259,7 +259,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     backbone: Backbone = load_backbone(
         recipe.model, recipe.quantization, num_labels=len(labels) if labels else None, device=accelerator.device
     )
-    data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed)
+    data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
+                        packable=recipe.adapter.method != "prompt_tuning")
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
     if accelerator.is_main_process:  # only now that the inputs are known to be good
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +312,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 with sync, accelerator.autocast():
                     loss_sum, _ = loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
                     loss = loss_sum * accelerator.num_processes / max(global_targets, 1)
+                    if (regularizer := adalora_orthogonality(model)) is not None:
+                        loss = loss + regularizer / len(micro)
                 accelerator.backward(loss)
                 step_loss += float(loss_sum.detach()) / max(global_targets, 1) * accelerator.num_processes
             if floor > 0:
@@ -318,10 +321,10 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
             if recipe.train.max_grad_norm:
                 accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
             optimizer.step()
+            if recipe.adapter.method == "adalora":
+                model.base_model.update_and_allocate(state.step)  # AdaLoRA's rank budget reads the grads
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if hasattr(model, "base_model") and hasattr(model.base_model, "update_and_allocate"):
-                model.base_model.update_and_allocate(state.step)  # AdaLoRA's rank budget
             step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
             state.step += 1
             state.step_seconds += time.time() - step_start

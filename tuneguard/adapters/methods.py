@@ -17,6 +17,7 @@ from peft import (
 )
 from transformers import PreTrainedModel
 
+from tuneguard.adapters.freezing import layer_index
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import AdapterConfig
 
@@ -43,35 +44,39 @@ def linear_module_names(model: PreTrainedModel) -> dict[str, str]:
     return kinds
 
 
-def resolve_targets(model: PreTrainedModel, target: str | list[str]) -> list[str]:
-    """Expand ``all-linear`` / ``attention`` / ``mlp`` to full module names; check explicit names match.
+def resolve_targets(model: PreTrainedModel, target: str | list[str], layers: list[int] | None = None) -> list[str]:
+    """Expand ``all-linear`` / ``attention`` / ``mlp`` or leaf names to full module names, keeping ``layers``.
 
-    Full names, because leaf names are ambiguous (BERT has ``dense`` in attention, MLP and pooler).
+    Full names, because leaf names are ambiguous (BERT has ``dense`` in attention, MLP and pooler);
+    and the layer filter is applied here because PEFT skips ``layers_to_transform`` for exact names.
     """
     kinds = linear_module_names(model)
-    if isinstance(target, str):
-        if target == "all-linear":
-            return sorted(kinds)
-        if target in ("attention", "mlp"):
-            return sorted(n for n, k in kinds.items() if k == target)
-        target = [target]
-    missing = [t for t in target if not any(n == t or n.endswith(f".{t}") for n in kinds)]
-    if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in kinds})
-        raise TuneguardError(
-            f"adapter.target_modules: no linear layer named {missing} in this model; "
-            f"available: {leaves} or a preset (all-linear, attention, mlp)"
-        )
-    return list(target)
+    if isinstance(target, str) and target in ("all-linear", "attention", "mlp"):
+        names = [n for n, k in kinds.items() if target == "all-linear" or k == target]
+    else:
+        wanted = [target] if isinstance(target, str) else target
+        missing = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in kinds)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in kinds})
+            raise TuneguardError(
+                f"adapter.target_modules: no linear layer named {missing} in this model; "
+                f"available: {leaves} or a preset (all-linear, attention, mlp)"
+            )
+        names = [n for n in kinds if any(n == t or n.endswith(f".{t}") for t in wanted)]
+    if layers is not None:
+        names = [n for n in names if layer_index(n) in set(layers)]
+        if not names:
+            raise TuneguardError(f"adapter.layers_to_transform: no targeted layer has an index in {layers}")
+    return sorted(names)
 
 
 def peft_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType, total_steps: int) -> PeftConfig:
     if cfg.method == "prompt_tuning":
         return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
-    targets = resolve_targets(model, cfg.target_modules)
+    targets = resolve_targets(model, cfg.target_modules, cfg.layers_to_transform)
     if not targets:
         raise TuneguardError(f"adapter.target_modules: preset '{cfg.target_modules}' matches no layer in this model")
-    common = dict(target_modules=targets, layers_to_transform=cfg.layers_to_transform, task_type=task_type)
+    common = dict(target_modules=targets, task_type=task_type)
     if cfg.method == "lora":
         init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[cfg.init]
         return LoraConfig(
@@ -122,3 +127,20 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def adalora_orthogonality(model: torch.nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonal regularizer (PEFT adds it only when its own forward computes the loss).
+
+    tuneguard computes the loss itself, so the term is added here: the mean Frobenius distance of
+    P Pᵀ (lora_A) and Qᵀ Q (lora_B) from the identity, times ``orth_reg_weight``.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if not isinstance(config, AdaLoraConfig) or config.orth_reg_weight == 0:
+        return None
+    terms = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    return config.orth_reg_weight * torch.stack(terms).mean() if terms else None

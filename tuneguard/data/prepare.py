@@ -62,7 +62,10 @@ def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
     return [rows[rng.randrange(len(rows))] for _ in range(want)]
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool, seed: int) -> Prepared:
+def prepare_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool, seed: int, packable: bool = True
+) -> Prepared:
+    """``packable=False`` for adapters that prepend tokens to a row (prompt tuning): one document per row."""
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
     rows = read_rows(cfg.train, cfg.format)
@@ -95,7 +98,7 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_enco
     _, verbalizers = label_index(cfg)
     if is_encoder:
         return Prepared(train_ex, val_ex, [], val_ex, verbalizers, stats)
-    train_packed = pack(train_ex, cfg.max_length, cfg.pack)
-    val_packed = pack(val_ex, cfg.max_length, cfg.pack)
+    train_packed = pack(train_ex, cfg.max_length, cfg.pack and packable)
+    val_packed = pack(val_ex, cfg.max_length, cfg.pack and packable)
     stats["train_rows_packed"] = len(train_packed)
     return Prepared(train_packed, val_packed, val_items, val_ex, verbalizers, stats)

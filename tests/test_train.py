@@ -1,0 +1,156 @@
+"""Training on tiny models: every adapter method, the loop's bookkeeping, resume after SIGKILL."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.utils import set_seed
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tuneguard.adapters.methods import apply_adapter
+from tuneguard.backbones import load_backbone
+from tuneguard.recipe import load_recipe
+from tuneguard.train import epoch_batches, train
+
+WORDS = ["great", "wonderful", "dull", "boring"]
+
+
+def make_run(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"the movie was {WORDS[i % 4]}", "label": int(i % 4 < 2)} for i in range(48)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "model": {"source": str(model_dir)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"kind": "classification", "train": "train.jsonl", "labels": ["negative", "positive"],
+                 "prompt_template": "Review: {text}", "max_length": 64, "val_fraction": 0.25},
+        "train": {"lr": 5e-3, "max_steps": 8, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0,
+                  "scheduler": "constant"},
+        "eval": {"task": False},
+        "output": {"dir": str(tmp_path / "runs" / "{name}")},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_train(path: Path, *overrides: str) -> dict:
+    recipe = load_recipe(path, list(overrides))
+    return train(recipe, recipe.run_dir(path))
+
+
+def test_training_lowers_loss_and_writes_run_dir(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 24, "eval_every": 12})
+    out = run_train(path)
+    run_dir = tmp_path / "runs" / "recipe"
+    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    record = json.loads((run_dir / "run.json").read_text())
+    for key in ("tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_time_s", "seed",
+                "fingerprint", "versions", "tokens_trained"):
+        assert record[key], key
+    assert record["trainable_params"] == out["record"]["trainable_params"] < record["total_params"]
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 24
+    # The saved adapter loads with plain PEFT and changes the model's outputs.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))(ids).logits
+    assert not torch.allclose(before, tuned)
+    assert not list(run_dir.glob(".*tmp"))  # no half-written leftovers
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"method": "lora", "use_dora": True},
+        {"method": "lora", "use_rslora": True},
+        {"method": "lora", "init": "pissa"},
+        {"method": "lora", "init": "olora"},
+        {"method": "lora", "target_modules": "attention", "layers_to_transform": [1]},
+        {"method": "ia3"},
+        {"method": "loha"},
+        {"method": "lokr"},
+        {"method": "adalora"},
+        {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    ],
+    ids=lambda a: "-".join(str(v) for v in a.values()),
+)
+def test_every_adapter_method_trains(tmp_path: Path, tiny_llama_dir: Path, adapter: dict) -> None:
+    path = make_run(tmp_path, tiny_llama_dir, adapter=adapter, train={"max_steps": 3})
+    out = run_train(path)
+    assert out["record"]["steps"] == 3
+    assert 0 < out["record"]["trainable_params"] < out["record"]["total_params"]
+    assert (tmp_path / "runs" / "recipe" / "adapter" / "adapter_config.json").exists()
+    if adapter.get("layers_to_transform"):
+        names = [n for n, p in out["model"].named_parameters() if p.requires_grad]
+        assert names and all(".layers.1." in n and "self_attn" in n for n in names)
+
+
+def test_encoder_classifier_trains_head_and_adapter(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    path = make_run(tmp_path, tiny_bert_dir, train={"max_steps": 20, "lr": 1e-2})
+    out = run_train(path)
+    trainable = [n for n, p in out["model"].named_parameters() if p.requires_grad]
+    assert any("classifier" in n for n in trainable) and any("lora_" in n for n in trainable)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "runs/recipe/metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_layer_freezing_keeps_low_layers_fixed(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = make_run(tmp_path, tiny_llama_dir, adapter={"freeze_layers_below": 1})
+    recipe = load_recipe(path)
+    backbone = load_backbone(recipe.model, recipe.quantization)
+    set_seed(recipe.train.seed)  # train() seeds the same way right before it applies the adapter
+    initial = {n: p.detach().clone() for n, p in
+               apply_adapter(backbone.model, recipe.adapter, is_encoder=False, total_steps=8).named_parameters()
+               if p.requires_grad}
+    trained = {n: p for n, p in run_train(path)["model"].named_parameters() if p.requires_grad}
+    moved = {n for n in trained if not torch.equal(trained[n], initial[n])}
+    assert moved and all(".layers.1." in n for n in moved)
+    assert any(".layers.0." in n for n in trained)
+
+
+def test_epoch_batches_split_processes_and_reshuffle() -> None:
+    a = epoch_batches(10, 3, seed=1, epoch=0, rank=0, world=2)
+    b = epoch_batches(10, 3, seed=1, epoch=0, rank=1, world=2)
+    seen = [i for batch in a + b for i in batch]
+    assert len(a) == len(b) and set(seen) == set(range(10))
+    assert epoch_batches(10, 3, 1, 1, 0, 1) != epoch_batches(10, 3, 1, 0, 0, 1)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    common = {"max_steps": 60, "save_every": 15, "eval_every": 20, "log_every": 5}
+    full = make_run(tmp_path / "full", tiny_llama_dir, train=common, adapter={"dropout": 0.1})
+    run_train(full)
+    expected = (tmp_path / "full/runs/recipe/metrics.jsonl").read_text().splitlines()
+
+    path = make_run(tmp_path / "killed", tiny_llama_dir, train=common, adapter={"dropout": 0.1})
+    run_dir = tmp_path / "killed/runs/recipe"
+    cmd = [sys.executable, "-m", "tuneguard.train", str(path), "--no-eval"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints/step-15/train_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "run.json").exists()
+    subprocess.run([*cmd, "--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got = (run_dir / "metrics.jsonl").read_text().splitlines()
+
+    def losses(lines: list[str]) -> list[tuple]:
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, lines)]
+
+    assert [s for s, *_ in losses(got)] == [s for s, *_ in losses(expected)]
+    for (_, a, va), (_, b, vb) in zip(losses(got), losses(expected), strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6) if a is not None else va == pytest.approx(vb, rel=1e-5)
