@@ -1,0 +1,73 @@
+"""Bad input through the real command: one clear line, a non-zero exit, no traceback, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def tuneguard(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuneguard.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def recipe(tmp_path: Path, model_dir: Path, rows: list | None = None, **data) -> Path:
+    rows = rows if rows is not None else [{"text": "the movie was great", "label": 1}] * 8
+    (tmp_path / "train.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    spec = {
+        "model": {"source": str(model_dir)},
+        "data": {"kind": "classification", "train": "train.jsonl", "labels": ["negative", "positive"], **data},
+        "train": {"max_steps": 1},
+        "eval": {"task": False},
+        "output": {"dir": str(tmp_path / "runs/{name}")},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+CASES = {
+    "unknown key": (lambda p: {"overrides": ["adapter.rank=8"]}, "unknown key 'adapter.rank'; did you mean 'adapter.r'"),
+    "wrong type": (lambda p: {"overrides": ["train.lr=fast"]}, "'train.lr': Input should be a valid number"),
+    "missing file": (lambda p: {"overrides": ["data.validation=nope.jsonl"]}, "data.validation: file not found: nope.jsonl"),
+    "broken JSONL row": (lambda p: {"rows": [{"text": "ok", "label": 1}] * 5 + ["{not json"]}, "train.jsonl:6: invalid JSON"),
+    "empty dataset": (lambda p: {"rows": []}, "the dataset is empty"),
+    "label outside label set": (lambda p: {"rows": [{"text": "ok", "label": 1}] * 5 + [{"text": "x", "label": "neutral"}]},
+                                "train.jsonl:6: label 'neutral' is not in the label set"),
+    "missing model": (lambda p: {"overrides": ["model.source=/no/such/model"]}, "model.source: directory not found"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_is_one_clear_line(tmp_path: Path, tiny_llama_dir: Path, case: str) -> None:
+    make, expected = CASES[case]
+    spec = make(tmp_path)
+    path = recipe(tmp_path, tiny_llama_dir, rows=spec.get("rows"))
+    result = tuneguard("train", str(path), *spec.get("overrides", []), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("tuneguard: error: ") and expected in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_recipe_and_debug_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {train: [oops\n")
+    result = tuneguard("train", str(path), cwd=tmp_path)
+    assert result.returncode == 2 and "bad.yaml:2:1: malformed YAML" in result.stderr
+    debug = tuneguard("--debug", "train", str(path), cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_offline_hub_id_says_so(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = recipe(tmp_path, tiny_llama_dir)
+    env_cmd = [sys.executable, "-c", "import os, sys; os.environ['HF_HUB_OFFLINE'] = '1'; "
+               "from tuneguard.cli import main; sys.exit(main(sys.argv[1:]))",
+               "train", str(path), "model.source=someone/not-cached-model"]
+    result = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "not in the local HF cache" in result.stderr and "HF_HUB_OFFLINE=1 is set" in result.stderr
