@@ -81,7 +81,7 @@ class DataConfig(Section):
     augment: Literal["none", "word_dropout", "swap"] = "none"
     augment_prob: float = Field(0.1, ge=0, le=1)
     replay: str | None = None
-    """A text file (or ``bundled:wikitext``) of general data mixed into training to keep generalization."""
+    """A text/JSONL file (or ``bundled:wiki``) of general text mixed into training to keep generalization."""
     replay_fraction: float = Field(0.0, ge=0, lt=1)
 
 

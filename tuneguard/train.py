@@ -32,6 +32,7 @@ from tuneguard.backbones import Backbone, load_backbone, supports_bf16
 from tuneguard.data.packing import collate, collate_classification
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
+from tuneguard.eval.guards import frozen_checksum
 from tuneguard.fastpath import prepare_for_training
 from tuneguard.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 from tuneguard.losses import CausalLMLoss, ClassificationLoss
@@ -259,6 +260,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     backbone: Backbone = load_backbone(
         recipe.model, recipe.quantization, num_labels=len(labels) if labels else None, device=accelerator.device
     )
+    checksum_at_load = frozen_checksum(backbone.model)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
                         packable=recipe.adapter.method != "prompt_tuning")
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
@@ -407,7 +409,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
         accelerator.print(f"adapter saved to {run_dir / 'adapter'}  ({record['tokens_per_s']} tokens/s, peak {record['peak_memory_mb']:.0f} MB)")
     accelerator.end_training()
     return {"record": record, "model": accelerator.unwrap_model(loss_model).model, "backbone": backbone, "data": data,
-            "accelerator": accelerator}
+            "accelerator": accelerator, "checksum_at_load": checksum_at_load}
 
 
 def _drop_frozen_grads(named: dict[str, torch.nn.Parameter], floor: int) -> None:

@@ -42,6 +42,8 @@ class ChoiceItem:
     choices: list[list[int]]
     gold: int
     where: str = ""
+    prompt: str = ""
+    """The formatted prompt text (encoders are scored from text by their classification head)."""
 
 
 @dataclass
@@ -139,7 +141,7 @@ def _truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[
 def classification_example(
     row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, mapping: dict[str, int],
     verbalizers: list[str], is_encoder: bool, end: list[int],
-) -> tuple[Example, ChoiceItem | None]:
+) -> tuple[Example, ChoiceItem]:
     fields = row.fields or {}
     if cfg.label_field not in fields:
         raise ValueError(f"missing field '{cfg.label_field}'")
@@ -149,9 +151,9 @@ def classification_example(
     label = mapping[raw]
     prompt = format_prompt(cfg.prompt_template, fields)
     if is_encoder:
-        enc = tokenizer(prompt, truncation=True, max_length=cfg.max_length)
-        ids = enc["input_ids"]
-        return Example(ids, [IGNORE] * len(ids), label, truncated=len(ids) >= cfg.max_length), None
+        ids = tokenizer(prompt, truncation=True, max_length=cfg.max_length)["input_ids"]
+        example = Example(ids, [IGNORE] * len(ids), label, truncated=len(ids) >= cfg.max_length)
+        return example, ChoiceItem(ids, [], label, row.where, prompt)
     context = encode_context(tokenizer, cfg, prompt)
     choices = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
     answer = choices[label] + end
@@ -162,7 +164,7 @@ def classification_example(
     context = context[-room:]  # keep the end: the question and the assistant turn's opening
     ids = context + answer
     labels = [IGNORE] * len(context) + answer
-    return Example(ids, labels, label, cut), ChoiceItem(context, choices, label, row.where)
+    return Example(ids, labels, label, cut), ChoiceItem(context, choices, label, row.where, prompt)
 
 
 def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
@@ -258,8 +260,7 @@ def build_examples(
             if cfg.kind == "classification":
                 ex, item = classification_example(row, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
                 examples.append(ex)
-                if item:
-                    items.append(item)
+                items.append(item)
             elif cfg.kind == "instruction":
                 examples.append(instruction_example(row, cfg, tokenizer, end))
             else:

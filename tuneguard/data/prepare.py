@@ -15,7 +15,8 @@ from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import DataConfig
 
-BUNDLED_REPLAY = {"wikitext": Path(__file__).resolve().parent.parent / "eval" / "data" / "wikitext2.jsonl"}
+# General text that none of the evaluation tasks measure (see replay/README.md).
+BUNDLED_REPLAY = {"wiki": Path(__file__).resolve().parent / "replay" / "wiki_passages.jsonl"}
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Prepared:
     """Packed rows for decoders; single examples (with class labels) for encoder classifiers."""
     val: list[Packed] | list[Example]
     val_items: list[ChoiceItem]
-    """Decoder classification: one scoring item per validation row (context + verbalized labels)."""
+    """Classification: one scoring item per validation row (context + verbalized labels, and the prompt)."""
     val_examples: list[Example]
     verbalizers: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
@@ -97,7 +98,7 @@ def prepare_data(
     }
     _, verbalizers = label_index(cfg)
     if is_encoder:
-        return Prepared(train_ex, val_ex, [], val_ex, verbalizers, stats)
+        return Prepared(train_ex, val_ex, val_items, val_ex, verbalizers, stats)
     train_packed = pack(train_ex, cfg.max_length, cfg.pack and packable)
     val_packed = pack(val_ex, cfg.max_length, cfg.pack and packable)
     stats["train_rows_packed"] = len(train_packed)

@@ -171,14 +171,20 @@ def _forward_kept(
         seg = F.pad(seg, (n_virtual, 0), value=0)
         pos = torch.cat([torch.arange(n_virtual, device=pos.device).expand(batch, -1), pos + n_virtual], dim=1)
         keep = F.pad(keep, (n_virtual, 0), value=False)
-    length = seg.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
-    allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :])
-    dtype = _base(model).get_input_embeddings().weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    kwargs: dict = {"attention_mask": mask[:, None], "position_ids": pos, "use_cache": False}
+    if prefix is None and int(seg.max()) <= 1:
+        # No row shares its context: plain causal attention with right padding is the same mask,
+        # and lets the attention kernel skip materialising it (much faster on long windows).
+        mask = (seg >= 0).long()
+    else:
+        length = seg.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+        allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg == 0)[:, None, :])
+        dtype = _base(model).get_input_embeddings().weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]
+    kwargs: dict = {"attention_mask": mask, "position_ids": pos, "use_cache": False}
     if _supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     if embeds is None:
@@ -222,7 +228,7 @@ def loglikelihood(
                 pos[b, :n_ctx] = torch.arange(n_ctx)
                 seg[b, :n_ctx] = 0
                 offset = n_ctx
-                for j, (req, cont) in enumerate(zip(row.requests, row.continuations)):
+                for j, (req, cont) in enumerate(zip(row.requests, row.continuations, strict=True)):
                     fed = cont[:-1]
                     ids[b, offset : offset + len(fed)] = torch.tensor(fed, dtype=torch.long)
                     pos[b, offset : offset + len(fed)] = torch.arange(n_ctx, n_ctx + len(fed))
@@ -301,7 +307,7 @@ def rolling_loglikelihood(
             owner.append(i)
     scores = loglikelihood(model, requests, batch_size, max_length=max_length)
     nll = [0.0] * len(texts)
-    for i, score in zip(owner, scores):
+    for i, score in zip(owner, scores, strict=True):
         nll[i] -= score.logprob
     return [RollingScore(nll[i], n_tokens[i], len(t.encode("utf-8"))) for i, t in enumerate(texts)]
 

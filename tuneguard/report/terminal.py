@@ -21,6 +21,7 @@ from tuneguard.report._format import (
     fmt_value,
     verdict_class,
 )
+from tuneguard.eval.records import TaskResult
 from tuneguard.report.layout import report_blocks
 
 STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "pass": "green", "fail": "red"}
@@ -68,3 +69,14 @@ def print_history(rows: list[dict[str, Any]], console: Console | None = None) ->
         for r in rows
     ]
     print_block(Block("History", headers, table), console or Console())
+
+
+def print_results(results: list[TaskResult], console: Console | None = None) -> None:
+    """Scores of one model alone (``tuneguard eval --model``): the primary metric, then the others."""
+    rows = [
+        [r.task, r.metric, fmt_value(r.value, r.aggregate), str(r.n), f"{r.seconds:.1f}",
+         ", ".join(f"{k} {fmt_float(v, 3)}" for k, v in r.metrics.items()
+                   if k != r.metric and isinstance(v, int | float) and not isinstance(v, bool))]
+        for r in results
+    ]
+    print_block(Block("Scores", ["task", "metric", "value", "n", "seconds", "other metrics"], rows), console or Console())

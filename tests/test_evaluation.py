@@ -1,0 +1,68 @@
+"""The evaluation stage on a tiny trained run: guards, base vs tuned, eval.json and reports."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneguard.cli import main as cli_main
+from tuneguard.errors import TuneguardError
+from tuneguard.evaluation import evaluate_after_training
+from tuneguard.recipe import load_recipe
+from tuneguard.train import train
+
+from .test_train import make_run
+
+
+def trained(tmp_path: Path, model_dir: Path, **sections) -> tuple:
+    path = make_run(tmp_path, model_dir, **sections)
+    recipe = load_recipe(path)
+    return path, recipe, train(recipe, recipe.run_dir(path))
+
+
+def test_after_training_writes_eval_and_reports(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path, recipe, result = trained(tmp_path, tiny_llama_dir, train={"max_steps": 10},
+                                   eval={"task": True, "suites": ["arc_easy", "wikitext"], "limit": 6})
+    run_dir = recipe.run_dir(path)
+    assert evaluate_after_training(recipe, run_dir, result) == 0
+    data = json.loads((run_dir / "eval.json").read_text())
+    assert [r["task"] for r in data["base"]] == ["recipe (validation)", "arc_easy", "wikitext"]
+    assert all(g["passed"] for g in data["guards"])
+    assert data["base"][1]["n"] == 6 and len(data["base"][1]["per_item"]) == 6
+    assert data["general_text_loss"]["base"] != data["general_text_loss"]["tuned"]
+    for name in ("report.json", "report.md", "report.html"):
+        assert (run_dir / name).stat().st_size > 0
+    # Re-evaluation from disk gives the same tuned scores on the same items.
+    assert cli_main(["eval", str(run_dir)]) == 0
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert [r["per_item"] for r in again["tuned"]] == [r["per_item"] for r in data["tuned"]]
+
+
+def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """LoRA starts as a no-op (B = 0); with no update the 'adapter applied' guard must fail."""
+    path, recipe, result = trained(tmp_path, tiny_llama_dir, train={"max_steps": 1, "lr": 1e-30},
+                                   eval={"task": True})
+    run_dir = recipe.run_dir(path)
+    with torch.no_grad():
+        for name, p in result["model"].named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    with pytest.raises(TuneguardError, match="guard rail failed.*adapter applied"):
+        evaluate_after_training(recipe, run_dir, result)
+    assert not (run_dir / "report.md").exists()
+
+
+def test_encoder_scored_by_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    path, recipe, result = trained(tmp_path, tiny_bert_dir, train={"max_steps": 10, "lr": 1e-2}, eval={"task": True})
+    run_dir = recipe.run_dir(path)
+    assert evaluate_after_training(recipe, run_dir, result) == 0
+    data = json.loads((run_dir / "eval.json").read_text())
+    assert [r["task"] for r in data["tuned"]] == ["recipe (validation)"]
+    assert {"acc", "f1_macro"} <= set(data["tuned"][0]["metrics"])
+
+
+def test_base_model_eval_cli(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores.json"
+    assert cli_main(["eval", "--model", str(tiny_llama_dir), "--tasks", "piqa", "--limit", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["n"] == 4

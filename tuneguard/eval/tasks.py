@@ -1,0 +1,395 @@
+"""Tasks are data plus a few declared fields, formatted like lm-evaluation-harness's zero-shot tasks.
+
+A task says what kind of scoring it needs and how each item becomes text; the scorer and the
+metrics are shared (``harness.py``). Built-in tasks read the subsets vendored in ``eval/data``
+(see its README for sources and licences); users add their own as a small YAML file plus data,
+without code (:func:`load_task_yaml`).
+
+Kinds:
+
+* ``multiple_choice``: score each choice after the context; ``acc`` and length-normalised ``acc_norm``.
+* ``classification``: the same with a fixed set of verbalized labels; adds precision/recall/F1/confusion.
+* ``loglikelihood``: one target continuation; ``acc`` = it is the greedy continuation (LAMBADA), plus perplexity.
+* ``generation``: greedy generation until a stop string; ``exact_match`` and ``token_f1``.
+* ``perplexity``: rolling log-likelihood of whole texts; token/word/byte perplexity and bits per byte.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneguard.data.examples import ChoiceItem, format_prompt
+from tuneguard.data.readers import read_rows
+from tuneguard.errors import TuneguardError
+
+DATA_DIR = Path(__file__).parent / "data"
+Kind = Literal["multiple_choice", "classification", "loglikelihood", "generation", "perplexity"]
+Text = str | list[int]
+
+METRICS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("acc", "acc_norm"),
+    "classification": ("acc",),
+    "loglikelihood": ("acc",),
+    "generation": ("exact_match", "token_f1"),
+    "perplexity": ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"),
+}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+@dataclass
+class Doc:
+    """One item, formatted for the scorer (text, or token ids when it comes from a recipe's own data)."""
+
+    context: Text = ""
+    choices: list[Text] = field(default_factory=list)
+    """Continuations scored after ``context``; the single target for ``loglikelihood`` tasks."""
+    gold: int = 0
+    contexts: list[Text] | None = None
+    """Partial evaluation (WinoGrande): one context per option, each scored on the one continuation in ``choices``."""
+    target: str = ""
+    """Generation: the reference answer."""
+    text: str = ""
+    """Perplexity: the text that is scored."""
+    raw: str | None = None
+    """Perplexity: the text words and bytes are counted on (lm-evaluation-harness counts before detokenizing)."""
+
+    def pairs(self) -> list[tuple[Text, Text]]:
+        """(context, continuation) per option."""
+        if self.contexts is not None:
+            return [(c, self.choices[0]) for c in self.contexts]
+        return [(self.context, c) for c in self.choices]
+
+
+@dataclass
+class Task:
+    name: str
+    kind: Kind
+    load: Callable[[], list[Doc]]
+    """All items, in the source's original order."""
+    metric: str
+    """The primary metric, whose per-item outcomes go into the result."""
+    delimiter: str = " "
+    """Put between a text context and each text continuation (lm-evaluation-harness's ``target_delimiter``)."""
+    labels: list[str] | None = None
+    """Classification: the label names, in class-index order."""
+    until: list[str] = field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = 32
+    limit: int | None = None
+    """Items a suite takes from this task by default (the first ones)."""
+    source: str = ""
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    def docs(self, limit: int | None = None) -> list[Doc]:
+        """The first ``limit`` items (and at most the suite's own limit) in the original order."""
+        docs = self.load()
+        caps = [n for n in (limit, self.limit) if n is not None]
+        return docs[: min(caps)] if caps else docs
+
+
+def _jsonl(name: str) -> list[dict[str, Any]]:
+    with (DATA_DIR / name).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _arc(name: str) -> Callable[[], list[Doc]]:
+    def load() -> list[Doc]:
+        return [
+            Doc(
+                context=f"Question: {row['question']}\nAnswer:",
+                choices=list(row["choices"]["text"]),
+                # Some answer keys are digits ("1"-"4"): look the key up among the item's own labels.
+                gold=row["choices"]["label"].index(row["answerKey"]),
+            )
+            for row in _jsonl(name)
+        ]
+
+    return load
+
+
+def _hellaswag() -> list[Doc]:
+    # The vendored text is already pre-processed as lm-evaluation-harness does ("activity: ctx_a ctx_b").
+    return [Doc(context=row["ctx"], choices=list(row["endings"]), gold=int(row["label"])) for row in _jsonl("hellaswag.jsonl")]
+
+
+def _piqa() -> list[Doc]:
+    return [
+        Doc(context=f"Question: {row['goal']}\nAnswer:", choices=[row["sol1"], row["sol2"]], gold=int(row["label"]))
+        for row in _jsonl("piqa.jsonl")
+    ]
+
+
+def _winogrande() -> list[Doc]:
+    docs = []
+    for row in _jsonl("winogrande.jsonl"):
+        blank = row["sentence"].index("_")
+        docs.append(
+            Doc(
+                contexts=[row["sentence"][:blank] + row["option1"], row["sentence"][:blank] + row["option2"]],
+                choices=[row["sentence"][blank + 1 :].strip()],
+                gold=int(row["answer"]) - 1,
+            )
+        )
+    return docs
+
+
+def _boolq() -> list[Doc]:
+    return [
+        Doc(
+            context=f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
+            choices=["no", "yes"],
+            gold=int(str(row["label"]).lower() == "true"),
+        )
+        for row in _jsonl("boolq.jsonl")
+    ]
+
+
+def _lambada() -> list[Doc]:
+    docs = []
+    for row in _jsonl("lambada_openai.jsonl"):
+        context, word = row["text"].rsplit(" ", 1)
+        docs.append(Doc(context=context, choices=[word]))
+    return docs
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenisation (`` @-@ ``, spaced punctuation and brackets), the rules lm-evaluation-harness applies."""
+    for old, new in (("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+                     (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        text = text.replace(old, new)
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for open_, close in (("(", ")"), ("[", "]"), ("{", "}"), ('"', '"'), ("'", "'")):
+        o, c = re.escape(open_), re.escape(close)
+        text = re.sub(rf"{o}\s*([^{c}]*?)\s*{c}", rf"{open_}\1{close}", text)
+    for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+                     (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        text = text.replace(old, new)
+    return text
+
+
+def wikitext_pages(text: str) -> list[str]:
+    """Split WikiText into articles at top-level ``= Title =`` headings (lm-evaluation-harness's document level)."""
+    pages, lines = [], []
+    for line in text.split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            if "\n".join(lines).strip():
+                pages.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    if "\n".join(lines).strip():
+        pages.append("\n".join(lines))
+    return pages
+
+
+def wikitext_text() -> str:
+    """The vendored WikiText-2 sample (first articles of the test split, tokenised v1)."""
+    return (DATA_DIR / "wikitext2.txt").read_text(encoding="utf-8")
+
+
+def _wikitext() -> list[Doc]:
+    return [Doc(text=wikitext_detokenize(page), raw=page) for page in wikitext_pages(wikitext_text())]
+
+
+def _builtin() -> dict[str, Task]:
+    return {
+        t.name: t
+        for t in (
+            Task("arc_easy", "multiple_choice", _arc("arc_easy.jsonl"), "acc_norm", source="arc_easy.jsonl"),
+            Task("arc_challenge", "multiple_choice", _arc("arc_challenge.jsonl"), "acc_norm", source="arc_challenge.jsonl"),
+            Task("hellaswag", "multiple_choice", _hellaswag, "acc_norm", source="hellaswag.jsonl"),
+            Task("piqa", "multiple_choice", _piqa, "acc_norm", source="piqa.jsonl"),
+            Task("winogrande", "multiple_choice", _winogrande, "acc", source="winogrande.jsonl"),
+            Task("boolq", "multiple_choice", _boolq, "acc", source="boolq.jsonl"),
+            Task("lambada_openai", "loglikelihood", _lambada, "acc", source="lambada_openai.jsonl"),
+            Task("wikitext", "perplexity", _wikitext, "perplexity", source="wikitext2.txt"),
+        )
+    }
+
+
+TASKS = _builtin()
+SUITES: dict[str, dict[str, int | None]] = {
+    # Sized so base + tuned take about five minutes on a 2-core CPU with SmolLM2-135M (see eval/data/README.md).
+    "general-small": {
+        "arc_easy": 100, "arc_challenge": 100, "hellaswag": 100, "piqa": 100, "winogrande": 100, "boolq": 100,
+        "lambada_openai": 100, "wikitext": 2,
+    },
+    "general": dict.fromkeys(TASKS),
+}
+
+
+def get_tasks(names: Sequence[str]) -> list[Task]:
+    """Tasks by name, suite name or path to a task YAML, in the given order without duplicates."""
+    out: dict[str, Task] = {}
+    for name in names:
+        if name in SUITES:
+            for task_name, limit in SUITES[name].items():
+                out.setdefault(task_name, replace(TASKS[task_name], limit=limit))
+        elif name in TASKS:
+            out[name] = TASKS[name]
+        elif name.endswith((".yaml", ".yml")):
+            task = load_task_yaml(name)
+            out[task.name] = task
+        else:
+            close = difflib.get_close_matches(name, [*SUITES, *TASKS], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise TuneguardError(
+                f"unknown task or suite '{name}'{hint} (suites: {', '.join(SUITES)}; tasks: {', '.join(TASKS)}; "
+                "or a path to a task .yaml)"
+            )
+    return list(out.values())
+
+
+def classification_task_from_items(name: str, items: Sequence[ChoiceItem], verbalizers: Sequence[str]) -> Task:
+    """A recipe's own validation items (already tokenized, chat template included) as a classification task."""
+    docs = [Doc(context=list(it.context_ids), choices=[list(c) for c in it.choices], gold=it.gold) for it in items]
+    return Task(name, "classification", lambda: docs, "acc", delimiter="", labels=list(verbalizers))
+
+
+class TaskSpec(BaseModel):
+    """A user task file: where the data is and how a row becomes a context, options and an answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Kind
+    data: str
+    """The data file (JSONL, CSV, TSV or Parquet), relative to the YAML file."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    context: str = ""
+    """Template of the context, with the row's fields as ``{name}``."""
+    choices: list[str] | None = None
+    """Fixed options (classification labels, or the same options for every item)."""
+    choices_field: str | None = None
+    """The field holding each row's own list of options."""
+    gold_field: str | None = None
+    """The field with the right option: its index, or its text."""
+    target_field: str | None = None
+    """Generation: the reference answer; loglikelihood: the continuation to score."""
+    text_field: str = "text"
+    """Perplexity: the field with the text."""
+    delimiter: str = " "
+    metric: str | None = None
+    until: list[str] = Field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.kind in ("multiple_choice", "classification"):
+            if (self.choices is None) == (self.choices_field is None):
+                raise ValueError("give exactly one of 'choices' and 'choices_field'")
+            if self.kind == "classification" and self.choices is None:
+                raise ValueError("'choices' (the label verbalizers) is required for kind 'classification'")
+            if not self.gold_field:
+                raise ValueError(f"'gold_field' is required for kind '{self.kind}'")
+        if self.kind in ("generation", "loglikelihood") and not self.target_field:
+            raise ValueError(f"'target_field' is required for kind '{self.kind}'")
+        allowed = METRICS[self.kind]
+        if self.metric is not None and self.metric not in allowed:
+            raise ValueError(f"'metric' must be one of {', '.join(allowed)} for kind '{self.kind}', got '{self.metric}'")
+        return self
+
+
+def _spec_error(path: Path, exc: ValidationError) -> TuneguardError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(TaskSpec.model_fields), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return TuneguardError(f"{path}: unknown key '{key}'{hint}")
+    if err["type"] == "missing":
+        return TuneguardError(f"{path}: missing required key '{key}'")
+    if err["type"] == "value_error":
+        return TuneguardError(f"{path}: {err['msg'].removeprefix('Value error, ')}")
+    return TuneguardError(f"{path}: '{key}': {err['msg']} (got {err.get('input')!r})")
+
+
+def _gold(value: Any, options: Sequence[str], where: str, key: str) -> int:
+    """The option's text wins over reading the value as an index, so options "1", "2" work as labels."""
+    text = str(value).strip()
+    if text in options:
+        return list(options).index(text)
+    if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
+        raise TuneguardError(f"{where}: '{key}' value {value!r} is neither one of the options {list(options)} nor an index")
+    index = int(text)
+    if not 0 <= index < len(options):
+        raise TuneguardError(f"{where}: '{key}' index {index} is out of range for {len(options)} options")
+    return index
+
+
+def _field(fields: dict[str, Any], key: str, where: str) -> Any:
+    if key not in fields or fields[key] is None:
+        raise TuneguardError(f"{where}: missing field '{key}'")
+    return fields[key]
+
+
+def _spec_doc(spec: TaskSpec, fields: dict[str, Any], where: str) -> Doc:
+    try:
+        context = format_prompt(spec.context, fields) if spec.context else ""
+    except KeyError as exc:
+        raise TuneguardError(f"{where}: 'context' uses field {exc} that the row lacks") from None
+    if spec.kind in ("multiple_choice", "classification"):
+        options = spec.choices
+        if options is None:
+            options = _field(fields, spec.choices_field or "", where)
+            if not isinstance(options, list) or not options:
+                raise TuneguardError(f"{where}: '{spec.choices_field}' must be a non-empty list of options")
+            options = [str(o) for o in options]
+        gold = _gold(_field(fields, spec.gold_field or "", where), options, where, spec.gold_field or "")
+        return Doc(context=context, choices=list(options), gold=gold)
+    if spec.kind == "loglikelihood":
+        return Doc(context=context, choices=[str(_field(fields, spec.target_field or "", where))])
+    if spec.kind == "generation":
+        return Doc(context=context, target=str(_field(fields, spec.target_field or "", where)))
+    text = str(_field(fields, spec.text_field, where))
+    return Doc(text=text, raw=text)
+
+
+def load_task_yaml(path: str | Path) -> Task:
+    """A task from a YAML file; problems name the file and the key (or the data file and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneguardError(f"task file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise TuneguardError(f"{path}{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise TuneguardError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        spec = TaskSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(path, exc) from None
+    data_path = Path(spec.data).expanduser()
+    if not data_path.is_absolute():
+        data_path = path.parent / data_path
+    if not data_path.is_file():
+        raise TuneguardError(f"{path}: 'data': file not found: {spec.data} (looked in {data_path.parent})")
+
+    def load() -> list[Doc]:
+        docs = []
+        for row in read_rows(data_path, spec.format):
+            if row.problem:
+                raise TuneguardError(f"{row.where}: {row.problem}")
+            docs.append(_spec_doc(spec, row.fields or {}, row.where))
+        return docs
+
+    return Task(
+        spec.name, spec.kind, load, spec.metric or METRICS[spec.kind][0], delimiter=spec.delimiter,
+        labels=list(spec.choices) if spec.kind == "classification" and spec.choices else None,
+        until=list(spec.until), max_new_tokens=spec.max_new_tokens, limit=spec.limit, source=str(data_path),
+    )
