@@ -126,5 +126,10 @@ def reevaluate(run_dir: Path, *, suites: list[str] | None, limit: int | None, wi
     model = PeftModel.from_pretrained(backbone.model, str(run_dir / "adapter"))
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
                         packable=recipe.adapter.method != "prompt_tuning")
-    return evaluate_run(recipe, run_dir, model, backbone, data, checksum_at_load=checksum, suites=suites, limit=limit,
-                        with_original=with_original)
+    from accelerate import Accelerator
+
+    # Under torchrun / accelerate launch with several processes, items are split and gathered.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model.to(accelerator.device)
+    return evaluate_run(recipe, run_dir, model, backbone, data, checksum_at_load=checksum, accelerator=accelerator,
+                        suites=suites, limit=limit, with_original=with_original)

@@ -33,6 +33,7 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class TrainProgress:
@@ -57,6 +58,11 @@ class TrainProgress:
 
     def update(self, step: int, *, loss: float, lr: float, tokens_per_s: float) -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:.0f}")
+
+    def log(self, record: dict) -> None:
+        """Logged steps as plain lines when the output is not a terminal (files, CI), where no bar shows."""
+        if self.enabled and not self.progress.console.is_terminal:
+            self.progress.console.print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     def note(self, text: str) -> None:
         if self.enabled:

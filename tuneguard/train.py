@@ -65,6 +65,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         mp = "bf16" if supports_bf16(device) else "no"
     freezing = recipe.adapter.freeze_layers_below > 0
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # on CPU, Accelerate runs several processes (torchrun) only when told
         mixed_precision=mp,
         log_with=recipe.train.trackers or None,
         project_dir=str(run_dir),
@@ -339,6 +340,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 record = {"step": state.step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                           "tokens": state.tokens, "tokens_per_s": round(window_tokens / max(time.time() - window_start, 1e-9), 2)}
                 _log(accelerator, run_dir, record)
+                progress.log(record)
                 window_tokens, window_start = 0, time.time()
 
             if recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
