@@ -154,3 +154,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_lla
     assert [s for s, *_ in losses(got)] == [s for s, *_ in losses(expected)]
     for (_, a, va), (_, b, vb) in zip(losses(got), losses(expected), strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6) if a is not None else va == pytest.approx(vb, rel=1e-5)
+
+
+def test_tensorboard_tracker_receives_metrics(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 3, "trackers": ["tensorboard"]})
+    run_train(path)
+    events = list((tmp_path / "runs" / "recipe").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -225,7 +225,10 @@ def load_backbone(
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else device.index or 0}
     try:
         if encoder:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels or 2, **kwargs)
+            # A head with another label count is replaced by a fresh one (it is trained with the adapter).
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels or 2, ignore_mismatched_sizes=True, **kwargs
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

@@ -1,0 +1,65 @@
+"""Backbones: sources, quantization on CPU, fingerprints, the GGUF cache, bf16 detection."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneguard.backbones import fingerprint, load_backbone, resolve_source
+from tuneguard.errors import TuneguardError
+from tuneguard.recipe import ModelConfig, QuantizationConfig
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_quantized_tiny_llama_runs_on_cpu(tiny_llama_dir: Path, method: str) -> None:
+    backbone = load_backbone(ModelConfig(source=str(tiny_llama_dir)), QuantizationConfig(method=method))
+    linear = backbone.model.model.layers[0].self_attn.q_proj
+    assert type(linear).__name__ == ("Linear8bitLt" if method == "int8" else "Linear4bit")
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    with torch.no_grad():
+        logits = backbone.model(torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_fingerprint_tracks_weights_and_quantization(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    none, nf4 = QuantizationConfig(method="none"), QuantizationConfig(method="nf4")
+    a = fingerprint(str(tiny_llama_dir), False, None, none)
+    assert a == fingerprint(str(tiny_llama_dir), False, None, none)
+    assert a != fingerprint(str(tiny_llama_dir), False, None, nf4)
+    other = tmp_path / "copy"
+    other.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    assert fingerprint(str(other), False, None, none) == a  # content, not location
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert fingerprint(str(other), False, None, none) != a
+
+
+def test_encoder_gets_classification_head(tiny_bert_dir: Path) -> None:
+    backbone = load_backbone(ModelConfig(source=str(tiny_bert_dir)), QuantizationConfig(), num_labels=3)
+    assert backbone.is_encoder and backbone.model.config.num_labels == 3
+
+
+def test_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(TuneguardError, match="directory not found"):
+        resolve_source(ModelConfig(source="./missing"))
+    with pytest.raises(TuneguardError, match="GGUF file not found"):
+        resolve_source(ModelConfig(source=str(tmp_path / "m.gguf")))
+    with pytest.raises(TuneguardError, match="without config.json"):
+        resolve_source(ModelConfig(source=str(tmp_path)))
+    with pytest.raises(TuneguardError, match="unknown bundled model 'nope'"):
+        resolve_source(ModelConfig(source="bundled:nope"))
+    assert resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M")) == ("HuggingFaceTB/SmolLM2-135M", True)
+
+
+@pytest.mark.slow
+def test_bundled_gguf_is_converted_once_and_cached() -> None:
+    path, is_hub = resolve_source(ModelConfig(source="bundled:smollm2-135m-instruct"))
+    assert not is_hub and (Path(path) / "model.safetensors").exists()
+    stamp = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    again, _ = resolve_source(ModelConfig(source="bundled:smollm2-135m-instruct"))
+    assert again == path and (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(Path(path).glob("*.bin"))  # safetensors only
