@@ -197,7 +197,7 @@ def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationCo
     if is_hub:
         digest.update(f"{path}@{revision or 'main'}".encode())
     else:
-        for f in sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")):
+        for f in sorted(Path(path).glob("*.safetensors")):
             digest.update(file_sha256(f).encode())
     return digest.hexdigest()[:16]
 
@@ -216,6 +216,7 @@ def load_backbone(
     encoder = config.model_type in ENCODER_TYPES
     dtype = torch_dtype(cfg.dtype, device)
     kwargs = dict(
+        use_safetensors=True,  # never unpickle weights
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype if quant.method == "none" else torch.float32,
