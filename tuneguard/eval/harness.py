@@ -52,6 +52,7 @@ __all__ = [
 
 
 def has_classification_head(model: torch.nn.Module) -> bool:
+    """Encoders fine-tuned with a head are scored by the head, not by verbalizer log-likelihoods."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return type(base).__name__.endswith("ForSequenceClassification")
 
@@ -64,12 +65,17 @@ def _encode(tokenizer: PreTrainedTokenizerBase, context: Text, continuation: Tex
     raise TypeError("a context and its continuation must both be text or both be token ids")
 
 
+def _context_ids(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
+    return tokenizer(context, add_special_tokens=False)["input_ids"] or [prefix_token_id(tokenizer)]
+
+
 def score_docs(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc], batch_size: int
 ) -> list[Any]:
     """Raw per-doc scores: a list of :class:`Score` per option, a predicted class, a generation, or a rolling NLL."""
     if task.kind == "perplexity":
-        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 2))
+        # Rows are windows of up to 2048 tokens: fewer of them per batch keeps the logits small.
+        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 4))
     if task.kind == "generation":
         contexts = [d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context) for d in docs]
         return generate_until(
@@ -89,10 +95,6 @@ def score_docs(
     for i, score in zip(owner, scores, strict=True):
         per_doc[i].append(score)
     return per_doc
-
-
-def _context_ids(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
-    return tokenizer(context, add_special_tokens=False)["input_ids"] or [prefix_token_id(tokenizer)]
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -143,7 +145,7 @@ def task_result(
         metrics = {"acc": _mean(per_item)}
         if task.kind == "classification":
             metrics.update(classification_metrics(preds, [d.gold for d in docs], task.labels or []))
-        elif all(d.contexts is None for d in docs):
+        elif (task.norm or task.metric == "acc_norm") and all(d.contexts is None for d in docs):
             norm = [
                 float(_argmax([s.logprob / max(_chars(tokenizer, c), 1) for s, c in zip(o, d.choices, strict=True)]) == d.gold)
                 for o, d in zip(outcomes, docs, strict=True)
@@ -167,7 +169,11 @@ def _mean(values: Sequence[float]) -> float:
 def _gather(accelerator: Any, local: list[tuple[int, Any]]) -> list[Any]:
     """All processes' ``(index, outcome)`` pairs, back in item order."""
     if accelerator is not None and accelerator.num_processes > 1:
-        local = accelerator.gather_for_metrics(local, use_gather_object=True)
+        # Not gather_for_metrics: right after a training loop it may still "drop the remainder" of the
+        # last training dataloader and silently cut items off.
+        from accelerate.utils import gather_object
+
+        local = gather_object(local)
     return [outcome for _, outcome in sorted(local, key=lambda pair: pair[0])]
 
 

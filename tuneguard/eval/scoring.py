@@ -61,11 +61,15 @@ class _Row:
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off and no autograd while scoring; the training mode is restored afterwards."""
+    """Dropout off and no autograd while scoring; the training mode is restored afterwards.
+
+    ``no_grad`` rather than ``inference_mode``: inference tensors carry no version counter, which
+    adapter layers that cache casts by ``tensor._version`` (tuneguard.fastpath) rely on.
+    """
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
@@ -194,6 +198,22 @@ def _forward_kept(
     return logits[keep] if logits.dim() == 3 else logits
 
 
+def _target_logprobs(
+    logits: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token and whether it is the argmax, ``chunk`` rows at a time.
+
+    The float32 log-softmax then never holds more than ``chunk x vocab`` values, even for a batch of
+    long perplexity windows.
+    """
+    logprobs, hits = [], []
+    for lo in range(0, len(index), chunk):
+        rows, targets = logits[index[lo : lo + chunk]].float(), tokens[lo : lo + chunk]
+        logprobs.append(torch.log_softmax(rows, dim=-1).gather(1, targets[:, None]).squeeze(1))
+        hits.append(rows.argmax(dim=-1) == targets)
+    return torch.cat(logprobs), torch.cat(hits)
+
+
 def loglikelihood(
     model: torch.nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -245,10 +265,7 @@ def loglikelihood(
             keep[t_row, t_pos] = True
             index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[t_row, t_pos]
             logits = _forward_kept(model, ids.to(device), pos.to(device), seg.to(device), keep.to(device))
-            logits = logits.float()[index.to(device)]
-            tokens = torch.tensor(t_tok, device=device)
-            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            hit = logits.argmax(dim=-1) == tokens
+            lp, hit = _target_logprobs(logits, index.to(device), torch.tensor(t_tok, device=device))
             req = torch.tensor(t_req)
             logprob.index_add_(0, req, lp.double().cpu())
             misses.index_add_(0, req, (~hit).long().cpu())

@@ -85,6 +85,8 @@ class Task:
     max_new_tokens: int = 32
     limit: int | None = None
     """Items a suite takes from this task by default (the first ones)."""
+    norm: bool = True
+    """Also report ``acc_norm`` (multiple choice); off where the options are fixed words such as no/yes."""
     source: str = ""
 
     @property
@@ -211,7 +213,7 @@ def _builtin() -> dict[str, Task]:
             Task("hellaswag", "multiple_choice", _hellaswag, "acc_norm", source="hellaswag.jsonl"),
             Task("piqa", "multiple_choice", _piqa, "acc_norm", source="piqa.jsonl"),
             Task("winogrande", "multiple_choice", _winogrande, "acc", source="winogrande.jsonl"),
-            Task("boolq", "multiple_choice", _boolq, "acc", source="boolq.jsonl"),
+            Task("boolq", "multiple_choice", _boolq, "acc", source="boolq.jsonl", norm=False),
             Task("lambada_openai", "loglikelihood", _lambada, "acc", source="lambada_openai.jsonl"),
             Task("wikitext", "perplexity", _wikitext, "perplexity", source="wikitext2.txt"),
         )
@@ -220,10 +222,10 @@ def _builtin() -> dict[str, Task]:
 
 TASKS = _builtin()
 SUITES: dict[str, dict[str, int | None]] = {
-    # Sized so base + tuned take about five minutes on a 2-core CPU with SmolLM2-135M (see eval/data/README.md).
+    # Sized so base + tuned take about five minutes with SmolLM2-135M on a 2-core CPU (eval/data/README.md).
     "general-small": {
-        "arc_easy": 100, "arc_challenge": 100, "hellaswag": 100, "piqa": 100, "winogrande": 100, "boolq": 100,
-        "lambada_openai": 100, "wikitext": 2,
+        "arc_easy": 250, "arc_challenge": 250, "hellaswag": 250, "piqa": 250, "winogrande": 250, "boolq": 150,
+        "lambada_openai": 250, "wikitext": 2,
     },
     "general": dict.fromkeys(TASKS),
 }

@@ -7,6 +7,7 @@ need means of per-item outcomes.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 METRICS_DIR = Path(__file__).parent
 NAMES = ("accuracy", "precision", "recall", "f1", "exact_match", "token_f1")
+# Module objects are cached and stateful (compute = add_batch + finalize), so one computation at a time.
+_COMPUTE = threading.Lock()
 
 
 @functools.cache
@@ -40,11 +43,13 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
 
     preds, refs, ids = [int(p) for p in predictions], [int(r) for r in references], list(range(len(labels)))
     prf = evaluate.combine([load_metric("precision"), load_metric("recall"), load_metric("f1")])
-    macro = prf.compute(predictions=preds, references=refs, labels=ids, average="macro")
-    micro = prf.compute(predictions=preds, references=refs, labels=ids, average="micro")
-    per_class = prf.compute(predictions=preds, references=refs, labels=ids, average=None)
+    with _COMPUTE:
+        macro = prf.compute(predictions=preds, references=refs, labels=ids, average="macro")
+        micro = prf.compute(predictions=preds, references=refs, labels=ids, average="micro")
+        per_class = prf.compute(predictions=preds, references=refs, labels=ids, average=None)
+        acc = load_metric("accuracy").compute(predictions=preds, references=refs)["accuracy"]
     return {
-        "acc": load_metric("accuracy").compute(predictions=preds, references=refs)["accuracy"],
+        "acc": acc,
         **{f"{k}_macro": v for k, v in macro.items()},
         **{f"{k}_micro": v for k, v in micro.items()},
         "f1_per_class": dict(zip(labels, per_class["f1"], strict=True)),

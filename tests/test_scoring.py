@@ -1,0 +1,178 @@
+"""The scoring engine against direct computations from full logits on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
+
+from tuneguard.eval.harness import general_text_loss
+from tuneguard.eval.scoring import (
+    classify,
+    encode_pair,
+    generate_until,
+    loglikelihood,
+    rolling_loglikelihood,
+    rolling_windows,
+)
+from tuneguard.eval.tasks import wikitext_detokenize, wikitext_text
+
+ITEMS = [
+    ("the movie was", [" great", " boring film", " a dull , boring film with nothing to say"]),
+    ("what is two plus two ?", [" four", " the answer is four"]),
+    ("question", [" answer"]),
+    ("a dull , boring film with nothing to say because", [" positive", " negative", " world sports"]),
+]
+
+
+def _requests(tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], list[int]]]:
+    return [encode_pair(tokenizer, ctx, ch) for ctx, choices in ITEMS for ch in choices]
+
+
+def _direct(model: torch.nn.Module, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """Log-likelihood and greediness of ``cont`` from the full logits of one unpadded sequence."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), dim=-1)
+    rows = logp[len(ctx) - 1 : len(ctx) + len(cont) - 1]
+    target = torch.tensor(cont)
+    return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def _lora(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(1)
+    # init_lora_weights=False makes B non-zero, so the adapter really changes the scores.
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config).eval()
+
+
+def test_encode_pair_moves_trailing_spaces(tokenizer: PreTrainedTokenizerFast) -> None:
+    assert encode_pair(tokenizer, "the answer is ", "four") == encode_pair(tokenizer, "the answer is", " four")
+    ctx, cont = encode_pair(tokenizer, "", "the movie")
+    assert ctx == [tokenizer.bos_token_id] and tokenizer.decode(cont) == "the movie"
+
+
+def test_loglikelihood_equals_full_logits(tiny_llama) -> None:
+    model, tok = tiny_llama
+    requests = _requests(tok)
+    # A continuation that is greedy by construction: the model's own argmax tokens.
+    ctx = tok("the movie was", add_special_tokens=False)["input_ids"]
+    greedy = model.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False)[0, len(ctx):].tolist()
+    requests.append((ctx, greedy))
+    scores = loglikelihood(model, requests, batch_size=3)
+    for (c, k), score in zip(requests, scores, strict=True):
+        logprob, is_greedy = _direct(model, c, k)
+        assert score.logprob == pytest.approx(logprob, abs=1e-4)
+        assert score.is_greedy == is_greedy and score.n_tokens == len(k)
+    assert scores[-1].is_greedy
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora", "lora-disabled"])
+def test_shared_context_batching_equals_one_by_one(tiny_llama, adapter: str) -> None:
+    model, tok = tiny_llama
+    requests = _requests(tok)
+    base = loglikelihood(model, requests, batch_size=1) if adapter == "lora-disabled" else None
+    if adapter != "none":
+        model = _lora(model)
+    if adapter == "lora-disabled":
+        with model.disable_adapter():
+            packed = loglikelihood(model, requests, batch_size=4)
+            single = [loglikelihood(model, [r], batch_size=1)[0] for r in requests]
+        assert [s.logprob for s in packed] == pytest.approx([s.logprob for s in base], abs=1e-4)
+    else:
+        packed = loglikelihood(model, requests, batch_size=4)
+        single = [loglikelihood(model, [r], batch_size=1)[0] for r in requests]
+        direct = [_direct(model, c, k)[0] for c, k in requests]
+        assert [s.logprob for s in packed] == pytest.approx(direct, abs=1e-4)
+    assert [s.logprob for s in packed] == pytest.approx([s.logprob for s in single], abs=1e-4)
+    assert [s.is_greedy for s in packed] == [s.is_greedy for s in single]
+
+
+def test_lora_changes_scores(tiny_llama) -> None:
+    model, tok = tiny_llama
+    requests = _requests(tok)[:3]
+    base = loglikelihood(model, requests)
+    tuned = loglikelihood(_lora(model), requests)
+    assert all(abs(a.logprob - b.logprob) > 1e-3 for a, b in zip(base, tuned, strict=True))
+
+
+def test_prompt_tuning_scores_include_the_soft_prompt(tiny_llama) -> None:
+    model, tok = tiny_llama
+    torch.manual_seed(2)
+    peft = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)).eval()
+    requests = _requests(tok)
+    packed = loglikelihood(peft, requests, batch_size=4)
+    for (c, k), score in zip(requests, packed, strict=True):
+        with torch.no_grad():
+            logits = peft(input_ids=torch.tensor([c + k])).logits[0, 3:]  # drop the virtual positions
+        logp = torch.log_softmax(logits.double(), -1)[len(c) - 1 : len(c) + len(k) - 1]
+        assert score.logprob == pytest.approx(float(logp.gather(1, torch.tensor(k)[:, None]).sum()), abs=1e-4)
+    with peft.disable_adapter():
+        assert [s.logprob for s in loglikelihood(peft, requests)] == pytest.approx(
+            [_direct(model, c, k)[0] for c, k in requests], abs=1e-4
+        )
+
+
+def test_long_contexts_are_left_truncated(tiny_llama) -> None:
+    model, tok = tiny_llama
+    ctx, cont = encode_pair(tok, "the movie was great and the acting was wonderful " * 3, " positive negative")
+    score = loglikelihood(model, [(ctx, cont)], max_length=12)[0]
+    kept = ctx[-(12 - len(cont) + 1):]
+    assert score.logprob == pytest.approx(_direct(model, kept, cont)[0], abs=1e-4)
+
+
+def test_rolling_windows_cover_every_token_once() -> None:
+    tokens = list(range(100, 123))
+    for max_length, context_len in [(5, 1), (5, 3), (8, 8), (30, 1)]:
+        windows = rolling_windows(tokens, 0, max_length, context_len)
+        assert [t for _, pred in windows for t in pred] == tokens
+        for ctx, pred in windows:
+            assert len(ctx) + len(pred) - 1 <= max_length and ctx
+        for (ctx, _), (_, prev) in zip(windows[1:], windows, strict=False):
+            assert len(ctx) >= min(context_len, len(tokens)) and ctx[-1] == prev[-1]
+
+
+def test_rolling_loglikelihood_equals_direct(tiny_llama) -> None:
+    model, tok = tiny_llama
+    texts = ["the movie was great and the acting was wonderful . what is two plus two ? the answer is four", "a dull film"]
+    whole = rolling_loglikelihood(model, tok, texts, max_length=512)
+    for text, score in zip(texts, whole, strict=True):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert score.n_tokens == len(ids) and score.n_bytes == len(text.encode())
+        assert -score.nll == pytest.approx(_direct(model, [tok.bos_token_id], ids)[0], abs=1e-4)
+    # Small windows: each window is an independent forward pass over its own context.
+    windowed = rolling_loglikelihood(model, tok, texts[:1], max_length=8, context_len=4)[0]
+    ids = tok(texts[0], add_special_tokens=False)["input_ids"]
+    expected = sum(_direct(model, c, p)[0] for c, p in rolling_windows(ids, tok.bos_token_id, 8, 4))
+    assert -windowed.nll == pytest.approx(expected, abs=1e-4)
+
+
+def test_general_text_loss_is_the_shifted_cross_entropy(tiny_llama) -> None:
+    model, tok = tiny_llama
+    loss = general_text_loss(model, tok, n_tokens=64, window=64)
+    ids = tok(wikitext_detokenize(wikitext_text()), add_special_tokens=False)["input_ids"][:64]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert loss == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_generate_until_matches_unbatched_greedy(tiny_llama) -> None:
+    model, tok = tiny_llama
+    contexts = [tok(t, add_special_tokens=False)["input_ids"] for t in ["the movie", "what is two plus two ? the", "a"]]
+    batched = generate_until(model, tok, contexts, until=[], max_new_tokens=6, batch_size=3)
+    for ctx, text in zip(contexts, batched, strict=True):
+        out = model.generate(torch.tensor([ctx]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(out[0, len(ctx):], skip_special_tokens=True)
+    stop = batched[0][2:4]
+    cut = generate_until(model, tok, contexts[:1], until=[stop], max_new_tokens=6)[0]
+    assert cut == batched[0][: batched[0].index(stop)]
+
+
+def test_classify_uses_the_head(tiny_bert_dir) -> None:
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_bert_dir)
+    texts = ["the movie was great", "a dull , boring film with nothing to say", "four"]
+    preds = classify(model, tok, texts, batch_size=2)
+    with torch.no_grad():
+        expected = [int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts]
+    assert preds == expected
