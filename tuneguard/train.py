@@ -409,7 +409,6 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
         if data.stats["truncated_train"]:
             accelerator.print(f"note: {data.stats['truncated_train']} training examples were truncated to data.max_length={recipe.data.max_length}")
         accelerator.print(f"adapter saved to {run_dir / 'adapter'}  ({record['tokens_per_s']} tokens/s, peak {record['peak_memory_mb']:.0f} MB)")
-    accelerator.end_training()
     return {"record": record, "model": accelerator.unwrap_model(loss_model).model, "backbone": backbone, "data": data,
             "accelerator": accelerator, "checksum_at_load": checksum_at_load}
 
@@ -464,11 +463,14 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = recipe.run_dir(Path(args.recipe))
     result = train(recipe, run_dir, resume=args.resume)
-    if not args.no_eval and (recipe.eval.task or recipe.eval.suites):
-        from tuneguard.evaluation import evaluate_after_training
+    try:
+        if not args.no_eval and (recipe.eval.task or recipe.eval.suites):
+            from tuneguard.evaluation import evaluate_after_training
 
-        return evaluate_after_training(recipe, run_dir, result)
-    return 0
+            return evaluate_after_training(recipe, run_dir, result)
+        return 0
+    finally:
+        result["accelerator"].end_training()  # closes trackers and the process group, after evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
