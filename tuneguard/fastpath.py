@@ -1,12 +1,452 @@
-"""Training fast path: exact speed/memory optimizations applied to the adapter model before training."""
+"""Training fast path: speed and memory optimizations applied to the adapter model before training.
+
+On by default; ``TUNEGUARD_FASTPATH=0`` (or ``enabled=False``) turns them off, which is what the
+reference runs and the equivalence tests compare against. Each one, and why it changes nothing
+that matters (tests/test_fastpath.py checks every claim against the plain path):
+
+* **Fused LoRA layers** (:class:`_LoraLinearFn`). PEFT's LoRA layer on a 4-bit (or plain) base runs,
+  under CPU autocast, about ten ops, each with its own dtype cast, an fp32 dropout mask and an fp32
+  copy of the dropped input kept for backward. The fused layer computes the same
+  ``base(x) + scaling * B(A(dropout(x)))`` with one cast of ``x`` to the compute dtype (shared by
+  the q/k/v and gate/up siblings that read the same tensor, so saved once), the 4-bit weight
+  dequantized from a cached fp32 ``absmax`` (double quantization decoded once per run, not per
+  call), and only ``x`` in the compute dtype, the ``r``-wide ``A x`` and the dropped positions
+  saved for backward. Same matmuls in the same dtypes: with dropout off, loss and gradients are
+  bit-identical to PEFT's under bf16 autocast.
+* **Cheaper dropout, same distribution** (:func:`drop_positions`). ``nn.Dropout`` draws one uniform
+  per element. A Bernoulli(p) sequence is exactly a sequence of i.i.d. Geometric(p) gaps between
+  its zeros, so drawing ``numel * p`` float64 uniforms and inverting them into gaps gives the same
+  joint distribution of dropped positions, at the 53-bit resolution of torch's CPU ``bernoulli_``.
+  Each layer draws its own positions, as each PEFT layer has its own dropout. Kept inputs are not
+  multiplied by ``1/(1-p)``: ``B A`` is linear, so scaling its output by ``scaling/(1-p)`` is the
+  same function of the same masked input (only where the rounding happens moves). Backward keeps
+  the positions (int32, ``p`` of the input's size) instead of a mask the size of the input.
+* **Gated MLP middle** (:class:`_GatedProduct`). ``act(gate) * up`` is computed as before; under
+  bf16 autocast it keeps bf16 copies of ``gate`` and ``up`` for backward instead of fp32 ``gate``,
+  ``act(gate)`` and ``up`` (a third of the bytes). The loss is unchanged; the gradients move by less
+  than half of the plain path's own bf16 deviation from fp32. In fp32 it keeps fp32 (exact).
+* **No file-backed weights.** Weights transformers left as views of the mmapped checkpoint keep
+  the whole file resident (and counted in RSS) for the life of the run; they are copied into
+  ordinary memory, the mapping goes, and the allocator returns the loader's garbage to the OS.
+* **Activation checkpointing by budget** (:func:`checkpoint_plan`). The memory estimator picks how
+  many of the lowest decoder layers to recompute so the predicted peak fits
+  ``TUNEGUARD_MEMORY_BUDGET_MB`` (default: this process's RSS plus the memory available now); none
+  when it fits, the fast case. Checkpointing replays the RNG, so dropout is the same in the recompute.
+
+The loss side (chunked cross-entropy that never builds full logits and computes its gradient in
+the same pass) lives in :mod:`tuneguard.losses` and is used with or without the fast path.
+
+Always applied, because training is wrong without it: on CPUs with AVX512-BF16, bitsandbytes
+repacks a 4-bit weight for its inference kernel the first time the layer runs in eval mode without
+gradients (a validation pass). That kernel has no backward, so every later training step silently
+drops the gradient through the frozen weight and the LoRA factors of all lower layers get wrong
+gradients. :func:`keep_bnb_trainable` turns the repacking off and undoes it where it happened.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import gc
+import math
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tuneguard.recipe import Recipe
 
+ENV_FLAG = "TUNEGUARD_FASTPATH"
+ENV_BUDGET = "TUNEGUARD_MEMORY_BUDGET_MB"
 
-def prepare_for_training(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.nn.Module:
+
+def fastpath_enabled(enabled: bool | None = None) -> bool:
+    """An explicit argument wins; otherwise on unless ``TUNEGUARD_FASTPATH`` is 0/false/off/no."""
+    if enabled is not None:
+        return enabled
+    return os.environ.get(ENV_FLAG, "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
+# ----------------------------------------------------------------------------------------- dropout
+
+
+def drop_positions(numel: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flat indices of the elements dropout zeroes: each independently with probability ``p``, sorted.
+
+    A Bernoulli(p) sequence is the same thing as i.i.d. Geometric(p) gaps between its ones, and a
+    gap is drawn by inversion (``P(gap >= k) = (1-p)^k``) from a float64 uniform: the same 53-bit
+    resolution as torch's CPU ``bernoulli_``, for ``numel * p`` draws instead of ``numel``.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if p == 0 or numel == 0:
+        return torch.empty(0, dtype=torch.long)
+    log_keep = math.log1p(-p)
+    found, start = [], 0
+    while start < numel:
+        expected = (numel - start) * p
+        u = torch.rand(int(expected + 8 * math.sqrt(expected) + 16), dtype=torch.float64, generator=generator)
+        positions = torch.cumsum(torch.floor(torch.log1p(-u) / log_keep).long() + 1, 0) + (start - 1)
+        found.append(positions)
+        start = int(positions[-1]) + 1
+    positions = torch.cat(found)
+    return positions[: int(torch.searchsorted(positions, numel))]
+
+
+def _dropped(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the dropped elements zeroed (a copy; ``x`` may be shared with sibling layers)."""
+    if positions is None:
+        return x
+    out = x.clone(memory_format=torch.contiguous_format)
+    out.view(-1).index_fill_(0, positions, 0)
+    return out
+
+
+def _positions(numel: int, p: float, seed: int | None) -> torch.Tensor | None:
+    return None if seed is None else drop_positions(numel, p, torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------- fused LoRA
+
+
+class _SharedCast:
+    """The last ``x -> x.to(dtype)`` cast, reused while ``x`` is the same, unmodified tensor.
+
+    q/k/v (and gate/up) read the same hidden states; one cast instead of three also means one
+    saved copy for backward instead of three.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref, int, torch.dtype, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        entry = self._entry
+        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == dtype:
+            return entry[3]
+        cast = x.to(dtype)
+        self._entry = (weakref.ref(x), x._version, dtype, cast)
+        return cast
+
+
+_CAST = _SharedCast()
+
+
+@dataclass
+class _Base:
+    """How to get a frozen base layer's weight in a compute dtype, without keeping that copy."""
+
+    layer: torch.nn.Module
+    absmax: torch.Tensor | None = None
+    """fp32 per-block scales of a 4-bit weight (double quantization decoded once)."""
+
+    @property
+    def is_4bit(self) -> bool:
+        return hasattr(self.layer.weight, "quant_state")
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.layer.weight
+        if not self.is_4bit:
+            return w.to(dtype)
+        state = w.quant_state
+        if self.absmax is None:
+            if state.nested:
+                import bitsandbytes.functional as bnbf
+
+                self.absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            else:
+                self.absmax = state.absmax.float()
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            w.data.view(torch.uint8), self.absmax, state.blocksize, state.quant_type, state.shape, dtype
+        )
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """``base(x) + scale * B(A(dropped(x)))`` with ``scale = scaling / (1 - p)``, dropout positions from ``seed``.
+
+    Saved for backward: ``x`` in the LoRA compute dtype (shared with sibling layers), ``A x``, the
+    factors in the compute dtype and the dropped positions (int32, ``p`` of the input's size).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: _Base, scale: float, p: float,
+        seed: int | None, dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+    ) -> torch.Tensor:
+        base_dtype, lora_dtype, out_dtype = dtypes
+        bias = base.layer.bias
+        out = F.linear(_CAST(x, base_dtype), base.weight(base_dtype), None if bias is None else bias.to(base_dtype))
+        xl, al, bl = _CAST(x, lora_dtype), a.to(lora_dtype), b.to(lora_dtype)
+        positions = _positions(x.numel(), p, seed)
+        h = F.linear(_dropped(xl, positions), al)
+        low = F.linear(h, bl).mul_(scale)
+        ctx.save_for_backward(xl, h, al, bl, None if positions is None else positions.int())
+        ctx.base, ctx.scale, ctx.dtypes, ctx.x_dtype = base, scale, dtypes, x.dtype
+        ctx.param_dtypes = (a.dtype, b.dtype)
+        return out.to(out_dtype).add_(low)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xl, h, al, bl, positions = ctx.saved_tensors
+        base_dtype, lora_dtype, _ = ctx.dtypes
+        a_dtype, b_dtype = ctx.param_dtypes
+        positions = None if positions is None else positions.long()
+        grad_base = grad.to(base_dtype)
+        g = (grad_base if lora_dtype == base_dtype else grad.to(lora_dtype)) * ctx.scale
+        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_b = g.flatten(0, -2).t().mm(h.flatten(0, -2)).to(b_dtype) if need_b else None
+        gh = g.matmul(bl)
+        grad_a = gh.flatten(0, -2).t().mm(_dropped(xl, positions).flatten(0, -2)).to(a_dtype) if need_a else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_low = gh.matmul(al)
+            if positions is not None:
+                grad_low.view(-1).index_fill_(0, positions, 0)
+            grad_x = grad_base.matmul(ctx.base.weight(base_dtype)).to(ctx.x_dtype).add_(grad_low)
+        return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _lora_classes() -> tuple[type, ...]:
+    """PEFT's plain LoRA layers (AdaLoRA and the other subclasses compute something else)."""
+    from peft.tuners.lora import layer
+
+    classes: list[type] = [layer.Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        classes.append(Linear4bit)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _fusable(layer: torch.nn.Module) -> bool:
+    """A LoRA layer on a plain or 4-bit linear base, with vanilla adapters (no DoRA, bias or variant)."""
+    if type(layer) not in _lora_classes():
+        return False
+    base = layer.get_base_layer()
+    four_bit = hasattr(getattr(base, "weight", None), "quant_state")
+    if not (four_bit or type(base) is torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return False
+    return not layer.lora_variant and not any(getattr(layer, "lora_bias", {}).values())
+
+
+def _compute_dtypes(layer: torch.nn.Module, base: _Base, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(base matmul, LoRA matmul, output) dtypes: exactly those PEFT's layer ends up with."""
+    a_dtype = next(iter(layer.lora_A.values())).weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        auto = torch.get_autocast_dtype(x.device.type)
+        return auto, auto, x.dtype if base.is_4bit else auto
+    if base.is_4bit:
+        return base.layer.compute_dtype or x.dtype, a_dtype, x.dtype
+    return x.dtype, a_dtype, x.dtype
+
+
+def _fused_forward(layer: torch.nn.Module, original: Any, base: _Base, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = [n for n in layer.active_adapters if n in layer.lora_A]
+    if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or layer.lora_variant:
+        return original(x, *args, **kwargs)
+    name = active[0]
+    dropout = layer.lora_dropout[name]
+    p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+    seed = int(torch.randint(0, 2**62, (1,))) if p > 0 else None
+    scale = float(layer.scaling[name]) / (1 - p)
+    return _LoraLinearFn.apply(
+        x, layer.lora_A[name].weight, layer.lora_B[name].weight, base, scale, p, seed, _compute_dtypes(layer, base, x)
+    )
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Route every fusable LoRA layer through :class:`_LoraLinearFn`; returns how many were fused.
+
+    Anything the fused function does not cover (several active adapters, merged or disabled
+    adapters, extra forward arguments) still goes through PEFT's own forward, call by call.
+    """
+    count = 0
+    for module in model.modules():
+        if _fusable(module) and not hasattr(module, "_tuneguard_fused"):
+            base = _Base(module.get_base_layer())
+            module.forward = functools.partial(_fused_forward, module, module.forward, base)
+            module._tuneguard_fused = True
+            count += 1
+    return count
+
+
+class _GatedProduct(torch.autograd.Function):
+    """``act(gate) * up`` (a gated MLP's middle), keeping ``gate`` and ``up`` for backward in the compute dtype.
+
+    The forward is computed exactly as before, in the inputs' dtype. Under bf16 autocast the
+    gradients that come out of here are cast to bf16 by the next matmul anyway, so reading bf16
+    copies of ``gate`` and ``up`` (instead of keeping fp32 ``gate``, ``act(gate)`` and ``up``) changes
+    them only within that rounding, and saves 10 of 12 bytes per intermediate value per token.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: torch.nn.Module, keep_dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate.to(keep_dtype), up.to(keep_dtype))
+        ctx.act, ctx.dtypes = act, (gate.dtype, up.dtype)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate_kept, up_kept = ctx.saved_tensors
+        gate_dtype, up_dtype = ctx.dtypes
+        with torch.enable_grad():
+            gate = gate_kept.to(gate_dtype).requires_grad_()
+            activated = ctx.act(gate)
+            (grad_gate,) = torch.autograd.grad(activated, gate, grad * up_kept.to(up_dtype))
+        return grad_gate, (grad * activated.detach()).to(up_dtype), None, None
+
+
+def _gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+    auto = torch.is_autocast_enabled(x.device.type)
+    keep_dtype = torch.get_autocast_dtype(x.device.type) if auto else gate.dtype
+    return mlp.down_proj(_GatedProduct.apply(gate, up, mlp.act_fn, keep_dtype))
+
+
+def _is_gated_mlp(module: torch.nn.Module) -> bool:
+    """``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2, ...), checked on a small input, not by name."""
+    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    n_in = getattr(module.gate_proj, "in_features", None)
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if n_in is None or weight is None:
+        return False
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(1, 3, n_in, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+            return torch.equal(module(x), _gated_mlp_forward(module, x))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    finally:
+        module.train(was_training)
+
+
+def fuse_gated_mlps(model: torch.nn.Module) -> int:
+    """Route gated MLPs through :class:`_GatedProduct`; returns how many."""
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "_tuneguard_fused") and _is_gated_mlp(module):
+            module.forward = functools.partial(_gated_mlp_forward, module)
+            module._tuneguard_fused = True
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------- bnb and memory
+
+
+def keep_bnb_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its inference-only layout (and undo it)."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            count += 1
+    return count
+
+
+def _file_backed(t: torch.Tensor) -> bool:
+    """Whether the tensor's memory is a view of an mmapped file (safetensors loads frozen weights so)."""
+    try:
+        return t.untyped_storage().filename is not None or not t.untyped_storage().resizable()
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def release_file_backed_weights(model: torch.nn.Module) -> int:
+    """Copy weights that still point into the loaded checkpoint file into ordinary memory (bytes copied)."""
+    copied = 0
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel() and _file_backed(tensor):
+                tensor.data = tensor.data.clone()
+                copied += tensor.numel() * tensor.element_size()
+    gc.collect()  # the loader's reference cycles still hold the file's storages
+    _trim_heap()
+    return copied
+
+
+def _trim_heap() -> None:
+    """Give memory the allocator holds but nothing uses back to the OS (glibc keeps freed heap pages)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def memory_budget_mb() -> float:
+    """``TUNEGUARD_MEMORY_BUDGET_MB`` or, by default, this process's memory plus what is available now."""
+    value = os.environ.get(ENV_BUDGET)
+    if value:
+        return float(value)
+    return (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / 2**20
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks transformers can checkpoint one by one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_layers(model: torch.nn.Module, n: int) -> int:
+    """Checkpoint the lowest ``n`` decoder layers; returns how many.
+
+    The lowest ones: backward reaches them last, when the kept layers above have already freed
+    their activations, so recomputing one adds nothing to the peak.
+    """
+    layers = decoder_layers(model)[: max(n, 0)]
+    func = functools.partial(checkpoint, use_reentrant=False)
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = func
+    return len(layers)
+
+
+def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float) -> int:
+    """The fewest decoder layers to checkpoint for the fast path's predicted peak to fit ``budget_mb``."""
+    from tuneguard.bench.estimate import estimate_model
+
+    n_layers = len(decoder_layers(model))
+    for k in range(n_layers + 1):
+        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k).peak_mb <= budget_mb:
+            return k
+    return n_layers
+
+
+# ---------------------------------------------------------------------------------------- entry
+
+
+def prepare_for_training(
+    model: torch.nn.Module, recipe: Recipe, device: torch.device, *, enabled: bool | None = None
+) -> torch.nn.Module:
     """Apply the optimizations that are exact for this model and device; returns the model to train."""
+    keep_bnb_trainable(model)
+    if not fastpath_enabled(enabled):
+        return model
+    if device.type == "cpu":
+        release_file_backed_weights(model)
+    fuse_lora_layers(model)
+    fuse_gated_mlps(model)
+    if not recipe.train.gradient_checkpointing:
+        checkpoint_layers(model, checkpoint_plan(model, recipe, memory_budget_mb()))
     return model

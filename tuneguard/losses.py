@@ -3,42 +3,105 @@
 Summed, not averaged: the train loop divides by the targets of the whole accumulation window (and
 of every process), so the gradient is the true per-token mean however the tokens fall in batches.
 
-The causal-LM loss only projects hidden states to the vocabulary where there is a target, in
-chunks, so the full fp32 ``batch x seq x vocab`` logits are never materialized (49k-entry vocabularies
-make them the largest tensor of a small model's step).
+The causal-LM loss only projects hidden states to the vocabulary where there is a target, a few
+hundred rows at a time, so the full fp32 ``batch x seq x vocab`` logits are never materialized
+(49k-entry vocabularies make them the largest tensor of a small model's step), and computes the
+loss's gradient in the same pass (see :class:`_ChunkedCrossEntropy`).
 """
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from torch.utils.checkpoint import checkpoint
 
 from tuneguard.data.examples import IGNORE
 
-CHUNK = 1024
+CHUNK_BYTES = 16 * 2**20
+"""fp32 logits per chunk: small enough to stay out of the peak, large enough for efficient matmuls."""
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+def chunk_rows(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` computes in here, autocast included."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+_LAST_CAST: list[tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = []
+
+
+def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, kept while the weight is unchanged: the head is cast once per run, not per step.
+
+    The copy would be alive at the loss anyway (that is where the peak is), so keeping it costs no peak memory.
+    """
+    if weight.dtype == dtype:
+        return weight
+    if _LAST_CAST:
+        ref, version, cached_dtype, cast = _LAST_CAST[0]
+        if ref() is weight and version == weight._version and cached_dtype == dtype:
+            return cast
+    cast = weight.detach().to(dtype)
+    _LAST_CAST[:] = [(weakref.ref(weight), weight._version, dtype, cast)]
+    return cast
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time.
+
+    The same arithmetic as ``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")``:
+    the projection in the autocast (or input) dtype; max-shifted log-sum-exp, softmax and loss in fp32,
+    in place in the chunk's logits. The loss is the last node of the graph, so its gradient is fixed
+    up to the incoming scalar: it is computed here from the same softmax, and backward only scales it.
+    The logits are never recomputed and no chunk outlives its loop iteration.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        w = _cast_weight(weight, dtype)
+        rows = chunk_rows(weight.shape[0])
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start : start + rows].to(dtype)
+            t = targets[start : start + rows, None]
+            logits = F.linear(h, w).float()
+            picked = logits.gather(1, t)
+            shift = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True)
+            total += (shift + sums.log() - picked).sum()
+            if want_h or want_w:
+                # d loss / d logits = softmax - one_hot, built in place in the logits.
+                probs = logits.div_(sums)
+                probs.scatter_add_(1, t, torch.full_like(picked, -1.0))
+                g = probs.to(dtype)
+                del logits, probs
+                if grad_h is not None:
+                    grad_h[start : start + rows] = g.mm(w)
+                if grad_w is not None:
+                    grad_w.add_(g.t().mm(h))
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad), (None if grad_w is None else grad_w * grad), None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of cross-entropy over rows of ``hidden`` (N x d) against ``targets`` (N), chunk by chunk.
-
-    Each chunk's logits are recomputed in backward (checkpointing), so at most one chunk of logits
-    is alive at a time.
-    """
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], CHUNK):
-        h, t = hidden[start : start + CHUNK], targets[start : start + CHUNK]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_ce, h, weight, t, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(h, weight, t)
-    return total
+    """Sum of cross-entropy over rows of ``hidden`` (N x d) against ``targets`` (N), chunk by chunk."""
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, _matmul_dtype(hidden, weight))
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:

@@ -1,0 +1,129 @@
+"""The bench harness: its arithmetic, comparisons, estimator and one real isolated run per runner kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tuneguard.bench import measure, reference
+from tuneguard.bench.estimate import AdapterShape, ModelShape, estimate, estimate_recipe
+from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
+from tuneguard.bench.tables import train_summary
+from tuneguard.cli import build_parser
+from tuneguard.recipe import load_recipe
+
+
+def test_throughput_leaves_out_warmup_and_counts_exact_tokens() -> None:
+    out = measure.throughput([100, 100, 50, 50], [10.0, 1.0, 1.0, 0.5], warmup=1)
+    assert out["tokens_per_s"] == round(200 / 2.5, 2) and out["measured_tokens"] == 200 and out["measured_steps"] == 3
+    with pytest.raises(Exception, match="warm-up"):
+        measure.throughput([1], [1.0], warmup=1)
+
+
+def result(runner: str, tokens: float, peak: float, **spec: object) -> dict:
+    base = {"kind": "train", "runner": runner, "quant": "nf4", "adapter": "lora", "batch": 2, "seq": 512, **spec}
+    return {"spec": base, "tokens_per_s": tokens, "peak_memory_mb": peak}
+
+
+def test_compare_flags_only_regressions() -> None:
+    old = [result("tuneguard", 300, 2000), result("trainer", 200, 5000)]
+    new = [result("tuneguard", 250, 2000), result("trainer", 230, 6000), result("sft", 1, 1)]
+    changes = {(c.config.split()[1], c.metric): c for c in measure.compare_results(new, old, tolerance=0.1)}
+    assert changes[("runner=tuneguard", "tokens_per_s")].regressed
+    assert not changes[("runner=tuneguard", "peak_memory_mb")].regressed
+    assert not changes[("runner=trainer", "tokens_per_s")].regressed  # faster is not a regression
+    assert changes[("runner=trainer", "peak_memory_mb")].regressed
+    assert not any("sft" in c.config for c in changes.values())  # nothing to compare with
+
+
+def test_train_summary_ratios_and_targets() -> None:
+    summary = train_summary([result("tuneguard", 400, 2000), result("trainer", 250, 5000), result("sft", 100, 3000)])
+    row = summary[0]
+    assert row["trainer_tokens_ratio"] == 1.6 and row["trainer_peak_ratio"] == 0.4 and row["meets_targets"]
+    assert row["sft_tokens_ratio"] == 4.0
+    assert not train_summary([result("tuneguard", 300, 2000), result("trainer", 250, 5000)])[0]["meets_targets"]
+
+
+def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing(tiny_llama_dir: Path) -> None:
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
+    assert shape.linear_params == linear
+    adapter = AdapterShape(10_000, rank=8, per_layer=7, dropout=0.05, fused=True)
+
+    def peak(**kw: object) -> float:
+        args = {"quant": "nf4", "batch": 8, "seq": 1024, "fastpath": True, **kw}
+        return estimate(shape, adapter, **args).peak_mb
+
+    assert peak(seq=2048) > peak() > peak(seq=512)
+    assert peak(fastpath=False) > peak()
+    assert peak(checkpointed_layers=1) < peak()
+    assert peak(quant="none", device_type="cuda") < peak(quant="none")  # no runtime RSS on CUDA
+
+
+def test_estimate_recipe_builds_the_adapter_on_meta(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "r.yaml").write_text(
+        f"model: {{source: {tiny_llama_dir}}}\nquantization: {{method: nf4}}\n"
+        "data: {kind: text, train: t.jsonl, max_length: 64}\ntrain: {batch_size: 2}\n"
+    )
+    est = estimate_recipe(load_recipe(tmp_path / "r.yaml"))
+    assert est.inputs["trainable_params"] > 0 and est.peak_mb == pytest.approx(sum(est.parts.values()), abs=0.5)
+
+
+def test_bench_rows_are_exactly_seq_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    spec = {**reference.TRAIN_DEFAULTS, "model": str(tiny_llama_dir), "seq": 48, "batch": 2, "steps": 3,
+            "workdir": str(tmp_path)}
+    recipe, tokenizer = reference.bench_recipe(spec)
+    ids, labels = reference._rows(recipe, tokenizer)
+    assert len(ids) == 6 and all(len(r) == 48 for r in ids) and all(len(r) == 48 for r in labels)
+
+
+def test_adapter_overrides_and_matrix_row(tmp_path: Path) -> None:
+    assert "adapter.use_dora=true" in adapter_overrides("dora") and "adapter.method=\"lora\"" in adapter_overrides("dora")
+    with pytest.raises(Exception, match="unknown"):
+        adapter_overrides("nope")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 2**20)
+    (tmp_path / "run.json").write_text(json.dumps({"peak_memory_mb": 1500, "tokens_per_s": 300, "trainable_params": 5}))
+    general = [
+        {"task": "arc", "delta": -0.02, "base": 0.5, "higher_is_better": True, "aggregate": "mean"},
+        {"task": "wikitext", "delta": 0.5, "base": 20.0, "higher_is_better": False, "aggregate": "perplexity"},
+    ]
+    task = [{"task": "sst2", "metric": "acc", "base": 0.6, "tuned": 0.9, "delta": 0.3}]
+    (tmp_path / "report.json").write_text(json.dumps({"task": task, "general": general}))
+    row = matrix_row("lora", tmp_path)
+    assert row["task_after"] == 0.9 and row["adapter_mb"] == 1.0 and row["general_worst_task"] == "wikitext"
+    assert regression_points(general[1]) == pytest.approx(2.5)
+
+
+def test_score_agreement() -> None:
+    a = {"tasks": {"t": {"choices": [0, 1], "logprobs": [-1.0, -2.0]}}, "generations": ["x", "y"]}
+    b = {"tasks": {"t": {"choices": [0, 1], "logprobs": [-1.001, -2.0]}}, "generations": ["x", "z"]}
+    out = reference.score_agreement(a, b)
+    assert out["identical_choices"] and out["max_logprob_gap"] == pytest.approx(0.001) and out["same_generation"] == 1
+
+
+def test_cli_parses_the_bench_verbs() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["bench", "train", "--quant", "nf4", "none", "--adapter", "lora", "dora", "--seq-len", "256", "512"])
+    assert args.quant == ["nf4", "none"] and args.seq_len == [256, 512] and args.runners == ["tuneguard", "trainer", "sft"]
+    assert parser.parse_args(["bench", "eval", "--tasks", "general-small"]).tasks == ["general-small"]
+    assert parser.parse_args(["bench", "matrix", "r.yaml", "--adapter", "lora", "ia3"]).adapter == ["lora", "ia3"]
+    assert parser.parse_args(["bench", "estimate", "r.yaml", "train.batch_size=2"]).overrides == ["train.batch_size=2"]
+
+
+@pytest.mark.parametrize("runner", ["tuneguard", "trainer"])
+def test_isolated_training_run(tiny_llama_dir: Path, runner: str) -> None:
+    spec = {"kind": "train", "runner": runner, "model": str(tiny_llama_dir), "quant": "none", "seq": 32, "batch": 2,
+            "steps": 3, "warmup": 1, "r": 4, "alpha": 8}
+    out = measure.run_isolated(spec, timeout=300)
+    assert "error" not in out, out.get("error")
+    assert out["tokens_per_s"] > 0 and out["measured_tokens"] == 2 * 2 * 32 and out["peak_memory_mb"] > 100
+    assert out["trainable_params"] > 0 and out["environment"]["versions"]["torch"] == torch.__version__
+    if runner == "tuneguard":
+        assert out["adapter_mb"] > 0 and out["predicted_peak_mb"] > 0

@@ -1,0 +1,233 @@
+"""The training fast path computes what the plain path computes: same loss, gradients, dropout law."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import tuneguard.fastpath as fastpath
+import tuneguard.losses as losses
+from tuneguard.bench.estimate import estimate_model
+from tuneguard.losses import CausalLMLoss, chunked_lm_loss
+from tuneguard.recipe import validate
+
+IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+POS = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)  # two packed documents per row
+
+
+def nf4_lora(model_dir: Path, dropout: float = 0.0, compute: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The tiny Llama in 4-bit with LoRA on every linear layer (B random, so every path matters)."""
+    torch.manual_seed(0)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, config)
+    fastpath.keep_bnb_trainable(model)
+    return model.train()
+
+
+def loss_and_grads(model: torch.nn.Module, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = CausalLMLoss(model)(input_ids=IDS, position_ids=POS, labels=IDS)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)) for k in a)
+
+
+def recipe(batch: int = 2, seq: int = 24):
+    return validate({"data": {"kind": "text", "train": "x.jsonl", "max_length": seq}, "train": {"batch_size": batch}}, "t")
+
+
+def test_fused_lora_is_exact_under_bf16_autocast(tiny_llama_dir: Path) -> None:
+    plain = nf4_lora(tiny_llama_dir)
+    fused = nf4_lora(tiny_llama_dir)
+    assert fastpath.fuse_lora_layers(fused) == 14  # 2 layers x 7 projections
+    loss_a, grads_a = loss_and_grads(plain, autocast=True)
+    loss_b, grads_b = loss_and_grads(fused, autocast=True)
+    assert loss_a == loss_b
+    assert rel_err(grads_a, grads_b) < 1e-6
+
+
+def test_fast_path_matches_plain_path_in_fp32(tiny_llama_dir: Path) -> None:
+    plain = nf4_lora(tiny_llama_dir, compute=torch.float32)
+    fast = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir, compute=torch.float32), recipe(), torch.device("cpu"))
+    loss_a, grads_a = loss_and_grads(plain, autocast=False)
+    loss_b, grads_b = loss_and_grads(fast, autocast=False)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert rel_err(grads_a, grads_b) < 1e-5
+
+
+def test_fast_path_gradients_stay_within_bf16_rounding(tiny_llama_dir: Path) -> None:
+    """Under bf16 autocast the gated MLP keeps bf16 copies for backward: same loss, gradients within bf16 noise."""
+    plain = nf4_lora(tiny_llama_dir)
+    fast = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir), recipe(), torch.device("cpu"))
+    exact = nf4_lora(tiny_llama_dir, compute=torch.float32)
+    loss_a, grads_a = loss_and_grads(plain, autocast=True)
+    loss_b, grads_b = loss_and_grads(fast, autocast=True)
+    _, grads_fp32 = loss_and_grads(exact, autocast=False)
+    assert loss_a == loss_b
+    plain_error, fast_error = rel_err(grads_fp32, grads_a), rel_err(grads_fp32, grads_b)
+    assert rel_err(grads_a, grads_b) < 0.5 * plain_error  # smaller than bf16's own deviation from fp32
+    assert fast_error < 1.1 * plain_error  # and no further from the fp32 gradients than the plain path
+
+
+class FixedDropout(torch.nn.Module):
+    """PEFT's dropout with a given set of dropped positions (what ``nn.Dropout`` computes for that mask)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(x.numel(), dtype=x.dtype)
+        keep[fixed_positions(x.numel(), self.p)] = 0
+        return x * keep.view(x.shape) / (1 - self.p)
+
+
+def fixed_positions(numel: int, p: float) -> torch.Tensor:
+    """The same dropped positions for every layer with this many inputs."""
+    return fastpath.drop_positions(numel, p, torch.Generator().manual_seed(numel))
+
+
+def test_same_dropout_mask_gives_same_loss_and_gradients(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = nf4_lora(tiny_llama_dir, dropout=0.3, compute=torch.float32)
+    for module in plain.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = FixedDropout(0.3)
+    fused = nf4_lora(tiny_llama_dir, dropout=0.3, compute=torch.float32)
+    fastpath.fuse_lora_layers(fused)
+    monkeypatch.setattr(fastpath, "_positions", lambda numel, p, seed: None if seed is None else fixed_positions(numel, p))
+    loss_a, grads_a = loss_and_grads(plain, autocast=False)
+    loss_b, grads_b = loss_and_grads(fused, autocast=False)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert rel_err(grads_a, grads_b) < 1e-5
+
+
+def test_dropout_positions_follow_the_bernoulli_law() -> None:
+    n, p = 2_000_000, 0.05
+    positions = fastpath.drop_positions(n, p, torch.Generator().manual_seed(1))
+    assert torch.all(positions[1:] > positions[:-1]) and int(positions[0]) >= 0 and int(positions[-1]) < n
+    # P(dropped) = p: within 5 standard deviations of n draws.
+    assert abs(positions.numel() / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # Independence: neighbours are both dropped with probability p^2, and gaps are Geometric(p).
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    both = float((dropped[1:] & dropped[:-1]).double().mean())
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / n)
+    gaps = torch.diff(positions) - 1
+    for k in range(4):
+        expected = (1 - p) ** k * p
+        assert abs(float((gaps == k).double().mean()) - expected) < 5 * math.sqrt(expected / gaps.numel())
+    # A seed gives the same positions (backward redraws them); another seed gives others.
+    again = fastpath.drop_positions(n, p, torch.Generator().manual_seed(1))
+    assert torch.equal(positions, again)
+    assert not torch.equal(positions[:100], fastpath.drop_positions(n, p, torch.Generator().manual_seed(2))[:100])
+    assert fastpath.drop_positions(n, 0.0).numel() == 0
+    with pytest.raises(ValueError):
+        fastpath.drop_positions(n, 1.0)
+
+
+def test_fused_dropout_drops_at_the_rate_of_peft(tiny_llama_dir: Path) -> None:
+    """End to end: each fused layer's input loses a fraction p of its elements, independently per layer."""
+    fused = nf4_lora(tiny_llama_dir, dropout=0.5)
+    fastpath.fuse_lora_layers(fused)
+    calls: list[int] = []
+    original = fastpath.drop_positions
+
+    def spy(numel: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = original(numel, p, generator)
+        calls.append(out.numel() / numel)
+        return out
+
+    fastpath.drop_positions = spy
+    try:
+        loss_and_grads(fused, autocast=True)
+    finally:
+        fastpath.drop_positions = original
+    assert len(calls) == 14  # once per fused layer: backward reuses the positions
+    assert abs(sum(calls) / len(calls) - 0.5) < 0.05
+
+
+def test_eval_pass_keeps_gradients_right(tiny_llama_dir: Path) -> None:
+    """bitsandbytes repacks 4-bit weights on an eval pass; its kernel has no backward. Training must not notice."""
+    model = nf4_lora(tiny_llama_dir)
+    _, before = loss_and_grads(model, autocast=True)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    fastpath.keep_bnb_trainable(model)
+    model.train()
+    _, after = loss_and_grads(model, autocast=True)
+    assert rel_err(before, after) < 1e-6
+
+
+def test_checkpointing_by_budget(tiny_llama_dir: Path) -> None:
+    model = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir, dropout=0.2), recipe(), torch.device("cpu"))
+    big = recipe(batch=64, seq=2048)
+    assert fastpath.checkpoint_plan(model, big, budget_mb=1e9) == 0
+    assert fastpath.checkpoint_plan(model, big, budget_mb=1.0) == 2
+    full = estimate_model(model, big, fastpath=True).peak_mb
+    none_kept = estimate_model(model, big, fastpath=True, checkpointed_layers=2).peak_mb
+    assert none_kept < full
+    assert fastpath.checkpoint_plan(model, big, budget_mb=(full + none_kept) / 2) == 1
+
+
+def test_checkpointed_layers_replay_the_same_dropout(tiny_llama_dir: Path) -> None:
+    def run(checkpointed: int) -> tuple[float, dict[str, torch.Tensor]]:
+        model = nf4_lora(tiny_llama_dir, dropout=0.3)
+        fastpath.fuse_lora_layers(model)
+        fastpath.fuse_gated_mlps(model)
+        assert fastpath.checkpoint_layers(model, checkpointed) == checkpointed
+        torch.manual_seed(5)
+        return loss_and_grads(model, autocast=True)
+
+    loss_a, grads_a = run(0)
+    loss_b, grads_b = run(2)
+    assert loss_a == loss_b
+    assert rel_err(grads_a, grads_b) < 1e-6
+
+
+def test_switched_off_by_env(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fastpath.ENV_FLAG, "0")
+    model = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir), recipe(), torch.device("cpu"))
+    assert not any(hasattr(m, "_tuneguard_fused") for m in model.modules())
+    assert fastpath.fastpath_enabled(True) and not fastpath.fastpath_enabled()
+
+
+def test_file_backed_weights_are_released(tiny_llama_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(fastpath._file_backed(p) for p in model.parameters())
+    assert fastpath.release_file_backed_weights(model) > 0
+    assert not any(fastpath._file_backed(p) for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_cross_entropy_matches_full_logits(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 500 * 64)  # 64 rows per chunk: several chunks
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=gen, requires_grad=True)
+    weight = torch.randn(500, 32, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 500, (300,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+        got = chunked_lm_loss(hidden, weight, targets)
+    gh_a, gw_a = torch.autograd.grad(expected * 0.5, (hidden, weight))
+    gh_b, gw_b = torch.autograd.grad(got * 0.5, (hidden, weight))
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert float((gh_a - gh_b).norm() / gh_a.norm()) < (1e-5 if not autocast else 1e-3)
+    assert float((gw_a - gw_b).norm() / gw_a.norm()) < (1e-5 if not autocast else 1e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert float(chunked_lm_loss(hidden, weight, targets)) == float(got.detach())  # no gradient work, same loss

@@ -1,0 +1,210 @@
+"""Predict the peak memory of a training recipe before loading anything heavy.
+
+Peak = runtime (imported libraries; CPU only) + frozen weights at their bit width (+ the mmapped
+checkpoint file while it stays mapped: the fast path releases it) + adapter weights, gradients and
+AdamW state + the activations kept for backward (per layer and token, from the config's shapes and
+which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x the allocator's
+fragmentation + the largest transient at the loss (one chunk of logits and the head in bf16).
+The bench prints the prediction next to the measured peak, so the model stays honest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneguard.losses import CHUNK_BYTES
+from tuneguard.recipe import Recipe
+
+MB = 2**20
+RUNTIME_MB_CPU = 500.0
+"""RSS of a process that has imported torch, transformers, peft, accelerate and bitsandbytes (CPU)."""
+FRAGMENTATION = 1.75
+"""Measured peak RSS / live bytes for activations: glibc keeps freed transients between long-lived tensors."""
+BITS = {"none": None, "nf4": 4, "fp4": 4, "int8": 8}
+ADAM_BYTES = 16
+"""Per trainable parameter: fp32 weight, gradient and AdamW's two moments."""
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs from a decoder config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    linear_params: int
+    """Parameters of the decoder layers' linear projections (the ones that get quantized)."""
+    other_params: int
+    """Embeddings, norms, an untied head: kept in floating point."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        h = config.hidden_size
+        f = getattr(config, "intermediate_size", None) or 4 * h
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        n = config.num_hidden_layers
+        per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * f
+        embed = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+        return cls(h, f, n, heads, kv, config.vocab_size, per_layer * n, embed + n * 2 * h + h)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+
+@dataclass
+class AdapterShape:
+    trainable_params: int
+    rank: int = 0
+    per_layer: int = 0
+    """Adapted linear layers per decoder layer."""
+    dropout: float = 0.0
+    fused: bool = False
+    """LoRA layers the fast path fuses (plain LoRA / rsLoRA, not DoRA or other methods)."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak and its parts, in MB."""
+
+    peak_mb: float
+    parts: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def activation_bytes_per_token(shape: ModelShape, adapter: AdapterShape, *, quantized: bool, fastpath: bool) -> float:
+    """Bytes one decoder layer keeps for backward, per token.
+
+    The residual stream is fp32 on a quantized backbone (bitsandbytes casts outputs back to the
+    input's dtype) and bf16 otherwise; matmuls and attention run in bf16.
+    """
+    h, f, kv, r = shape.hidden, shape.intermediate, shape.kv_dim, adapter.rank
+    stream = 4 if quantized else 2
+    norms = 2 * h * stream
+    attention = 2 * (2 * h + 2 * kv)  # q, k, v and the output
+    mlp = 2 * 2 * f if fastpath else 3 * f * stream  # fast: bf16 gate and up; else the activation's input, output, up
+    widths = [h] * max(adapter.per_layer - 1, 0) + [f] * min(adapter.per_layer, 1)
+    if fastpath and adapter.fused:
+        # One bf16 copy per distinct input, A x, and the int32 positions dropout zeroed.
+        adapters = 2 * (3 * h + f) + 2 * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
+    else:
+        # PEFT: per layer, the fp32 dropout noise and the bf16 copy of the dropped input, and A x.
+        adapters = sum((4 * w if adapter.dropout > 0 else 0) + 2 * w + 2 * r for w in widths)
+    return norms + attention + mlp + adapters
+
+
+def estimate(
+    shape: ModelShape, adapter: AdapterShape, *, quant: str, batch: int, seq: int, fastpath: bool,
+    checkpointed_layers: int = 0, device_type: str = "cpu", weights_file_mb: float = 0.0,
+) -> MemoryEstimate:
+    """Peak memory of one training process for these shapes and settings."""
+    bits = BITS[quant]
+    quantized = bits is not None
+    tokens = batch * seq
+    float_bytes = 4 if quantized else 2  # quantized backbones keep their other weights in fp32
+    weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
+    per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath)
+    kept = shape.layers - checkpointed_layers
+    stream = 4 if quantized else 2
+    activations = tokens * (kept * per_token + checkpointed_layers * shape.hidden * stream)
+    if checkpointed_layers == shape.layers:
+        activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
+    rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
+    logits = rows * shape.vocab * 8 + shape.vocab * shape.hidden * 2 + tokens * shape.hidden * 4
+    cpu = device_type == "cpu"
+    parts = {
+        "runtime": RUNTIME_MB_CPU if cpu else 0.0,
+        "weights": weights / MB,
+        "weights_file_mapping": weights_file_mb if cpu and not fastpath else 0.0,
+        "adapter_and_optimizer": adapter.trainable_params * ADAM_BYTES / MB,
+        "activations": activations * (FRAGMENTATION if cpu else 1.0) / MB,
+        "logits": logits / MB,
+    }
+    inputs = {"quant": quant, "batch": batch, "seq": seq, "fastpath": fastpath, "checkpointed_layers": checkpointed_layers,
+              "trainable_params": adapter.trainable_params, "device": device_type}
+    return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 1) for k, v in parts.items()}, inputs)
+
+
+def adapter_shape(model: torch.nn.Module) -> AdapterShape:
+    """Rank, adapted layers per decoder layer, dropout and fusability of a PEFT model's adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tuneguard.fastpath import _fusable
+
+    ranks: list[int] = []
+    per_layer: dict[str, int] = {}
+    dropout, fused = 0.0, False
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        layer = name.split(".layers.")[-1].split(".")[0] if ".layers." in name else ""
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+        ranks.extend(v for v in getattr(module, "r", {}).values() if isinstance(v, int))
+        drops = [getattr(d, "p", 0.0) for d in getattr(module, "lora_dropout", {}).values()]
+        dropout = max([dropout, *drops, *getattr(module, "module_dropout", {}).values()])
+        fused = fused or _fusable(module)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return AdapterShape(trainable, max(ranks, default=0), max(per_layer.values(), default=0), dropout, fused)
+
+
+def estimate_model(
+    model: torch.nn.Module, recipe: Recipe, *, fastpath: bool, checkpointed_layers: int = 0,
+    device_type: str | None = None, weights_file_mb: float = 0.0,
+) -> MemoryEstimate:
+    """The estimate for an adapter model built from ``recipe`` (real or on the meta device)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = device_type or next(model.parameters()).device.type
+    return estimate(
+        ModelShape.from_config(base.config), adapter_shape(model), quant=recipe.quantization.method,
+        batch=recipe.train.batch_size, seq=recipe.data.max_length, fastpath=fastpath,
+        checkpointed_layers=checkpointed_layers, device_type=device, weights_file_mb=weights_file_mb,
+    )
+
+
+def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int = 0) -> MemoryEstimate:
+    """The estimate from the recipe alone: the config is read and the adapter built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneguard.adapters.methods import apply_adapter
+    from tuneguard.backbones import load_config, resolve_source
+
+    source, is_hub = resolve_source(recipe.model)
+    config = load_config(source, recipe.model, is_hub)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = apply_adapter(model, recipe.adapter, is_encoder=False, total_steps=100)
+    quantized = recipe.quantization.method != "none"
+    weights_file = sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) / MB if quantized and not is_hub else 0.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return estimate_model(model, recipe, fastpath=fastpath, checkpointed_layers=checkpointed_layers, device_type=device,
+                          weights_file_mb=weights_file)
+
+
+def measure_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict[str, Any]:
+    """Train ``steps`` steps of the recipe in a fresh process (no evaluation); its run.json's peak and speed."""
+    with tempfile.TemporaryDirectory(prefix="tuneguard-estimate-") as tmp:
+        cmd = [sys.executable, "-m", "tuneguard.cli", "train", str(recipe_path), *overrides, f"train.max_steps={steps}",
+               "train.save_every=null", "train.eval_every=null", f"output.dir={tmp}/{{name}}", "output.name=measure",
+               "--no-eval"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        run_json = Path(tmp) / "measure" / "run.json"
+        if proc.returncode != 0 or not run_json.exists():
+            return {"error": "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}
+        run = json.loads(run_json.read_text())
+    return {k: run.get(k) for k in ("peak_memory_mb", "tokens_per_s", "steps", "trainable_params", "mixed_precision")}

@@ -1,0 +1,212 @@
+"""The measuring harness: one fresh process per configuration, and records that can be compared.
+
+Peak memory is a property of a whole process (what was imported, loaded and freed before), so each
+configuration runs in its own interpreter (``python -m tuneguard.bench.measure SPEC OUT``) and
+reports its own high-water mark: ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` and
+``max_memory_reserved`` on CUDA. Throughput counts exact tokens (no padding exists in the bench
+data) over the optimizer steps after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneguard.errors import TuneguardError
+
+SCHEMA = 1
+HIGHER_IS_BETTER = {"tokens_per_s": True, "items_per_s": True, "peak_memory_mb": False, "load_seconds": False}
+
+
+def git_commit() -> str | None:
+    from tuneguard.train import git_commit as commit
+
+    return commit()
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """What a number depends on besides the code: versions, hardware, threads, commit, machine load."""
+    from tuneguard.train import versions
+
+    env: dict[str, Any] = {
+        "versions": versions(),
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(),
+        "git_commit": git_commit(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        import trl
+
+        env["versions"]["trl"] = trl.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """This process's peak: RSS on CPU; allocated and reserved bytes on CUDA (MB)."""
+    if device.startswith("cuda"):
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def throughput(step_tokens: Sequence[int], step_seconds: Sequence[float], warmup: int) -> dict[str, float]:
+    """Tokens per second over the steps after ``warmup`` (total tokens / total time), and the median step."""
+    tokens, seconds = step_tokens[warmup:], step_seconds[warmup:]
+    if not seconds:
+        raise TuneguardError(f"no steps left after {warmup} warm-up steps; ask for more steps")
+    return {
+        "tokens_per_s": round(sum(tokens) / sum(seconds), 2),
+        "median_step_s": round(statistics.median(seconds), 4),
+        "measured_steps": len(seconds),
+        "measured_tokens": int(sum(tokens)),
+    }
+
+
+@contextmanager
+def timed(into: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    into[key] = round(time.perf_counter() - start, 3)
+
+
+def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
+    return round(sum(p.stat().st_size for p in Path(path).glob(pattern)) / 2**20, 3)
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+def run_isolated(spec: dict[str, Any], *, timeout: float = 1800, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its record (with ``error`` on failure)."""
+    with tempfile.TemporaryDirectory(prefix="tuneguard-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec = {**spec, "workdir": spec.get("workdir") or str(Path(tmp) / "work")}
+        spec_path.write_text(json.dumps(spec))
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "tuneguard.bench.measure", str(spec_path), str(out_path)],
+                capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+            )
+        except subprocess.TimeoutExpired:
+            return {"spec": spec, "error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0 or not out_path.exists():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            return {"spec": spec, "error": f"exit {proc.returncode}: {tail}"}
+        result = json.loads(out_path.read_text())
+        result["process_seconds"] = round(time.perf_counter() - started, 2)
+        return result
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from tuneguard.bench import reference
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    runners = {
+        ("train", "tuneguard"): reference.train_tuneguard,
+        ("train", "trainer"): reference.train_trainer,
+        ("train", "trainer+gc"): reference.train_trainer,
+        ("train", "sft"): reference.train_sft,
+        ("eval", "tuneguard"): reference.eval_tuneguard,
+        ("eval", "per-choice"): reference.eval_per_choice,
+    }
+    key = (spec["kind"], spec["runner"])
+    if key not in runners:
+        raise TuneguardError(f"unknown bench runner {key}")
+    Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
+    result = runners[key](spec)
+    device = spec.get("device", "cpu")
+    return {"schema": SCHEMA, "spec": spec, **result, **peak_memory(device), "environment": environment(device)}
+
+
+# -------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Change:
+    """One metric of one configuration against a saved earlier run."""
+
+    config: str
+    metric: str
+    before: float
+    after: float
+    regressed: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.after / self.before if self.before else float("nan")
+
+
+def config_key(result: dict[str, Any]) -> str:
+    """What identifies a configuration across runs (the spec without paths)."""
+    spec = result.get("spec", {})
+    keep = ("kind", "runner", "model", "quant", "adapter", "batch", "seq", "steps", "tasks", "limit", "fastpath")
+    return " ".join(f"{k}={spec[k]}" for k in keep if k in spec)
+
+
+def compare_results(current: list[dict[str, Any]], baseline: list[dict[str, Any]], tolerance: float = 0.1) -> list[Change]:
+    """Every shared metric of every shared configuration; a regression is a change worse than ``tolerance``."""
+    before = {config_key(r): r for r in baseline if "error" not in r}
+    changes = []
+    for result in current:
+        old = before.get(config_key(result))
+        if old is None or "error" in result:
+            continue
+        for metric, higher in HIGHER_IS_BETTER.items():
+            a, b = old.get(metric), result.get(metric)
+            if not isinstance(a, int | float) or not isinstance(b, int | float) or not a:
+                continue
+            worse = b < a * (1 - tolerance) if higher else b > a * (1 + tolerance)
+            changes.append(Change(config_key(result), metric, float(a), float(b), worse))
+    return changes
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Results saved by ``tuneguard bench ... --json``: a list, or a dict with ``results``."""
+    data = json.loads(Path(path).read_text())
+    return data["results"] if isinstance(data, dict) else data
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, out_path = (argv or sys.argv[1:])[:2]
+    result = _worker(json.loads(Path(spec_path).read_text()))
+    Path(out_path).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

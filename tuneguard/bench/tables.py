@@ -1,0 +1,145 @@
+"""Bench results as report blocks: rich tables in the terminal, the same blocks in HTML (matrix page)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+
+from tuneguard.bench.estimate import MemoryEstimate
+from tuneguard.bench.measure import Change
+from tuneguard.report._format import DASH, Block, Cell
+from tuneguard.report.terminal import print_block
+
+REFERENCES = ("trainer", "trainer+gc", "sft")
+TARGET_TOKENS, TARGET_PEAK = 1.5, 0.5
+"""The issue's targets against the plain Trainer: at least 1.5x tokens/s at no more than half its peak."""
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    return f"{v:,.{digits}f}" if isinstance(v, int | float) else DASH
+
+
+def _x(v: Any) -> str:
+    return f"{v:.2f}x" if isinstance(v, int | float) else DASH
+
+
+def print_blocks(blocks: Sequence[Block], console: Console) -> None:
+    """The bench tables are wide: when output goes to a file or pipe, do not wrap them at 80 columns."""
+    if not console.is_terminal:
+        console = Console(width=160, file=console.file)
+    for block in blocks:
+        print_block(block, console)
+
+
+def _config(spec: dict[str, Any]) -> str:
+    return f"{spec.get('quant')} {spec.get('adapter')} {spec.get('batch')}x{spec.get('seq')}"
+
+
+def train_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration: tuneguard against each reference, as ratios (tuneguard / reference)."""
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_config.setdefault(_config(r["spec"]), {})[r["spec"]["runner"]] = r
+    out = []
+    for config, runners in by_config.items():
+        ours = runners.get("tuneguard", {})
+        row: dict[str, Any] = {"config": config, "tokens_per_s": ours.get("tokens_per_s"),
+                               "peak_memory_mb": ours.get("peak_memory_mb"),
+                               "predicted_peak_mb": ours.get("predicted_peak_mb")}
+        for ref in REFERENCES:
+            theirs = runners.get(ref)
+            if theirs is None or "error" in theirs or "error" in ours:
+                continue
+            row[f"{ref}_tokens_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+            row[f"{ref}_peak_ratio"] = round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3)
+        if "trainer_tokens_ratio" in row:
+            row["meets_targets"] = row["trainer_tokens_ratio"] >= TARGET_TOKENS and row["trainer_peak_ratio"] <= TARGET_PEAK
+        out.append(row)
+    return out
+
+
+def train_blocks(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> list[Block]:
+    runs = Block("Training runs", ["config", "runner", "tokens/s", "peak MB", "predicted MB", "load s", "trainable",
+                                   "adapter MB", "loss", "note"])
+    for r in results:
+        spec = r["spec"]
+        runner = spec["runner"] + ("" if spec.get("fastpath", True) else " (no fast path)")
+        runs.rows.append([
+            _config(spec), runner, _num(r.get("tokens_per_s")), _num(r.get("peak_memory_mb"), 0),
+            _num(r.get("predicted_peak_mb"), 0), _num(r.get("load_seconds")), _num(r.get("trainable_params"), 0),
+            _num(r.get("adapter_mb"), 2), _num(r.get("final_loss"), 3), r.get("error", "")[:80],
+        ])
+    ratios = Block("tuneguard / reference (tokens/s higher is better, peak lower is better)",
+                   ["config", *[f"{ref} {what}" for ref in REFERENCES for what in ("tok/s", "peak")], "targets"])
+    for s in summary:
+        verdict: Cell = DASH
+        if "meets_targets" in s:
+            verdict = ("met", "pass") if s["meets_targets"] else ("missed", "fail")
+        ratios.rows.append([s["config"], *[_x(s.get(f"{ref}_{what}_ratio")) for ref in REFERENCES for what in ("tokens", "peak")],
+                            verdict])
+    ratios.lines.append(f"targets vs the plain Trainer: tokens/s >= {TARGET_TOKENS}x and peak <= {TARGET_PEAK}x")
+    return [runs, ratios]
+
+
+def eval_blocks(results: list[dict[str, Any]], summary: dict[str, Any]) -> list[Block]:
+    runs = Block("Evaluation runs", ["runner", "items", "items/s", "generation items/s", "peak MB", "load s", "note"])
+    for r in results:
+        runs.rows.append([r["spec"]["runner"], _num(r.get("items"), 0), _num(r.get("items_per_s"), 2),
+                          _num(r.get("generation_items_per_s"), 2), _num(r.get("peak_memory_mb"), 0),
+                          _num(r.get("load_seconds")), r.get("error", "")[:80]])
+    agreement = summary.get("agreement") or {}
+    lines: list[Cell] = [
+        f"multiple-choice items/s, tuneguard / per-choice: {_x(summary.get('items_per_s_ratio'))}",
+        f"generation items/s, batched / one by one: {_x(summary.get('generation_ratio'))}",
+    ]
+    if agreement:
+        same = agreement["identical_choices"]
+        lines.append((f"same prediction on {agreement['same_choice']}/{agreement['docs']} items; largest log-likelihood "
+                      f"gap {agreement['max_logprob_gap']}", "pass" if same else "fail"))
+        lines.append(f"same generation on {agreement['same_generation']}/{agreement['generations']} items")
+    return [runs, Block("Scores", lines=lines)]
+
+
+def changes_block(changes: list[Change], baseline: str) -> Block:
+    block = Block(f"Compared with {baseline}", ["config", "metric", "before", "after", "change", "verdict"])
+    for c in changes:
+        verdict: Cell = ("regressed", "regressed") if c.regressed else ("ok", "nochange")
+        block.rows.append([c.config, c.metric, _num(c.before, 2), _num(c.after, 2), _x(c.ratio), verdict])
+    if not changes:
+        block.lines.append("no configuration in common with the saved run")
+    return block
+
+
+def estimate_block(est: MemoryEstimate, measured: dict[str, Any] | None) -> Block:
+    fast = "fast path" if est.inputs.get("fastpath") else "fast path off"
+    block = Block(f"Predicted peak memory (MB, {fast})", ["part", "MB"])
+    for part, mb in est.parts.items():
+        block.rows.append([part, _num(mb, 0)])
+    block.rows.append([("predicted peak", ""), _num(est.peak_mb, 0)])
+    if measured:
+        if "error" in measured:
+            block.lines.append((f"measurement failed: {measured['error'][:200]}", "fail"))
+        else:
+            block.rows.append(["measured peak", _num(measured["peak_memory_mb"], 0)])
+            block.lines.append(f"predicted / measured: {est.peak_mb / measured['peak_memory_mb']:.2f}; measured "
+                               f"{_num(measured.get('tokens_per_s'))} tokens/s over {measured.get('steps')} steps")
+    return block
+
+
+MATRIX_HEADERS = ["adapter", "task metric", "Δ task", "general Δ (worst)", "peak MB", "tokens/s", "adapter MB",
+                  "trainable", "val loss", "note"]
+
+
+def matrix_block(matrix: dict[str, Any]) -> Block:
+    block = Block(f"Adapter methods on {matrix['recipe']}", MATRIX_HEADERS)
+    for row in matrix["rows"]:
+        block.rows.append([
+            row["adapter"], _num(row.get("task_after"), 3), _num(row.get("task_delta"), 3),
+            _num(row.get("general_worst_delta"), 3), _num(row.get("peak_memory_mb"), 0), _num(row.get("tokens_per_s")),
+            _num(row.get("adapter_mb"), 2), _num(row.get("trainable_params"), 0), _num(row.get("final_val_loss"), 4),
+            (row.get("error") or row.get("note") or "")[:80],
+        ])
+    block.lines.extend(matrix.get("notes", []))
+    return block
