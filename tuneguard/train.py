@@ -251,10 +251,6 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         accelerator.print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
-    if accelerator.is_main_process:
-        if not resume and (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir / "checkpoints")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # 1. Backbone (frozen, maybe quantized) and data.
     labels = recipe.data.labels
@@ -266,6 +262,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                         packable=recipe.adapter.method != "prompt_tuning")
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
     if accelerator.is_main_process:  # only now that the inputs are known to be good
+        if not resume and (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir / "checkpoints")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tuneguard.eval.records import TaskResult
 from tuneguard.report._format import (
     DASH,
     Block,
@@ -21,7 +22,6 @@ from tuneguard.report._format import (
     fmt_value,
     verdict_class,
 )
-from tuneguard.eval.records import TaskResult
 from tuneguard.report.layout import report_blocks
 
 STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "pass": "green", "fail": "red"}
