@@ -271,7 +271,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     # 2. Adapter.
     set_seed(recipe.train.seed)
     model = apply_adapter(backbone.model, recipe.adapter, is_encoder=backbone.is_encoder, total_steps=total_steps)
-    model = prepare_for_training(model, recipe, accelerator.device)
+    if not backbone.is_encoder:  # the fast path is built and verified for decoders; on encoders it misbehaves
+        model = prepare_for_training(model, recipe, accelerator.device)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -76,8 +76,8 @@ def test_export_merges_into_plain_model(smollm_run: Path) -> None:
 
 
 def test_minilm_encoder_recipe(tmp_path: Path) -> None:
-    run([sys.executable, "-m", "tuneguard.cli", "train", str(ROOT / "recipes/minilm-sst2-lora.yaml"), "train.max_steps=30",
-         "train.eval_every=15", "data.max_train_samples=480", "data.max_val_samples=64", f"output.dir={tmp_path}/{{name}}"],
+    run([sys.executable, "-m", "tuneguard.cli", "train", str(ROOT / "recipes/minilm-sst2-lora.yaml"), "train.max_steps=40",
+         "train.eval_every=20", "data.max_train_samples=640", "data.max_val_samples=64", f"output.dir={tmp_path}/{{name}}"],
         cwd=tmp_path)
     evaluation = json.loads((tmp_path / "minilm-sst2-lora/eval.json").read_text())
     base, tuned = evaluation["base"][0], evaluation["tuned"][0]

@@ -76,16 +76,16 @@ def run_matrix(recipe: Path, adapters: list[str], overrides: list[str], out: Pat
             rows.append({"adapter": adapter, "error": f"timed out after {timeout:.0f} s"})
             continue
         if not (run_dir / "run.json").exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            rows.append({"adapter": adapter, "error": f"exit {proc.returncode}: {' / '.join(tail)}"})
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or [""]
+            rows.append({"adapter": adapter, "error": f"exit {proc.returncode}: {lines[-1].strip()[:300]}"})
             continue
         row = matrix_row(adapter, run_dir)
         if proc.returncode not in (0, 1):  # 1: the recipe's regression budget was exceeded, still a result
             row["error"] = f"exit {proc.returncode}"
         rows.append(row)
     notes = [f"backbone: {base.model.source}, quantization {base.quantization.method}; one fresh process per method",
-             "Δ task: tuned - base on the recipe's validation data; general Δ (worst): the general-suite task that "
-             "lost the most (accuracy points, or % for perplexity)"]
+             "Δ task: tuned - base on the recipe's validation data; worst general task: the general-suite task that "
+             "lost the most (accuracy points, or % of perplexity; negative = improved)"]
     matrix = {"recipe": str(recipe), "overrides": overrides, "rows": rows, "notes": notes, "environment": environment()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "matrix.json", matrix)

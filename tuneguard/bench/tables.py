@@ -128,18 +128,25 @@ def estimate_block(est: MemoryEstimate, measured: dict[str, Any] | None) -> Bloc
     return block
 
 
-MATRIX_HEADERS = ["adapter", "task metric", "Δ task", "general Δ (worst)", "peak MB", "tokens/s", "adapter MB",
-                  "trainable", "val loss", "note"]
+MATRIX_HEADERS = ["adapter", "task before", "task after", "Δ task", "worst general task (points lost)", "peak MB",
+                  "tokens/s", "adapter MB", "trainable", "val loss", "note"]
+
+
+def _worst(row: dict[str, Any]) -> str:
+    if row.get("general_worst_task") is None:
+        return DASH
+    return f"{row['general_worst_task']} ({row['general_worst_points']:+.1f})"
 
 
 def matrix_block(matrix: dict[str, Any]) -> Block:
     block = Block(f"Adapter methods on {matrix['recipe']}", MATRIX_HEADERS)
     for row in matrix["rows"]:
+        note = row.get("error") or row.get("note") or ""
         block.rows.append([
-            row["adapter"], _num(row.get("task_after"), 3), _num(row.get("task_delta"), 3),
-            _num(row.get("general_worst_delta"), 3), _num(row.get("peak_memory_mb"), 0), _num(row.get("tokens_per_s")),
-            _num(row.get("adapter_mb"), 2), _num(row.get("trainable_params"), 0), _num(row.get("final_val_loss"), 4),
-            (row.get("error") or row.get("note") or "")[:80],
+            row["adapter"], _num(row.get("task_before"), 3), _num(row.get("task_after"), 3), _num(row.get("task_delta"), 3),
+            _worst(row), _num(row.get("peak_memory_mb"), 0), _num(row.get("tokens_per_s")), _num(row.get("adapter_mb"), 2),
+            _num(row.get("trainable_params"), 0), _num(row.get("final_val_loss"), 4),
+            (note, "fail") if row.get("error") else note,
         ])
     block.lines.extend(matrix.get("notes", []))
     return block
