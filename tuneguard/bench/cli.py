@@ -71,6 +71,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", help="a saved --json to compare with; regressions exit with 1")
     p.add_argument("--tolerance", type=float, default=0.1, help="relative change counted as a regression")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measured process")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available); CUDA peaks are allocated/reserved bytes")
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -124,6 +125,12 @@ def _finish(args: argparse.Namespace, results: list[dict[str, Any]], summary: li
     return 1 if any(c.regressed for c in changes) else 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _loaded(threshold: float = 0.5) -> str | None:
     load = os.getloadavg()[0]
     cpus = os.cpu_count() or 1
@@ -146,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
         for runner in args.runners:
             spec = {"kind": "train", "runner": runner, "model": args.model, "quant": quant, "adapter": adapter,
                     "seq": seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "r": args.r,
-                    "alpha": 2 * args.r, "dropout": args.dropout, "threads": args.threads}
+                    "alpha": 2 * args.r, "dropout": args.dropout, "threads": args.threads, "device": _device(args)}
             if runner == "tuneguard":
                 spec["fastpath"] = not args.no_fastpath
             specs.append(spec)
@@ -164,7 +171,8 @@ def _eval(args: argparse.Namespace) -> int:
     if note := _loaded():
         console.print(f"[yellow]{note}[/yellow]")
     base = {"kind": "eval", "model": args.model, "quant": args.quant, "tasks": args.tasks, "limit": args.limit,
-            "batch": args.batch, "generation_items": args.generation_items, "threads": args.threads}
+            "batch": args.batch, "generation_items": args.generation_items, "threads": args.threads,
+            "device": _device(args)}
     results = _run_all([{**base, "runner": "tuneguard"}, {**base, "runner": "per-choice"}], args.repeat, args.timeout)
     ours, reference = results
     summary = [{"agreement": score_agreement(ours, reference) if "error" not in ours and "error" not in reference else None,
