@@ -8,7 +8,7 @@ import pytest
 
 from tuneguard.bench.measure import run_isolated
 
-KEYS = ("tokens_per_s", "peak_memory_mb", "load_seconds", "trainable_params", "predicted_peak_mb", "final_loss")
+KEYS = ("tokens_per_s", "peak_memory_mb", "load_seconds", "trainable_params", "predicted_peak_mb", "mean_loss")
 
 
 def measure(benchmark: Any, spec: dict[str, Any], measured: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:

@@ -66,3 +66,17 @@ def test_base_model_eval_cli(tiny_llama_dir: Path, tmp_path: Path, capsys: pytes
     out = tmp_path / "scores.json"
     assert cli_main(["eval", "--model", str(tiny_llama_dir), "--tasks", "piqa", "--limit", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())[0]["n"] == 4
+
+
+def test_frozen_checksum_sees_backbone_edits_only(tiny_llama) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from tuneguard.eval.guards import frozen_checksum
+
+    model = get_peft_model(tiny_llama[0], LoraConfig(r=2, target_modules=["q_proj"]))
+    before = frozen_checksum(model)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+        assert frozen_checksum(model) == before  # adapter weights are not part of the frozen checksum
+        model.get_base_model().model.embed_tokens.weight[3, 5] += 0.5
+    assert frozen_checksum(model) != before

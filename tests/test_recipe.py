@@ -60,6 +60,25 @@ def test_classification_needs_labels(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_loha_lokr_on_4bit_refused_before_loading(tmp_path: Path, method: str) -> None:
+    # PEFT would fail mid-forward with a shape error; the recipe check names the combination instead.
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\nquantization: {method: nf4}\n")
+    with pytest.raises(TuneguardError, match=f"adapter.method '{method}' does not work on a 4-bit backbone"):
+        load_recipe(path, [f"adapter.method={method}"])
+    assert load_recipe(path, [f"adapter.method={method}", "quantization.method=int8"]).adapter.method == method
+
+
+def test_missing_tracker_package_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrain: {trackers: [wandb]}\n")
+    with pytest.raises(TuneguardError, match=r"'train.trackers': tracker \['wandb'\] is not installed"):
+        load_recipe(path)
+
+
 def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\n")
     recipe = load_recipe(path, ["train.lr=1e-4", "adapter.r=8", "adapter.target_modules=[q_proj, v_proj]"])

@@ -7,11 +7,12 @@ valid key, so a typo costs seconds rather than a failed run twenty minutes in.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneguard.errors import TuneguardError
 
@@ -107,6 +108,15 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
 
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        # Accelerate only warns about a missing tracker and then logs nothing; a run should not start so.
+        missing = [t for t in trackers if importlib.util.find_spec(t) is None]
+        if missing:
+            raise ValueError(f"tracker {missing} is not installed (pip install {' '.join(missing)})")
+        return trackers
+
 
 class EvalConfig(Section):
     task: bool = True
@@ -137,6 +147,12 @@ class Recipe(Section):
     def _check_combinations(self) -> Recipe:
         if self.adapter.use_dora and self.adapter.method != "lora":
             raise ValueError("adapter.use_dora applies to method 'lora' only")
+        if self.adapter.method in ("loha", "lokr") and self.quantization.method in ("nf4", "fp4"):
+            # PEFT builds LoHa/LoKr deltas from the weight's shape, which 4-bit packing flattens.
+            raise ValueError(
+                f"adapter.method '{self.adapter.method}' does not work on a 4-bit backbone "
+                f"(quantization.method '{self.quantization.method}'); use int8 or none, or lora"
+            )
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
         return self
@@ -188,7 +204,8 @@ def _describe(err: dict[str, Any], origin: str) -> str:
     if err["type"] == "missing":
         return f"{origin}: missing required key '{path}'"
     if err["type"] == "value_error":
-        return f"{origin}: {err['msg'].removeprefix('Value error, ')}"
+        where = f"'{path}': " if loc else ""  # a field's own check names it; a cross-section check names both
+        return f"{origin}: {where}{err['msg'].removeprefix('Value error, ')}"
     return f"{origin}: '{path}': {err['msg']} (got {err.get('input')!r})"
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ def _recipe(spec: dict[str, Any], train_path: Path) -> Recipe:
         "adapter": adapter_section(spec),
         "data": {"kind": "text", "train": str(train_path), "val_fraction": 0.0, "max_length": spec["seq"], "pack": True},
         "train": {"lr": spec["lr"], "max_steps": spec["steps"], "batch_size": spec["batch"], "log_every": 1,
-                  "warmup_ratio": 0.0, "scheduler": "constant", "seed": spec["seed"], "max_grad_norm": None},
+                  "warmup_ratio": 0.0, "scheduler": "constant", "seed": spec["seed"], "max_grad_norm": 1.0},
         "eval": {"task": False, "suites": []},
         "output": {"dir": str(Path(spec["workdir"]) / "runs" / "{name}"), "name": "bench"},
     }, "bench")
@@ -164,7 +165,7 @@ def train_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": record["trainable_params"],
         "total_params": record["total_params"],
         "adapter_mb": dir_size_mb(run_dir / "adapter"),
-        "final_loss": record["final_train_loss"],
+        "mean_loss": round(statistics.fmean(s["loss"] for s in steps), 6),
         "predicted_peak_mb": predicted.peak_mb,
         "predicted": predicted.to_dict(),
         "mixed_precision": record["mixed_precision"],
@@ -238,7 +239,8 @@ def train_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     timer = _StepTimer()
     args = TrainingArguments(
         output_dir=str(Path(spec["workdir"]) / "trainer"), per_device_train_batch_size=spec["batch"],
-        max_steps=spec["steps"], learning_rate=spec["lr"], save_strategy="no", report_to="none", seed=spec["seed"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
+        save_strategy="no", report_to="none", seed=spec["seed"],
         use_cpu=spec["device"] == "cpu", disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": labels}),
@@ -246,7 +248,7 @@ def train_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     result = trainer.train()
     tokens = [spec["batch"] * spec["seq"]] * len(timer.seconds)
     return {**throughput(tokens, timer.seconds, spec["warmup"]), **times, **_counts(model),
-            "final_loss": round(float(result.training_loss), 6)}
+            "mean_loss": round(float(result.training_loss), 6)}
 
 
 def train_sft(spec: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +262,8 @@ def train_sft(spec: dict[str, Any]) -> dict[str, Any]:
     timer = _StepTimer()
     args = SFTConfig(
         output_dir=str(Path(spec["workdir"]) / "sft"), per_device_train_batch_size=spec["batch"],
-        max_steps=spec["steps"], learning_rate=spec["lr"], save_strategy="no", report_to="none", seed=spec["seed"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
+        save_strategy="no", report_to="none", seed=spec["seed"],
         use_cpu=spec["device"] == "cpu", disable_tqdm=True, max_length=spec["seq"],
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": labels}),
@@ -269,7 +272,7 @@ def train_sft(spec: dict[str, Any]) -> dict[str, Any]:
     result = trainer.train()
     tokens = [spec["batch"] * spec["seq"]] * len(timer.seconds)
     return {**throughput(tokens, timer.seconds, spec["warmup"]), **times, **_counts(trainer.model),
-            "final_loss": round(float(result.training_loss), 6)}
+            "mean_loss": round(float(result.training_loss), 6)}
 
 
 # ----------------------------------------------------------------------------------- evaluation

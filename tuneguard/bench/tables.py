@@ -62,14 +62,14 @@ def train_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def train_blocks(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> list[Block]:
     runs = Block("Training runs", ["config", "runner", "tokens/s", "peak MB", "predicted MB", "load s", "trainable",
-                                   "adapter MB", "loss", "note"])
+                                   "adapter MB", "mean loss", "note"])
     for r in results:
         spec = r["spec"]
         runner = spec["runner"] + ("" if spec.get("fastpath", True) else " (no fast path)")
         runs.rows.append([
             _config(spec), runner, _num(r.get("tokens_per_s")), _num(r.get("peak_memory_mb"), 0),
             _num(r.get("predicted_peak_mb"), 0), _num(r.get("load_seconds")), _num(r.get("trainable_params"), 0),
-            _num(r.get("adapter_mb"), 2), _num(r.get("final_loss"), 3), r.get("error", "")[:80],
+            _num(r.get("adapter_mb"), 2), _num(r.get("mean_loss"), 3), r.get("error", "")[:80],
         ])
     ratios = Block("tuneguard / reference (tokens/s higher is better, peak lower is better)",
                    ["config", *[f"{ref} {what}" for ref in REFERENCES for what in ("tok/s", "peak")], "targets"])

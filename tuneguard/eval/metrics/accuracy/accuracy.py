@@ -1,8 +1,8 @@
 """Accuracy: the fraction of predictions equal to their reference."""
 
-import datasets
 import evaluate
 
+from tuneguard.eval.metrics import shared
 from tuneguard.eval.metrics.functional import accuracy
 
 _DESCRIPTION = "Accuracy = (TP + TN) / (TP + TN + FP + FN): the proportion of correct predictions."
@@ -24,12 +24,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
-        )
+        return shared.metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, "int32")
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         return {"accuracy": accuracy(predictions, references, normalize, sample_weight)}

@@ -1,8 +1,8 @@
 """Exact match: the fraction of generated strings equal to their reference after light normalisation."""
 
-import datasets
 import evaluate
 
+from tuneguard.eval.metrics import shared
 from tuneguard.eval.metrics.functional import exact_match_score
 
 _DESCRIPTION = "Exact match rate between predicted and reference strings (1 when equal, else 0, averaged)."
@@ -26,12 +26,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ExactMatch(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        return shared.metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, "string")
 
     def _compute(
         self, predictions, references, regexes_to_ignore=(), ignore_case=False, ignore_punctuation=False, strip=True

@@ -1,8 +1,8 @@
 """Token F1 (SQuAD-style): word overlap between a generated answer and its reference, averaged over items."""
 
-import datasets
 import evaluate
 
+from tuneguard.eval.metrics import shared
 from tuneguard.eval.metrics.functional import token_f1_score
 
 _DESCRIPTION = (
@@ -33,12 +33,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class TokenF1(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        return shared.metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, "string", _CITATION)
 
     def _compute(self, predictions, references):
         scores = [token_f1_score(p, r) for p, r in zip(predictions, references, strict=True)]
