@@ -147,6 +147,15 @@ def test_print_report_colours_verdicts(run: tuple[Path, dict[str, Any]]) -> None
         assert expected in plain
 
 
+def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str, Any]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    print_report(run[1], Console(file=out))  # not a terminal: rich alone would wrap at 80
+    rows = [line for line in out.getvalue().splitlines() if "arc_easy" in line]
+    assert rows and "no significant change" in out.getvalue() and "…" not in rows[0]
+
+
 def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    run: tuple[Path, dict[str, Any]]) -> None:
     monkeypatch.setenv("TUNEGUARD_HOME", str(tmp_path / "home"))

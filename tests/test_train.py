@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneguard.adapters.methods import apply_adapter
 from tuneguard.backbones import load_backbone
+from tuneguard.eval.guards import adapter_weight_delta, frozen_checksum
 from tuneguard.recipe import load_recipe
 from tuneguard.train import epoch_batches, train
 
@@ -95,6 +96,28 @@ def test_every_adapter_method_trains(tmp_path: Path, tiny_llama_dir: Path, adapt
     if adapter.get("layers_to_transform"):
         names = [n for n, p in out["model"].named_parameters() if p.requires_grad]
         assert names and all(".layers.1." in n and "self_attn" in n for n in names)
+
+
+def test_adalora_rank_count_stays_constant_and_reloads(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    # On a bf16 backbone PEFT re-creates AdaLoRA's ``ranknum`` as trainable; left so, AdamW moves it.
+    path = make_run(tmp_path, tiny_llama_dir, adapter={"method": "adalora", "r": 4}, train={"max_steps": 20})
+    out = run_train(path)
+    model = out["model"]
+    ranknums = {float(p) for n, p in model.named_parameters() if ".ranknum." in n}
+    assert ranknums == {6.0}  # init_r for target r 4
+    assert adapter_weight_delta(model).passed
+    assert frozen_checksum(model) == out["checksum_at_load"]  # ranknum is adapter state, not backbone
+    recipe = load_recipe(path)
+    reloaded = PeftModel.from_pretrained(load_backbone(recipe.model, recipe.quantization).model,
+                                         str(tmp_path / "runs/recipe/adapter"))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.eval()
+    with torch.no_grad():
+        tuned, again = model(input_ids=ids).logits.float(), reloaded(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+    assert (tuned - base).abs().max() > 0.05
+    assert torch.allclose(tuned, again, atol=0.02)  # bf16 logits; the saved adapter is rank-pruned
 
 
 def test_encoder_classifier_trains_head_and_adapter(tmp_path: Path, tiny_bert_dir: Path) -> None:

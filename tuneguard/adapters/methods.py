@@ -113,6 +113,11 @@ def apply_adapter(
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise TuneguardError(f"adapter.method '{cfg.method}' cannot be applied to this backbone: {exc}") from None
+    for name, p in peft_model.named_parameters():
+        if ".ranknum." in name:
+            # AdaLoRA's rank count is a constant; PEFT's cast of adapter tensors to a bf16/fp16
+            # backbone's dtype re-creates it as a trainable Parameter, and AdamW would then move it.
+            p.requires_grad_(False)
     return peft_model
 
 

@@ -75,13 +75,14 @@ def run_matrix(recipe: Path, adapters: list[str], overrides: list[str], out: Pat
         except subprocess.TimeoutExpired:
             rows.append({"adapter": adapter, "error": f"timed out after {timeout:.0f} s"})
             continue
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or [""]
+        error = f"exit {proc.returncode}: {lines[-1].strip()[:300]}"
         if not (run_dir / "run.json").exists():
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or [""]
-            rows.append({"adapter": adapter, "error": f"exit {proc.returncode}: {lines[-1].strip()[:300]}"})
+            rows.append({"adapter": adapter, "error": error})
             continue
         row = matrix_row(adapter, run_dir)
         if proc.returncode not in (0, 1):  # 1: the recipe's regression budget was exceeded, still a result
-            row["error"] = f"exit {proc.returncode}"
+            row["error"] = error  # trained, then failed (e.g. a guard rail): training numbers only
         rows.append(row)
     notes = [f"backbone: {base.model.source}, quantization {base.quantization.method}; one fresh process per method",
              "Δ task: tuned - base on the recipe's validation data; worst general task: the general-suite task that "

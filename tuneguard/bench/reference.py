@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,20 +340,29 @@ def _generation_contexts(spec: dict[str, Any], tokenizer: Any) -> list[list[int]
     return [tokenizer(str(d.context), add_special_tokens=False)["input_ids"] for d in docs]
 
 
+def _timed_choices(
+    spec: dict[str, Any], tokenizer: Any, score: Callable[[list[tuple[list[int], list[int]]]], list[float]]
+) -> tuple[dict[str, Any], int, float]:
+    """Each task's requests scored by ``score`` (log-probabilities) and timed: per-task results, items, seconds."""
+    tasks, n_items, seconds = {}, 0, 0.0
+    for name, requests, owner in _eval_requests(spec, tokenizer):
+        start = time.perf_counter()
+        logprobs = score(requests)
+        elapsed = time.perf_counter() - start
+        tasks[name] = {"items": len(set(owner)), "requests": len(requests), "seconds": round(elapsed, 3),
+                       "logprobs": logprobs, "choices": _choices(logprobs, owner)}
+        n_items, seconds = n_items + len(set(owner)), seconds + elapsed
+    return tasks, n_items, seconds
+
+
 def eval_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
     from tuneguard.eval.scoring import generate_until, loglikelihood
 
     spec = {**EVAL_DEFAULTS, **spec}
     model, tokenizer, times = _eval_model(spec)
-    tasks, n_items, seconds = {}, 0, 0.0
-    for name, requests, owner in _eval_requests(spec, tokenizer):
-        start = time.perf_counter()
-        scores = loglikelihood(model, requests, spec["batch"])
-        elapsed = time.perf_counter() - start
-        logprobs = [s.logprob for s in scores]
-        tasks[name] = {"items": len(set(owner)), "requests": len(requests), "seconds": round(elapsed, 3),
-                       "logprobs": logprobs, "choices": _choices(logprobs, owner)}
-        n_items, seconds = n_items + len(set(owner)), seconds + elapsed
+    tasks, n_items, seconds = _timed_choices(
+        spec, tokenizer, lambda requests: [s.logprob for s in loglikelihood(model, requests, spec["batch"])]
+    )
     contexts = _generation_contexts(spec, tokenizer)
     start = time.perf_counter()
     generations = generate_until(model, tokenizer, contexts, ["\n"], max_new_tokens=16, batch_size=spec["batch"])
@@ -393,14 +402,9 @@ def eval_per_choice(spec: dict[str, Any]) -> dict[str, Any]:
 
     spec = {**EVAL_DEFAULTS, **spec}
     model, tokenizer, times = _eval_model(spec)
-    tasks, n_items, seconds = {}, 0, 0.0
-    for name, requests, owner in _eval_requests(spec, tokenizer):
-        start = time.perf_counter()
-        logprobs = _per_choice_logprobs(model, requests, spec["batch"], max_model_length(model))
-        elapsed = time.perf_counter() - start
-        tasks[name] = {"items": len(set(owner)), "requests": len(requests), "seconds": round(elapsed, 3),
-                       "logprobs": logprobs, "choices": _choices(logprobs, owner)}
-        n_items, seconds = n_items + len(set(owner)), seconds + elapsed
+    tasks, n_items, seconds = _timed_choices(
+        spec, tokenizer, lambda requests: _per_choice_logprobs(model, requests, spec["batch"], max_model_length(model))
+    )
     contexts = _generation_contexts(spec, tokenizer)
     start = time.perf_counter()
     generations = []

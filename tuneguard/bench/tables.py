@@ -26,9 +26,6 @@ def _x(v: Any) -> str:
 
 
 def print_blocks(blocks: Sequence[Block], console: Console) -> None:
-    """The bench tables are wide: when output goes to a file or pipe, do not wrap them at 80 columns."""
-    if not console.is_terminal:
-        console = Console(width=160, file=console.file)
     for block in blocks:
         print_block(block, console)
 

@@ -44,7 +44,8 @@ def frozen_checksum(model: torch.nn.Module) -> float:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return any(k in name for k in ("lora_", "ia3_", "hada_", "lokr_", "prompt_encoder", "modules_to_save"))
+    # AdaLoRA's ``ranknum`` is a frozen parameter, but the adapter's: the backbone had none at load.
+    return any(k in name for k in ("lora_", "ia3_", "hada_", "lokr_", "ranknum", "prompt_encoder", "modules_to_save"))
 
 
 def _probe_logits(model: PeftModel, ids: torch.Tensor) -> torch.Tensor:
@@ -79,18 +80,29 @@ def adapter_weight_delta(model: PeftModel) -> Guard:
     return Guard("adapter weights moved", largest > 1e-7, f"largest RMS weight delta per layer = {largest:.3g}")
 
 
+def _delta_weight(module: torch.nn.Module, adapter: str) -> torch.Tensor | None:
+    """The layer's weight delta: ``get_delta_weight`` (LoRA, DoRA, LoHa, LoKr, AdaLoRA), or AdaLoRA's
+    formula for its 4-bit and 8-bit layers, which do not define it."""
+    if hasattr(module, "get_delta_weight"):
+        return module.get_delta_weight(adapter)
+    if hasattr(module, "lora_E"):
+        m = module
+        return m.lora_B[adapter] @ (m.lora_A[adapter] * m.lora_E[adapter]) * m.scaling[adapter] / (m.ranknum[adapter] + 1e-5)
+    return None
+
+
 def _delta_ratios(model: PeftModel) -> list[float]:
-    """RMS of each adapted layer's weight delta (LoRA, DoRA, LoHa, LoKr, AdaLoRA expose get_delta_weight)."""
+    """RMS of each adapted layer's weight delta."""
     ratios = []
     for module in model.modules():
-        delta_fn = getattr(module, "get_delta_weight", None)
-        if delta_fn is None or getattr(module, "base_layer", None) is None or not getattr(module, "active_adapters", None):
+        if getattr(module, "base_layer", None) is None or not getattr(module, "active_adapters", None):
             continue
         try:
-            delta = delta_fn(module.active_adapters[0]).float()
+            delta = _delta_weight(module, module.active_adapters[0])
         except (TypeError, RuntimeError, AttributeError, KeyError):
             continue
-        ratios.append(float(delta.norm()) / max(float(delta.numel()) ** 0.5, 1.0))
+        if delta is not None:
+            ratios.append(float(delta.float().norm()) / max(float(delta.numel()) ** 0.5, 1.0))
     return ratios
 
 

@@ -74,8 +74,9 @@ def score_docs(
 ) -> list[Any]:
     """Raw per-doc scores: a list of :class:`Score` per option, a predicted class, a generation, or a rolling NLL."""
     if task.kind == "perplexity":
-        # Rows are windows of up to 2048 tokens: fewer of them per batch keeps the logits small.
-        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 4))
+        # Rows are windows of up to 2048 tokens whose every position is scored: one window per batch
+        # keeps the (float32) logits at 2048 x vocab, and a 2048-token row is no faster batched on CPU.
+        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 8))
     if task.kind == "generation":
         contexts = [d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context) for d in docs]
         return generate_until(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -33,8 +34,16 @@ def _text(cell: Cell) -> Text:
     return Text(cell_text(cell), style=STYLES.get(cell_class(cell), ""))
 
 
+def _wide(console: Console) -> Console:
+    """Tables are wide: going to a file or a pipe (a CI log), they are not wrapped at rich's 80 columns."""
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(width=max(console.width, 160), file=console.file)
+
+
 def print_block(block: Block, console: Console) -> None:
     """A table block as a rich table, a lines block as lines headed by the block's title."""
+    console = _wide(console)
     if block.headers:
         table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold")
         for header in block.headers:
