@@ -80,3 +80,14 @@ def test_frozen_checksum_sees_backbone_edits_only(tiny_llama) -> None:
         assert frozen_checksum(model) == before  # adapter weights are not part of the frozen checksum
         model.get_base_model().model.embed_tokens.weight[3, 5] += 0.5
     assert frozen_checksum(model) != before
+
+
+def test_pickled_adapter_is_refused(tmp_path: Path, tiny_llama) -> None:
+    from tuneguard.adapters.methods import load_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(TuneguardError, match="no adapter_model.safetensors .tuneguard does not unpickle weights"):
+        load_adapter(tiny_llama[0], tmp_path)
+    with pytest.raises(TuneguardError, match="adapter_config.json missing"):
+        load_adapter(tiny_llama[0], tmp_path / "nowhere")

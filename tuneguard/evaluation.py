@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from tuneguard.adapters.methods import load_adapter
 from tuneguard.backbones import Backbone, load_backbone
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
@@ -117,13 +118,11 @@ def reevaluate(run_dir: Path, *, suites: list[str] | None, limit: int | None, wi
     quiet_libraries()
     if not (run_dir / "recipe.yaml").exists():
         raise TuneguardError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
-        raise TuneguardError(f"{run_dir / 'adapter'}: no trained adapter (adapter_config.json missing)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     labels = recipe.data.labels
     backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)
     checksum = frozen_checksum(backbone.model)
-    model = PeftModel.from_pretrained(backbone.model, str(run_dir / "adapter"))
+    model = load_adapter(backbone.model, run_dir / "adapter")
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
                         packable=recipe.adapter.method != "prompt_tuning")
     from accelerate import Accelerator

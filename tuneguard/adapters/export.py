@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
+from tuneguard.adapters.methods import load_adapter
 from tuneguard.backbones import load_backbone
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir
@@ -19,11 +19,9 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
     Merging into 4-bit weights would round the adapter away, so the merge always happens on the
     full-precision backbone, which is what a user deploys.
     """
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise TuneguardError(f"no adapter found in {adapter_dir} (expected adapter_config.json)")
     model_cfg = recipe.model.model_copy(update={"dtype": dtype})
     backbone = load_backbone(model_cfg, QuantizationConfig(method="none"), num_labels=_num_labels(recipe))
-    peft_model = PeftModel.from_pretrained(backbone.model, str(adapter_dir))
+    peft_model = load_adapter(backbone.model, adapter_dir)
     if recipe.adapter.method == "prompt_tuning":
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
     merged = peft_model.merge_and_unload()

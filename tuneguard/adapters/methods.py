@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 from peft import (
     AdaLoraConfig,
@@ -119,6 +122,19 @@ def apply_adapter(
             # backbone's dtype re-creates it as a trainable Parameter, and AdamW would then move it.
             p.requires_grad_(False)
     return peft_model
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
+    """A saved adapter on ``model``, from safetensors only (a pickled ``adapter_model.bin`` is refused)."""
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise TuneguardError(f"{adapter_dir}: no trained adapter (adapter_config.json missing)")
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise TuneguardError(f"{adapter_dir}: no adapter_model.safetensors (tuneguard does not unpickle weights)")
+    with warnings.catch_warnings():
+        # AdaLoRA's saved rank_pattern is keyed by parameter, and PEFT warns that no *module* has those
+        # names; it still prunes each layer to its saved rank (tests/test_train.py checks the reload).
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+        return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
