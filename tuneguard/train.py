@@ -271,8 +271,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     # 2. Adapter.
     set_seed(recipe.train.seed)
     model = apply_adapter(backbone.model, recipe.adapter, is_encoder=backbone.is_encoder, total_steps=total_steps)
-    if not backbone.is_encoder:  # the fast path is built and verified for decoders; on encoders it misbehaves
-        model = prepare_for_training(model, recipe, accelerator.device)
+    # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
+    # fix that prepare_for_training always applies is needed by both.
+    model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -225,6 +225,25 @@ def _peft_config(spec: dict[str, Any], recipe: Recipe, model: Any) -> Any:
     return peft_config(recipe.adapter, model, TaskType.CAUSAL_LM, spec["steps"])
 
 
+def _trainer_arguments(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """The settings both Trainer-based references share: tuneguard's batch, steps, lr, constant schedule
+    and clipping, and otherwise the defaults."""
+    return dict(
+        output_dir=str(Path(spec["workdir"]) / name), per_device_train_batch_size=spec["batch"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
+        save_strategy="no", report_to="none", seed=spec["seed"], use_cpu=spec["device"] == "cpu", disable_tqdm=True,
+    )
+
+
+def _trainer_result(
+    spec: dict[str, Any], timer: _StepTimer, result: Any, times: dict[str, float], model: torch.nn.Module
+) -> dict[str, Any]:
+    """Throughput from the timed steps (every row is exactly ``seq`` tokens) and Trainer's mean loss."""
+    tokens = [spec["batch"] * spec["seq"]] * len(timer.seconds)
+    return {**throughput(tokens, timer.seconds, spec["warmup"]), **times, **_counts(model),
+            "mean_loss": round(float(result.training_loss), 6)}
+
+
 def train_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from peft import get_peft_model
@@ -237,18 +256,10 @@ def train_trainer(spec: dict[str, Any]) -> dict[str, Any]:
         model = get_peft_model(model, _peft_config(spec, recipe, model))
     ids, labels = _rows(recipe, tokenizer)
     timer = _StepTimer()
-    args = TrainingArguments(
-        output_dir=str(Path(spec["workdir"]) / "trainer"), per_device_train_batch_size=spec["batch"],
-        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
-        save_strategy="no", report_to="none", seed=spec["seed"],
-        use_cpu=spec["device"] == "cpu", disable_tqdm=True,
-    )
+    args = TrainingArguments(**_trainer_arguments(spec, "trainer"))
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": labels}),
                       callbacks=[timer.callback])
-    result = trainer.train()
-    tokens = [spec["batch"] * spec["seq"]] * len(timer.seconds)
-    return {**throughput(tokens, timer.seconds, spec["warmup"]), **times, **_counts(model),
-            "mean_loss": round(float(result.training_loss), 6)}
+    return _trainer_result(spec, timer, trainer.train(), times, model)
 
 
 def train_sft(spec: dict[str, Any]) -> dict[str, Any]:
@@ -260,19 +271,11 @@ def train_sft(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer, times = _reference_model(spec, recipe, kbit_prepare=False)
     ids, labels = _rows(recipe, tokenizer)
     timer = _StepTimer()
-    args = SFTConfig(
-        output_dir=str(Path(spec["workdir"]) / "sft"), per_device_train_batch_size=spec["batch"],
-        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0,
-        save_strategy="no", report_to="none", seed=spec["seed"],
-        use_cpu=spec["device"] == "cpu", disable_tqdm=True, max_length=spec["seq"],
-    )
+    args = SFTConfig(**_trainer_arguments(spec, "sft"), max_length=spec["seq"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": labels}),
                          processing_class=tokenizer, peft_config=_peft_config(spec, recipe, model),
                          callbacks=[timer.callback])
-    result = trainer.train()
-    tokens = [spec["batch"] * spec["seq"]] * len(timer.seconds)
-    return {**throughput(tokens, timer.seconds, spec["warmup"]), **times, **_counts(trainer.model),
-            "mean_loss": round(float(result.training_loss), 6)}
+    return _trainer_result(spec, timer, trainer.train(), times, trainer.model)
 
 
 # ----------------------------------------------------------------------------------- evaluation
