@@ -131,6 +131,21 @@ def test_encoder_classifier_trains_head_and_adapter(tmp_path: Path, tiny_bert_di
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_quantized_encoder_trains_its_full_precision_head(tmp_path: Path, tiny_bert_dir: Path, quant: str) -> None:
+    # The new classifier head stays unquantized (it trains), and a validation pass must not leave 4-bit
+    # weights in bitsandbytes' inference-only layout: encoders skip the fast path, not that fix.
+    path = make_run(tmp_path, tiny_bert_dir, quantization={"method": quant},
+                    train={"max_steps": 24, "eval_every": 8, "lr": 1e-2})
+    out = run_train(path)
+    model = out["model"]
+    head = [m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default")]
+    assert head and type(head[0]) is torch.nn.Linear and head[0].weight.requires_grad
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "runs/recipe/metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
 def test_layer_freezing_keeps_low_layers_fixed(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = make_run(tmp_path, tiny_llama_dir, adapter={"freeze_layers_below": 1})
     recipe = load_recipe(path)

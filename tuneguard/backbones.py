@@ -175,19 +175,27 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def quantization_config(q: QuantizationConfig, device: torch.device) -> BitsAndBytesConfig | None:
+ENCODER_HEADS = ("classifier", "score")
+"""Sequence-classification heads: trained with the adapter, so never quantized."""
+
+
+def quantization_config(
+    q: QuantizationConfig, device: torch.device, skip: list[str] | None = None
+) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings; ``skip`` names modules kept in full precision (None: transformers' default)."""
     if q.method == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TuneguardError(f"quantization.method '{q.method}' needs bitsandbytes: pip install bitsandbytes")
     if q.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.method,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype, device),
         bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -220,7 +228,9 @@ def load_backbone(
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype if quant.method == "none" else torch.float32,
-        quantization_config=quantization_config(quant, device),
+        # transformers' default keeps the module of the *last parameter* unquantized, which on a classifier
+        # is "classifier.bias" and matches no module: the new head would be quantized and untrainable.
+        quantization_config=quantization_config(quant, device, skip=list(ENCODER_HEADS) if encoder else None),
     )
     if quant.method != "none":
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else device.index or 0}
