@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneguard.bench import measure, reference
-from tuneguard.bench.estimate import AdapterShape, ModelShape, estimate, estimate_recipe
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
 from tuneguard.bench.tables import train_summary
 from tuneguard.cli import build_parser
+from tuneguard.memory import AdapterShape, ModelShape, estimate, estimate_recipe
 from tuneguard.recipe import load_recipe
 
 

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import norm
 
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
 from tuneguard.eval.compare import (
     Comparison,
-    aggregate_rows,
-    bootstrap_p,
     check_budget,
     compare_quantization,
     compare_results,
@@ -24,6 +22,7 @@ from tuneguard.eval.compare import (
     train_val_gap,
 )
 from tuneguard.eval.records import TaskResult, aggregate
+from tuneguard.eval.stats import aggregate_rows, bootstrap_p, tango_interval
 
 
 def acc(task: str, outcomes: list[float] | np.ndarray, *, higher_is_better: bool = True) -> TaskResult:
@@ -50,19 +49,22 @@ def outcomes() -> np.ndarray:
     return (np.random.default_rng(1).random(1000) < 0.6).astype(float)
 
 
-def test_identical_outcomes_mean_no_change(outcomes: np.ndarray) -> None:
+def test_identical_outcomes_are_non_inferior(outcomes: np.ndarray) -> None:
+    """No discordant item seen is not proof of none: the interval keeps a width set by n."""
     c = compare_task(acc("t", outcomes), acc("t", outcomes))
-    assert (c.delta, c.ci_low, c.ci_high, c.p_value) == (0.0, 0.0, 0.0, 1.0)
-    assert c.verdict == "no significant change"
-    assert c.test == "mcnemar-exact"
+    assert (c.delta, c.p_value, c.won, c.lost) == (0.0, 1.0, 0, 0)
+    assert -0.004 < c.ci_low < 0 < c.ci_high < 0.004
+    assert c.verdict == "non-inferior" and not c.beyond_margin and c.items_to_decide is None
+    assert c.test == "mcnemar"
     assert c.n == 1000
 
 
-def test_many_discordant_pairs_one_way_is_significant_and_matches_binomtest(outcomes: np.ndarray) -> None:
+def test_many_discordant_pairs_one_way_is_significant_and_matches_mcnemar(outcomes: np.ndarray) -> None:
     tuned = flipped(outcomes, wins=40, losses=12)
     c = compare_task(acc("t", outcomes), acc("t", tuned), n_boot=2000)
-    assert c.p_value == pytest.approx(binomtest(40, 52, 0.5, alternative="two-sided").pvalue, rel=1e-12)
+    assert c.p_value == pytest.approx(2 * norm.sf(28 / math.sqrt(52)), rel=1e-12)
     assert c.p_value < 0.001
+    assert (c.ci_low, c.ci_high) == tango_interval(40, 12, 1000)
     assert c.delta == pytest.approx(28 / 1000)
     assert 0 < c.ci_low < c.delta < c.ci_high
     assert c.verdict == "improved"
@@ -70,9 +72,44 @@ def test_many_discordant_pairs_one_way_is_significant_and_matches_binomtest(outc
 
 def test_few_discordant_pairs_is_not_significant(outcomes: np.ndarray) -> None:
     c = compare_task(acc("t", outcomes), acc("t", flipped(outcomes, wins=5, losses=3)))
-    assert c.p_value == pytest.approx(binomtest(5, 8, 0.5).pvalue)
+    assert c.p_value == pytest.approx(2 * norm.sf(2 / math.sqrt(8)))
     assert c.ci_low <= 0 <= c.ci_high
-    assert c.verdict == "no significant change"
+    assert c.verdict == "non-inferior"
+
+
+def test_margin_decides_between_non_inferior_inconclusive_and_beyond_margin(outcomes: np.ndarray) -> None:
+    small = outcomes[:250]
+    base = acc("t", small)
+    unsure = compare_task(base, acc("t", flipped(small, wins=4, losses=10)))     # -2.4 pp, not significant
+    assert unsure.verdict == "inconclusive" and unsure.ci_low < -0.02 < 0 < unsure.ci_high
+    assert unsure.items_to_decide is not None and unsure.items_to_decide > 250
+    assert unsure.with_margin(6.0).verdict == "non-inferior"
+    assert 0 < unsure.mdr < 10
+    far = compare_task(acc("t", outcomes), acc("t", flipped(outcomes, wins=2, losses=80)))   # -7.8 pp
+    assert far.verdict == "regressed" and far.beyond_margin and far.ci_high < -0.02
+    assert far.with_margin(7.0).beyond_margin is False and far.with_margin(7.0).verdict == "regressed"
+    per_task = compare_results([acc("a", small), acc("b", small)],
+                               [acc("a", flipped(small, 4, 10)), acc("b", flipped(small, 4, 10))],
+                               general_tasks={"a", "b"}, margin={"a": 8.0, "default": 1.0})
+    assert [(c.margin, c.verdict) for c in per_task] == [(8.0, "non-inferior"), (1.0, "inconclusive")]
+
+
+def test_general_suite_is_corrected_as_one_family(outcomes: np.ndarray) -> None:
+    """A 2.5 pp regression on 1000 items (p about 0.015) is significant alone, not among eight tasks."""
+    tasks = [f"g{i}" for i in range(8)]
+    tuned = flipped(outcomes, wins=40, losses=65)
+    rows = compare_results([acc(t, outcomes) for t in tasks], [acc("g0", tuned)] + [acc(t, outcomes) for t in tasks[1:]],
+                           general_tasks=set(tasks))
+    alone = compare_task(acc("g0", outcomes), acc("g0", tuned))
+    assert alone.verdict == "regressed" and alone.p_value < 0.05
+    g0 = rows[0]
+    assert (g0.correction, g0.p_value) == ("holm", alone.p_value)
+    assert g0.p_adjusted == pytest.approx(min(1.0, 8 * alone.p_value)) and g0.alpha == pytest.approx(0.05 / 8)
+    assert g0.verdict in ("inconclusive", "non-inferior") and g0.ci_low < alone.ci_low
+    bh = compare_results([acc("g0", outcomes)], [acc("g0", tuned)], general_tasks={"g0"}, correction="bh")[0]
+    assert bh.correction == "bh" and bh.verdict == "regressed"
+    own = compare_results([acc("own", outcomes)], [acc("own", tuned)], general_tasks=set())[0]
+    assert own.correction == "none" and own.alpha == 0.05
 
 
 def test_verdict_respects_higher_is_better(outcomes: np.ndarray) -> None:
@@ -84,15 +121,17 @@ def test_verdict_respects_higher_is_better(outcomes: np.ndarray) -> None:
     assert up.regression_points == pytest.approx(-6.0) and down.regression_points == pytest.approx(6.0)
 
 
-def test_bootstrap_is_seeded_and_independent_of_task_order(outcomes: np.ndarray) -> None:
-    tuned = flipped(outcomes, wins=30, losses=10)
-    a = compare_results([acc("a", outcomes), acc("b", tuned)], [acc("a", tuned), acc("b", outcomes)],
+def test_bootstrap_is_seeded_and_independent_of_task_order() -> None:
+    rng = np.random.default_rng(0)
+    nll, tokens = rng.gamma(2.0, 20.0, 300), rng.integers(10, 60, 300).astype(float)
+    worse = nll * 1.01 + rng.normal(0, 1.0, 300)
+    a = compare_results([ppl("a", nll, tokens), ppl("b", worse, tokens)], [ppl("a", worse, tokens), ppl("b", nll, tokens)],
                         general_tasks={"b"}, seed=3)
-    b = compare_results([acc("b", tuned), acc("a", outcomes)], [acc("b", outcomes), acc("a", tuned)],
+    b = compare_results([ppl("b", worse, tokens), ppl("a", nll, tokens)], [ppl("b", nll, tokens), ppl("a", worse, tokens)],
                         general_tasks={"b"}, seed=3)
     assert {c.task: c for c in a} == {c.task: c for c in b}
     assert [c.is_general for c in a] == [False, True]
-    other_seed = compare_results([acc("a", outcomes)], [acc("a", tuned)], general_tasks=set(), seed=4)[0]
+    other_seed = compare_results([ppl("a", nll, tokens)], [ppl("a", worse, tokens)], general_tasks=set(), seed=4)[0]
     assert (other_seed.ci_low, other_seed.ci_high) != (a[0].ci_low, a[0].ci_high)
 
 
@@ -119,7 +158,7 @@ def test_perplexity_bootstrap_is_sane() -> None:
     nll, tokens = rng.gamma(2.0, 20.0, 800), rng.integers(10, 60, 800).astype(float)
     same = compare_task(ppl("wiki", nll, tokens), ppl("wiki", nll, tokens))
     assert (same.delta, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
-    assert same.test == "paired-bootstrap" and same.verdict == "no significant change"
+    assert same.test == "paired-bootstrap" and same.verdict == "non-inferior"
 
     worse = compare_task(ppl("wiki", nll, tokens), ppl("wiki", nll * 1.03 + rng.normal(0, 0.5, 800), tokens))
     assert worse.base == pytest.approx(math.exp(nll.sum() / tokens.sum()))
@@ -129,7 +168,9 @@ def test_perplexity_bootstrap_is_sane() -> None:
     assert worse.regression_points == pytest.approx(100 * worse.delta / worse.base)
 
     noisy = compare_task(ppl("wiki", nll, tokens), ppl("wiki", nll + rng.normal(0, 3.0, 800), tokens))
-    assert noisy.ci_low < 0 < noisy.ci_high and noisy.verdict == "no significant change"
+    assert noisy.ci_low < 0 < noisy.ci_high and noisy.verdict in ("non-inferior", "inconclusive")
+    worst, _ = noisy.gain_interval
+    assert noisy.verdict == ("non-inferior" if worst >= -2.0 else "inconclusive")
 
 
 def test_bootstrap_p_matches_the_interval() -> None:
@@ -147,8 +188,7 @@ def test_ten_thousand_resamples_of_a_thousand_items_are_fast(outcomes: np.ndarra
 def test_comparison_round_trips_through_json(outcomes: np.ndarray) -> None:
     c = compare_task(acc("t", outcomes), acc("t", flipped(outcomes, 20, 5)), is_general=True)
     assert Comparison.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    nan = Comparison("t", "acc", 0.5, 0.5, 0.0, math.nan, math.nan, math.nan, "none", "no significant change",
-                     0, True)
+    nan = Comparison("t", "acc", 0.5, 0.5, 0.0, math.nan, math.nan, math.nan, "none", "non-inferior", 0, True)
     assert nan.to_dict()["ci_low"] is None
     assert math.isnan(Comparison.from_dict(nan.to_dict()).p_value)
 
@@ -177,8 +217,8 @@ def test_budget_raises_only_on_significant_regressions_beyond_it(outcomes: np.nd
     check_budget([big], max_regression=6.0)                          # within budget
     check_budget([big], max_regression=None)                         # no budget
     check_budget([_general(50, outcomes, general=False)], 2.0)       # the fine-tuning task itself
-    small = _general(4, outcomes)            # -0.4 pp on 4 discordant pairs: not significant
-    assert small.verdict == "no significant change"
+    small = _general(3, outcomes)            # -0.3 pp on 3 discordant pairs: not significant
+    assert small.verdict == "non-inferior"
     check_budget([small], max_regression=0.1)
 
 
@@ -209,3 +249,49 @@ def test_train_val_gap(tmp_path: Path) -> None:
     assert healthy is not None and healthy["overfitting"] is False
     assert train_val_gap(lines[:10]) is None
     assert read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_compare_adapters_on_one_base(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Three tiny runs: the base is scored once, each adapter swapped in, every pair corrected as a family."""
+    from tuneguard.cli import main as cli_main
+    from tuneguard.recipe import load_recipe
+    from tuneguard.train import train
+
+    from .test_train import make_run
+
+    dirs = []
+    for name, adapter in (("lora", {}), ("lora-r2", {"r": 2}), ("ia3", {"method": "ia3", "target_modules": "mlp"})):
+        path = make_run(tmp_path / name, tiny_llama_dir, adapter=adapter, output={"name": name},
+                        train={"max_steps": 2}, eval={"task": True, "suites": ["arc_easy"], "limit": 6})
+        recipe = load_recipe(path)
+        train(recipe, recipe.run_dir(path))
+        dirs.append(str(recipe.run_dir(path)))
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", *dirs, "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["lora", "lora-r2", "ia3"]
+    assert result["families"] == {"task vs base": 3, "general vs base": 3, "adapter vs adapter": 6}
+    vs_base = {(c["adapter"], c["task"]): c for c in result["vs_base"]}
+    assert set(vs_base) == {(a, t) for a in ("lora", "lora-r2", "ia3") for t in ("lora (validation)", "arc_easy")}
+    bases = {c["base"] for c in result["vs_base"] if c["task"] == "arc_easy"}
+    assert len(bases) == 1                                    # one base, scored once, for every adapter
+    assert all(c["correction"] == "holm" and c["alpha"] <= 0.05 for c in result["vs_base"])
+    assert {(c["a"], c["b"]) for c in result["between"]} == {("lora", "lora-r2"), ("lora", "ia3"), ("lora-r2", "ia3")}
+    assert any(p["pareto"] for p in result["points"])
+    page = (out / "compare.html").read_text()
+    assert page.index("<img") < page.index("<table") and "https://" not in page
+    assert "Adapter against adapter" in (out / "compare.md").read_text()
+    assert cli_main(["compare", dirs[0], "--out", str(out)]) == 2
+
+
+def test_margin_and_correction_are_recipe_keys() -> None:
+    from pydantic import ValidationError
+
+    from tuneguard.recipe import EvalConfig
+
+    assert (EvalConfig().margin, EvalConfig().correction) == (2.0, "holm")
+    assert EvalConfig(margin={"arc_easy": 1, "default": 3}, correction="bh").margin == {"arc_easy": 1.0, "default": 3.0}
+    with pytest.raises(ValidationError, match="eval.margin must be >= 0"):
+        EvalConfig(margin={"arc_easy": -1})
+    with pytest.raises(ValidationError, match="holm"):
+        EvalConfig(correction="bonferroni")

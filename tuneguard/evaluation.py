@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 
 from tuneguard.adapters.methods import load_adapter
-from tuneguard.backbones import Backbone, load_backbone
+from tuneguard.backbones import Backbone, dequantized, load_backbone
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.compare import check_budget, compare_quantization, compare_results
@@ -29,6 +29,7 @@ from tuneguard.recipe import QuantizationConfig, Recipe, load_recipe
 from tuneguard.report.files import build_report, write_reports
 from tuneguard.report.history import record_run
 from tuneguard.report.terminal import print_report
+from tuneguard.rundir import RunDir
 
 
 def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None:
@@ -43,9 +44,10 @@ def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None
 
 
 def _score(model: torch.nn.Module, backbone: Backbone, tasks: list[Task], recipe: Recipe, adapter_id: str | None,
-           accelerator: Any, limit: int | None) -> tuple[list[TaskResult], float | None]:
+           accelerator: Any, limit: int | None, label: str) -> tuple[list[TaskResult], float | None]:
     results = evaluate_tasks(model, backbone.tokenizer, tasks, limit=limit, batch_size=recipe.eval.batch_size,
-                             fingerprint=backbone.fingerprint, adapter_id=adapter_id, accelerator=accelerator)
+                             fingerprint=backbone.fingerprint, adapter_id=adapter_id, accelerator=accelerator,
+                             label=label)
     loss = None if backbone.is_encoder else general_text_loss(model, backbone.tokenizer)
     return results, loss
 
@@ -61,6 +63,7 @@ def evaluate_run(
     adapter_fp = json.loads(adapter_meta.read_text()).get("fingerprint") if adapter_meta.exists() else None
     model.eval()
     guards = run_guards(model, backbone.tokenizer, fingerprint=backbone.fingerprint, adapter_fingerprint=adapter_fp,
+                        diverged=RunDir(run_dir).record().get("diverged"),
                         checksum_at_load=checksum_at_load)
     enforce(guards)
 
@@ -70,9 +73,12 @@ def evaluate_run(
     if not tasks:
         raise TuneguardError("nothing to evaluate: set eval.task or eval.suites in the recipe")
     limit = limit or recipe.eval.limit
-    with model.disable_adapter():
-        base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit)
-    tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run_dir / "adapter"), accelerator, limit)
+    with dequantized(model) as held:
+        if held and main_process:
+            console.print(f"4-bit weights decoded once for evaluation ({held / 2**20:.0f} MB)")
+        with model.disable_adapter():
+            base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base")
+        tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run_dir / "adapter"), accelerator, limit, "tuned")
     original = _score_original(recipe, general, accelerator, limit) if with_original and general else None
     if not main_process:
         return 0
@@ -87,10 +93,11 @@ def evaluate_run(
         "seconds": round(time.time() - started, 1),
     }
     atomic_write_json(run_dir / "eval.json", eval_data)
+    margin, correction = recipe.eval.margin, recipe.eval.correction
     comparisons = compare_results(base, tuned, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
-                                  seed=recipe.train.seed)
-    original_cmp = (compare_quantization(original, base, general_tasks=general_names, n_boot=recipe.eval.bootstrap)
-                    if original else None)
+                                  seed=recipe.train.seed, margin=margin, correction=correction)
+    original_cmp = (compare_quantization(original, base, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
+                                         margin=margin, correction=correction) if original else None)
     report = build_report(run_dir, eval_data, comparisons, original_cmp)
     write_reports(run_dir, report)
     print_report(report, console)
@@ -103,7 +110,7 @@ def evaluate_run(
 def _score_original(recipe: Recipe, tasks: list[Task], accelerator: Any, limit: int | None) -> list[TaskResult]:
     """The unquantized backbone on the general tasks, so quantization's own cost shows separately."""
     backbone = load_backbone(recipe.model, QuantizationConfig(method="none"))
-    results, _ = _score(backbone.model, backbone, tasks, recipe, None, accelerator, limit)
+    results, _ = _score(backbone.model, backbone, tasks, recipe, None, accelerator, limit, "original")
     del backbone
     return results
 
@@ -116,8 +123,7 @@ def evaluate_after_training(recipe: Recipe, run_dir: Path, result: dict[str, Any
 def reevaluate(run_dir: Path, *, suites: list[str] | None, limit: int | None, with_original: bool) -> int:
     """``tuneguard eval RUN``: reload the backbone and the saved adapter, and evaluate again."""
     quiet_libraries()
-    if not (run_dir / "recipe.yaml").exists():
-        raise TuneguardError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    RunDir(run_dir).ensure_finished(writable=True)
     recipe = load_recipe(run_dir / "recipe.yaml")
     labels = recipe.data.labels
     backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)

@@ -15,8 +15,9 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   bit-identical to PEFT's under bf16 autocast.
 * **Cheaper dropout, same distribution** (:func:`drop_positions`). ``nn.Dropout`` draws one uniform
   per element. A Bernoulli(p) sequence is exactly a sequence of i.i.d. Geometric(p) gaps between
-  its zeros, so drawing ``numel * p`` float64 uniforms and inverting them into gaps gives the same
-  joint distribution of dropped positions, at the 53-bit resolution of torch's CPU ``bernoulli_``.
+  its zeros, so drawing ``numel * p`` gaps (torch's ``geometric_``, an inverted float64 uniform)
+  gives the same joint distribution of dropped positions, at the 53-bit resolution of torch's CPU
+  ``bernoulli_``.
   Each layer draws its own positions, as each PEFT layer has its own dropout. Kept inputs are not
   multiplied by ``1/(1-p)``: ``B A`` is linear, so scaling its output by ``scaling/(1-p)`` is the
   same function of the same masked input (only where the rounding happens moves). Backward keeps
@@ -28,10 +29,10 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
 * **No file-backed weights.** Weights transformers left as views of the mmapped checkpoint keep
   the whole file resident (and counted in RSS) for the life of the run; they are copied into
   ordinary memory, the mapping goes, and the allocator returns the loader's garbage to the OS.
-* **Activation checkpointing by budget** (:func:`checkpoint_plan`). The memory estimator picks how
-  many of the lowest decoder layers to recompute so the predicted peak fits
-  ``TUNEGUARD_MEMORY_BUDGET_MB`` (default: this process's RSS plus the memory available now); none
-  when it fits, the fast case. Checkpointing replays the RNG, so dropout is the same in the recompute.
+* **Activation checkpointing by budget** (:func:`tuneguard.memory.checkpoint_plan`). The memory
+  estimator picks how many of the lowest decoder layers to recompute so the predicted peak fits
+  ``TUNEGUARD_MEMORY_BUDGET_MB`` (default: half of what the usual way, PEFT's layers without any of
+  this, is predicted to need, or the memory at hand if that is less); none when it fits. Checkpointing replays the RNG, so dropout is the same in the recompute.
 
 The loss side (chunked cross-entropy that never builds full logits and computes its gradient in
 the same pass) lives in :mod:`tuneguard.losses` and is used with or without the fast path.
@@ -40,7 +41,7 @@ Always applied, because training is wrong without it: on CPUs with AVX512-BF16, 
 repacks a 4-bit weight for its inference kernel the first time the layer runs in eval mode without
 gradients (a validation pass). That kernel has no backward, so every later training step silently
 drops the gradient through the frozen weight and the LoRA factors of all lower layers get wrong
-gradients. :func:`keep_bnb_trainable` turns the repacking off and undoes it where it happened.
+gradients. :func:`tuneguard.backbones.keep_bnb_trainable` (applied at load) turns the repacking off.
 """
 
 from __future__ import annotations
@@ -55,15 +56,16 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tuneguard.adapters.methods import fusable_lora
+from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_trainable
+from tuneguard.memory import checkpoint_plan, memory_budget_mb
 from tuneguard.recipe import Recipe
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
-ENV_BUDGET = "TUNEGUARD_MEMORY_BUDGET_MB"
 
 
 def fastpath_enabled(enabled: bool | None = None) -> bool:
@@ -79,20 +81,19 @@ def fastpath_enabled(enabled: bool | None = None) -> bool:
 def drop_positions(numel: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flat indices of the elements dropout zeroes: each independently with probability ``p``, sorted.
 
-    A Bernoulli(p) sequence is the same thing as i.i.d. Geometric(p) gaps between its ones, and a
-    gap is drawn by inversion (``P(gap >= k) = (1-p)^k``) from a float64 uniform: the same 53-bit
-    resolution as torch's CPU ``bernoulli_``, for ``numel * p`` draws instead of ``numel``.
+    A Bernoulli(p) sequence is the same thing as i.i.d. Geometric(p) gaps between its ones. torch's
+    ``geometric_`` draws a gap by inversion of a float64 uniform (``ceil(log u / log(1 - p))``): the
+    same 53-bit resolution as its CPU ``bernoulli_``, for ``numel * p`` draws instead of ``numel``.
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if p == 0 or numel == 0:
         return torch.empty(0, dtype=torch.long)
-    log_keep = math.log1p(-p)
     found, start = [], 0
     while start < numel:
         expected = (numel - start) * p
-        u = torch.rand(int(expected + 8 * math.sqrt(expected) + 16), dtype=torch.float64, generator=generator)
-        positions = torch.cumsum(torch.floor(torch.log1p(-u) / log_keep).long() + 1, 0) + (start - 1)
+        gaps = torch.empty(int(expected + 8 * math.sqrt(expected) + 16), dtype=torch.long).geometric_(p, generator=generator)
+        positions = torch.cumsum(gaps, 0) + (start - 1)
         found.append(positions)
         start = int(positions[-1]) + 1
     positions = torch.cat(found)
@@ -155,17 +156,12 @@ class _Base:
         w = self.layer.weight
         if not self.is_4bit:
             return w.to(dtype)
-        state = w.quant_state
+        decoded = getattr(self.layer, "decoded_weight", None)  # set for a whole evaluation by backbones.dequantized
+        if decoded is not None and decoded.dtype == dtype:
+            return decoded
         if self.absmax is None:
-            if state.nested:
-                import bitsandbytes.functional as bnbf
-
-                self.absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            else:
-                self.absmax = state.absmax.float()
-        return torch.ops.bitsandbytes.dequantize_4bit.default(
-            w.data.view(torch.uint8), self.absmax, state.blocksize, state.quant_type, state.shape, dtype
-        )
+            self.absmax = decoded_absmax(w)
+        return dequantize_4bit(w, dtype, self.absmax)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -213,31 +209,6 @@ class _LoraLinearFn(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def _lora_classes() -> tuple[type, ...]:
-    """PEFT's plain LoRA layers (AdaLoRA and the other subclasses compute something else)."""
-    from peft.tuners.lora import layer
-
-    classes: list[type] = [layer.Linear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-
-        classes.append(Linear4bit)
-    except ImportError:
-        pass
-    return tuple(classes)
-
-
-def _fusable(layer: torch.nn.Module) -> bool:
-    """A LoRA layer on a plain or 4-bit linear base, with vanilla adapters (no DoRA, bias or variant)."""
-    if type(layer) not in _lora_classes():
-        return False
-    base = layer.get_base_layer()
-    four_bit = hasattr(getattr(base, "weight", None), "quant_state")
-    if not (four_bit or type(base) is torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
-        return False
-    return not layer.lora_variant and not any(getattr(layer, "lora_bias", {}).values())
-
-
 def _compute_dtypes(layer: torch.nn.Module, base: _Base, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(base matmul, LoRA matmul, output) dtypes: exactly those PEFT's layer ends up with."""
     a_dtype = next(iter(layer.lora_A.values())).weight.dtype
@@ -271,7 +242,7 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if _fusable(module) and not hasattr(module, "_tuneguard_fused"):
+        if fusable_lora(module) and not hasattr(module, "_tuneguard_fused"):
             base = _Base(module.get_base_layer())
             module.forward = functools.partial(_fused_forward, module, module.forward, base)
             module._tuneguard_fused = True
@@ -348,21 +319,6 @@ def fuse_gated_mlps(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------------- bnb and memory
 
 
-def keep_bnb_trainable(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights into its inference-only layout (and undo it)."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            weight = module.weight
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            count += 1
-    return count
-
-
 def _file_backed(t: torch.Tensor) -> bool:
     """Whether the tensor's memory is a view of an mmapped file (safetensors loads frozen weights so)."""
     try:
@@ -393,14 +349,6 @@ def _trim_heap() -> None:
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def memory_budget_mb() -> float:
-    """``TUNEGUARD_MEMORY_BUDGET_MB`` or, by default, this process's memory plus what is available now."""
-    value = os.environ.get(ENV_BUDGET)
-    if value:
-        return float(value)
-    return (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / 2**20
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks transformers can checkpoint one by one."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -422,17 +370,6 @@ def checkpoint_layers(model: torch.nn.Module, n: int) -> int:
     return len(layers)
 
 
-def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float) -> int:
-    """The fewest decoder layers to checkpoint for the fast path's predicted peak to fit ``budget_mb``."""
-    from tuneguard.bench.estimate import estimate_model
-
-    n_layers = len(decoder_layers(model))
-    for k in range(n_layers + 1):
-        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k).peak_mb <= budget_mb:
-            return k
-    return n_layers
-
-
 # ---------------------------------------------------------------------------------------- entry
 
 
@@ -448,5 +385,5 @@ def prepare_for_training(
     fuse_lora_layers(model)
     fuse_gated_mlps(model)
     if not recipe.train.gradient_checkpointing:
-        checkpoint_layers(model, checkpoint_plan(model, recipe, memory_budget_mb()))
+        checkpoint_layers(model, checkpoint_plan(model, recipe, memory_budget_mb(model, recipe)))
     return model

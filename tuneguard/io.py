@@ -1,4 +1,4 @@
-"""Atomic writes: a reader (or a resumed run) never sees a half-written file or folder."""
+"""Files: atomic writes (a reader or a resumed run never sees a half-written file or folder) and the cache."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def cache_dir() -> Path:
+    """``$TUNEGUARD_CACHE`` (default ``~/.cache/tuneguard``): dequantized GGUF files, hashes, the dtype probe."""
+    return Path(os.environ.get("TUNEGUARD_CACHE", Path.home() / ".cache" / "tuneguard"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,10 +1,13 @@
-"""The live training display (rich) and the silencing of noisy third-party logs."""
+"""The live displays (training, each long phase of loading and evaluation) and the silencing of noisy logs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from rich.console import Console
@@ -12,6 +15,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -67,3 +71,38 @@ class TrainProgress:
     def note(self, text: str) -> None:
         if self.enabled:
             self.progress.console.print(text)
+
+
+Advance = Callable[[int, int], None]
+"""``advance(done, total)``: a scoring loop's position in its own units (rows, batches)."""
+
+
+@contextmanager
+def phase(label: str, items: int | None = None, *, unit: str = "items", enabled: bool = True) -> Iterator[Advance]:
+    """A live line for one long phase (items/s and ETA when ``items`` is known, a spinner otherwise),
+    then one log line naming what ran and how long it took.
+
+    The yielded ``advance(done, total)`` maps the loop's own units onto ``items``, so a loop over
+    packed rows or batches still shows items.
+    """
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    if items:
+        columns += [BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TextColumn("eta"),
+                    TimeRemainingColumn()]
+    columns.append(TimeElapsedColumn())
+    start = time.perf_counter()
+    # Live only on a terminal: in logs (CI, nohup) the closing line below says it all.
+    bar = Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal))
+    task = bar.add_task(label, total=items or None, rate="")
+
+    def advance(done: int, total: int) -> None:
+        completed = (items or 0) * done / max(total, 1)
+        rate = completed / max(time.perf_counter() - start, 1e-9)
+        bar.update(task, completed=completed, rate=f"{rate:.1f} {unit}/s")
+
+    with bar:
+        yield advance
+    if enabled:
+        seconds = time.perf_counter() - start
+        rate = f" ({items / max(seconds, 1e-9):.1f} {unit}/s)" if items else ""
+        console.print(f"{label}: {f'{items} {unit} in ' if items else ''}{seconds:.1f} s{rate}", soft_wrap=True)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneguard.errors import TuneguardError
+from tuneguard.rundir import safe_name
 
 
 class Section(BaseModel):
@@ -63,12 +64,16 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     """When ``validation`` is not given, this fraction of ``train`` is split off with ``seed``."""
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    header: bool = True
+    """CSV/TSV: whether the first line names the columns; without one, ``columns`` must name them."""
+    columns: list[str] | None = None
+    """CSV/TSV column names, in order (replaces the header line when ``header`` is true)."""
     text_field: str = "text"
     label_field: str = "label"
     labels: list[str] | dict[str, str] | None = None
     """Classification label set. A list maps index -> verbalizer; a dict maps raw label -> verbalizer."""
-    prompt_template: str = "{text}"
-    """Classification/instruction prompt. Fields of the row go in as ``{name}``."""
+    prompt_template: str | None = None
+    """Classification/instruction prompt. Fields of the row go in as ``{name}``; default ``{<text_field>}``."""
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -79,11 +84,18 @@ class DataConfig(Section):
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(None, ge=1)
     max_bad_fraction: float = Field(0.0, ge=0, le=1)
+    allow_overlap: bool = False
+    """Accept training rows whose normalized text also occurs in the validation rows."""
     augment: Literal["none", "word_dropout", "swap"] = "none"
     augment_prob: float = Field(0.1, ge=0, le=1)
     replay: str | None = None
     """A text/JSONL file (or ``bundled:wiki``) of general text mixed into training to keep generalization."""
     replay_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def template(self) -> str:
+        """The prompt template in effect: the user's, or the text field alone."""
+        return self.prompt_template if self.prompt_template is not None else "{" + self.text_field + "}"
 
 
 class TrainConfig(Section):
@@ -125,13 +137,40 @@ class EvalConfig(Section):
     """General suites or task names run on base and tuned, e.g. ``general-small``."""
     limit: int | None = Field(None, ge=1)
     max_regression: float | None = None
+    margin: float | dict[str, float] = 2.0
+    """Regression accepted, in points: one for all tasks, or per task name (``default`` for the others)."""
+    correction: Literal["holm", "bh"] = "holm"
+    """Multiplicity across the general suite: Holm (family-wise error) or Benjamini-Hochberg (FDR)."""
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=100)
+
+    @field_validator("margin")
+    @classmethod
+    def _margin_not_negative(cls, margin: float | dict[str, float]) -> float | dict[str, float]:
+        values = margin.values() if isinstance(margin, dict) else [margin]
+        if any(v < 0 for v in values):
+            raise ValueError("eval.margin must be >= 0 points")
+        return margin
 
 
 class OutputConfig(Section):
     dir: str = "runs/{name}"
+    """Relative to the current directory (data paths are relative to the recipe file)."""
     name: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _only_name_placeholder(cls, folder: str) -> str:
+        try:
+            folder.format(name="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"{folder!r} may contain only the placeholder {{name}}") from None
+        return folder
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, name: str | None) -> str | None:
+        return None if name is None else safe_name(name)
 
 
 class Recipe(Section):
@@ -153,13 +192,19 @@ class Recipe(Section):
                 f"adapter.method '{self.adapter.method}' does not work on a 4-bit backbone "
                 f"(quantization.method '{self.quantization.method}'); use int8 or none, or lora"
             )
+        if not self.data.header and not self.data.columns:
+            raise ValueError("data.header: false needs data.columns to name the columns")
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
         return self
 
     def run_dir(self, recipe_path: Path | None = None) -> Path:
         name = self.output.name or (recipe_path.stem if recipe_path else "run")
-        return Path(self.output.dir.format(name=name))
+        return Path(self.output.dir.format(name=safe_name(name)))
+
+    def training_view(self) -> dict[str, Any]:
+        """What decides the trained weights: everything but ``eval`` and ``output`` (checked on resume)."""
+        return self.model_dump(mode="json", exclude={"eval", "output"})
 
 
 # Names other fine-tuning tools use for our keys, so a migrating user gets the right suggestion.
@@ -248,6 +293,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             path = next((c for c in candidates if c.exists()), candidates[0])
         if not path.exists():
             raise TuneguardError(f"data.{attr}: file not found: {value} (looked in {path.parent})")
+        if path.is_dir():
+            raise TuneguardError(f"data.{attr}: {path} is a directory; name a JSONL, CSV, TSV or Parquet file")
         setattr(recipe.data, attr, str(path.resolve()))
     return recipe
 
@@ -280,7 +327,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = apply_overrides(data, overrides or [])
     recipe = validate(data, str(path))
     if recipe.output.name is None:
-        recipe.output.name = path.stem
+        try:
+            recipe.output.name = path.stem
+        except ValidationError:
+            raise TuneguardError(f"{path}: the file name cannot name a run folder; set output.name") from None
     return resolve_paths(recipe, path.parent)
 
 

@@ -1,7 +1,8 @@
 """The training recipe, top to bottom: setup, steps, validation, checkpoints, resume, outputs.
 
-Run it as ``accelerate launch -m tuneguard.train RECIPE [a.b=value ...] [--resume]`` or in-process
-as ``tuneguard train RECIPE``. Every process runs this same script; Accelerate splits the work.
+Run it as ``accelerate launch -m tuneguard.train RECIPE [a.b=value ...] [--resume | --overwrite]``
+or in-process as ``tuneguard train RECIPE``. Every process runs this same script; Accelerate splits
+the work.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -16,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +30,20 @@ from safetensors.torch import load_file, save_file
 
 from tuneguard.adapters.freezing import frozen_floor
 from tuneguard.adapters.methods import adalora_orthogonality, apply_adapter, count_parameters
-from tuneguard.backbones import Backbone, load_backbone, supports_bf16
+from tuneguard.args import add_train_arguments, with_overrides
+from tuneguard.backbones import Backbone, load_backbone
 from tuneguard.data.packing import collate, collate_classification
 from tuneguard.data.prepare import Prepared, prepare_data
-from tuneguard.errors import TuneguardError
+from tuneguard.divergence import DivergenceWatch, non_finite
+from tuneguard.errors import TuneguardError, guarded
 from tuneguard.eval.guards import frozen_checksum
 from tuneguard.fastpath import prepare_for_training
 from tuneguard.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 from tuneguard.losses import CausalLMLoss, ClassificationLoss
+from tuneguard.numerics import numerics_record, resolve_mixed_precision
 from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.recipe import Recipe, dump_recipe, load_recipe
+from tuneguard.rundir import Mode, RunDir
 
 
 @dataclass
@@ -53,16 +59,15 @@ class TrainState:
     step_seconds: float = 0.0
     """Time inside optimizer steps only (no loading, validation or checkpointing): the throughput base."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    diverged: str | None = None
+    """Why training diverged (see tuneguard.divergence), or None."""
 
 
 # ----------------------------------------------------------------------------------------- setup
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
-    mp = recipe.train.mixed_precision
-    if mp == "auto":
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        mp = "bf16" if supports_bf16(device) else "no"
+    mp = resolve_mixed_precision(recipe.train.mixed_precision)
     freezing = recipe.adapter.freeze_layers_below > 0
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, Accelerate runs several processes (torchrun) only when told
@@ -154,24 +159,30 @@ def only_trainable_weights(accelerator: Accelerator, loss_model: torch.nn.Module
     accelerator.register_save_state_pre_hook(keep)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if (p / "train_state.json").exists()]
-    return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, best: dict | None, keep: int) -> None:
-    target = run_dir / "checkpoints" / f"step-{state.step}"
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, best: dict | None,
+                    recipe: Recipe) -> None:
+    """Adapter, optimizer and RNG state, the train state written last (it marks the checkpoint complete)."""
+    rd = RunDir(run_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_dir(target) as tmp:
+        with atomic_dir(rd.checkpoint(state.step)) as tmp:
             accelerator.save_state(str(tmp))
             if best is not None:
                 save_file(best, str(tmp / "best_adapter.safetensors"))
+            rd.write_checkpoint_recipe(tmp, recipe.training_view())
             atomic_write_json(tmp / "train_state.json", state.__dict__)
-        old = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        for path in old[:-keep]:
+        for path in rd.checkpoint_list()[: -recipe.train.keep_checkpoints]:
             shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def use_new_lr(scheduler: Any, lr: float) -> None:
+    """The restored optimizer and scheduler carry the checkpoint's lr; a resume that changed it gets the new one."""
+    inner: torch.optim.lr_scheduler.LambdaLR = scheduler.scheduler  # inside Accelerate's wrapper
+    inner.base_lrs = [lr] * len(inner.base_lrs)
+    for group, factor in zip(inner.optimizer.param_groups, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(inner.last_epoch)
 
 
 def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: Path) -> tuple[TrainState, dict | None]:
@@ -242,15 +253,40 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train the recipe's adapter into ``run_dir``; returns the run record (also written as run.json)."""
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch job (or a single process), known before Accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def claim_run_dir(run_dir: Path, mode: Mode) -> AbstractContextManager:
+    """The run directory's lock for this run's life, taken by the main process only."""
+    return RunDir(run_dir).claim(mode) if is_main_process() else nullcontext()
+
+
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, overwrite: bool = False,
+          resume_changed: list[str] | None = None) -> dict[str, Any]:
+    """Train the recipe's adapter into ``run_dir``; returns the run record (also written as run.json).
+
+    The directory is locked while training; a directory that holds another run is refused unless
+    ``resume`` (same recipe, or the changed keys named in ``resume_changed``) or ``overwrite``.
+    """
+    mode: Mode = "overwrite" if overwrite else "resume" if resume else "new"
+    with claim_run_dir(run_dir, mode):
+        return _train(recipe, run_dir, resume, resume_changed or [])
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: bool, resume_changed: list[str]) -> dict[str, Any]:
     started = time.time()
     quiet_libraries()
+    checkpoint = RunDir(run_dir).latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        RunDir(run_dir).check_resume(checkpoint, recipe.training_view(), resume_changed)
     accelerator = make_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         accelerator.print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
+        if accelerator.is_main_process:
+            RunDir(run_dir).metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
 
     # 1. Backbone (frozen, maybe quantized) and data.
     labels = recipe.data.labels
@@ -262,11 +298,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                         packable=recipe.adapter.method != "prompt_tuning")
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
     if accelerator.is_main_process:  # only now that the inputs are known to be good
-        if not resume and (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir / "checkpoints")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        for line in data_notes(data.stats):
+            accelerator.print(f"note: {line}")
 
     # 2. Adapter.
     set_seed(recipe.train.seed)
@@ -291,6 +325,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
     state, best = TrainState(), None
     if checkpoint is not None:
         state, best = restore_checkpoint(accelerator, checkpoint, run_dir)
+        if "train.lr" in resume_changed:
+            use_new_lr(scheduler, recipe.train.lr)
         accelerator.print(f"resumed from {checkpoint.name}")
     if accelerator.is_main_process and recipe.train.trackers:
         accelerator.init_trackers(recipe.output.name or "tuneguard", config=_flat(recipe.model_dump(mode="json")))
@@ -301,6 +337,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                            start=state.step * recipe.train.grad_accum)
     progress = TrainProgress(total_steps, start=state.step, enabled=accelerator.is_main_process)
     window_tokens, window_start = 0, time.time()
+    watch = DivergenceWatch(uniform_loss(backbone.model.config, backbone.is_encoder))
     loss_model.train()
     with progress:
         while state.step < total_steps and not state.stopped_early:
@@ -322,15 +359,20 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 step_loss += float(loss_sum.detach()) / max(global_targets, 1) * accelerator.num_processes
             if floor > 0:
                 _drop_frozen_grads(named_trainable, floor)
-            if recipe.train.max_grad_norm:
-                accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+            # Clipping at infinity leaves the grads as they are and still measures their norm.
+            grad_norm = float(accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm or math.inf))
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
+            # fp16's loss scaler makes some grads inf on purpose (it then skips the step): check the loss only.
+            bad = non_finite(step_loss, None if accelerator.scaler is not None else grad_norm)
+            if bad:
+                raise_non_finite(bad, state.step + 1, run_dir, scheduler.get_last_lr()[0])
             optimizer.step()
             if recipe.adapter.method == "adalora":
                 model.base_model.update_and_allocate(state.step)  # AdaLoRA's rank budget reads the grads
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
             state.step += 1
+            state.diverged = watch.update(step_loss, grad_norm)
             state.step_seconds += time.time() - step_start
             state.tokens += step_tokens
             window_tokens += step_tokens
@@ -359,10 +401,13 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
                             state.stopped_early = True
                             progress.note(f"early stopping at step {state.step}: no val_loss improvement in {patience} evaluations")
 
+            if state.diverged:
+                progress.note(f"step {state.step}: training diverged: {state.diverged}")
+                break
             if recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps:
                 state.elapsed += time.time() - started
                 started = time.time()
-                save_checkpoint(accelerator, run_dir, state, best, recipe.train.keep_checkpoints)
+                save_checkpoint(accelerator, run_dir, state, best, recipe)
 
     # 5. Outputs.
     if best is not None and recipe.train.early_stopping_patience:
@@ -382,6 +427,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
         "seed": recipe.train.seed,
         "steps": state.step,
         "stopped_early": state.stopped_early,
+        "diverged": state.diverged,
         "tokens_trained": state.tokens,
         "wall_time_s": round(state.elapsed, 2),
         "train_seconds": round(state.step_seconds, 2),
@@ -395,6 +441,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
+        "numerics": numerics_record(accelerator.device),
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "git_commit": git_commit(),
@@ -410,8 +457,35 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict[str, Any]
         if data.stats["truncated_train"]:
             accelerator.print(f"note: {data.stats['truncated_train']} training examples were truncated to data.max_length={recipe.data.max_length}")
         accelerator.print(f"adapter saved to {run_dir / 'adapter'}  ({record['tokens_per_s']} tokens/s, peak {record['peak_memory_mb']:.0f} MB)")
+    if state.diverged:
+        raise TuneguardError(f"training diverged at step {state.step}: {state.diverged}; run.json records it and "
+                             "evaluation refuses this adapter (lower train.lr, or raise train.warmup_ratio)")
     return {"record": record, "model": accelerator.unwrap_model(loss_model).model, "backbone": backbone, "data": data,
             "accelerator": accelerator, "checksum_at_load": checksum_at_load}
+
+
+def uniform_loss(config: Any, is_encoder: bool) -> float:
+    """The loss of a uniform guess: over the labels for a classifier head, else over the vocabulary."""
+    return math.log(max(config.num_labels if is_encoder else config.vocab_size, 2))
+
+
+def raise_non_finite(what: str, step: int, run_dir: Path, lr: float) -> None:
+    checkpoint = RunDir(run_dir).latest_checkpoint()
+    last = f"the last checkpoint is {checkpoint}" if checkpoint else "there is no checkpoint (train.save_every)"
+    raise TuneguardError(f"step {step}: {what} (lr {lr:g}); stopped before the update, adapter/ not written, "
+                         f"{last}. Lower train.lr or check the data")
+
+
+def data_notes(stats: dict[str, Any]) -> list[str]:
+    """What the data stage dropped or accepted, for the log (run.json keeps the counts)."""
+    notes = []
+    bad = stats.get("bad_train_rows", 0) + stats.get("bad_val_rows", 0)
+    if bad:
+        notes.append(f"{bad} bad rows skipped ({stats['bad_train_rows']} training, {stats['bad_val_rows']} validation; "
+                     "data.max_bad_fraction); first: " + "; ".join(stats["bad_rows_named"]))
+    if stats.get("overlap_val_rows"):
+        notes.append(f"{stats['overlap_val_rows']} validation rows also occur in training (data.allow_overlap)")
+    return notes
 
 
 def _drop_frozen_grads(named: dict[str, torch.nn.Parameter], floor: int) -> None:
@@ -452,31 +526,31 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tuneguard.train", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    add_train_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    return with_overrides(parser, args, extra)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise TuneguardError("give --resume or --overwrite, not both")
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = recipe.run_dir(Path(args.recipe))
-    result = train(recipe, run_dir, resume=args.resume)
-    try:
-        if not args.no_eval and (recipe.eval.task or recipe.eval.suites):
-            from tuneguard.evaluation import evaluate_after_training
+    resume = args.resume or bool(args.resume_changed)
+    with claim_run_dir(run_dir, "overwrite" if args.overwrite else "resume" if resume else "new"):
+        result = train(recipe, run_dir, resume=resume, resume_changed=args.resume_changed)
+        try:
+            if not args.no_eval and (recipe.eval.task or recipe.eval.suites):
+                from tuneguard.evaluation import evaluate_after_training
 
-            return evaluate_after_training(recipe, run_dir, result)
-        return 0
-    finally:
-        result["accelerator"].end_training()  # closes trackers and the process group, after evaluation
+                return evaluate_after_training(recipe, run_dir, result)
+            return 0
+        finally:
+            result["accelerator"].end_training()  # closes trackers and the process group, after evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tuneguard.cli import guarded
-
     args = parse_args(argv)
     return guarded(lambda: run(args), debug=args.debug)
 

@@ -1,16 +1,30 @@
-"""Merge a trained adapter into its backbone and save a plain Hugging Face model."""
+"""Merge a trained adapter into its backbone and save a plain Hugging Face model.
+
+The export carries what the run knew (a classifier's label names, a decoder's prompt template in a
+model card) and is checked before it is called saved: finite tensors, it loads back, and a probe
+forward of the reloaded model equals the adapter model's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from tuneguard.adapters.methods import load_adapter
 from tuneguard.backbones import load_backbone
+from tuneguard.data.examples import label_index
 from tuneguard.errors import TuneguardError
-from tuneguard.io import atomic_dir
+from tuneguard.eval.guards import PROBE
+from tuneguard.io import atomic_dir, atomic_write_json, atomic_write_text
 from tuneguard.recipe import QuantizationConfig, Recipe
+from tuneguard.weights import check_weights_dir
+
+MARKER = "tuneguard-export.json"
+"""Written into every export: only a folder holding it may be replaced by a new export."""
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+"""Largest |reloaded - adapter| probe logit, relative to the largest |logit|: merging rounds in the dtype."""
 
 
 def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "float32") -> Path:
@@ -19,16 +33,70 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
     Merging into 4-bit weights would round the adapter away, so the merge always happens on the
     full-precision backbone, which is what a user deploys.
     """
-    model_cfg = recipe.model.model_copy(update={"dtype": dtype})
-    backbone = load_backbone(model_cfg, QuantizationConfig(method="none"), num_labels=_num_labels(recipe))
-    peft_model = load_adapter(backbone.model, adapter_dir)
     if recipe.adapter.method == "prompt_tuning":
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
-    merged = peft_model.merge_and_unload()
-    with torch.no_grad(), atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        backbone.tokenizer.save_pretrained(tmp)
+    if out.exists() and not (out / MARKER).exists():
+        raise TuneguardError(f"{out} exists and is not a tuneguard export; choose another --out (nothing is replaced)")
+    model_cfg = recipe.model.model_copy(update={"dtype": dtype})
+    backbone = load_backbone(model_cfg, QuantizationConfig(method="none"), num_labels=_num_labels(recipe))
+    peft_model = load_adapter(backbone.model, adapter_dir).eval()
+    ids = torch.tensor([backbone.tokenizer(PROBE)["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits.float()
+        merged = peft_model.merge_and_unload()
+    if backbone.is_encoder:
+        _, verbalizers = label_index(recipe.data)
+        merged.config.id2label = dict(enumerate(verbalizers))
+        merged.config.label2id = {v: i for i, v in enumerate(verbalizers)}
+    try:
+        with torch.no_grad(), atomic_dir(out) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            backbone.tokenizer.save_pretrained(tmp)
+            if not backbone.is_encoder:
+                atomic_write_text(tmp / "README.md", model_card(recipe))
+            verify_export(tmp, backbone.is_encoder, ids, expected, dtype)
+            atomic_write_json(tmp / MARKER, {"recipe": recipe.output.name, "adapter": str(adapter_dir), "dtype": dtype})
+    except OSError as exc:
+        raise TuneguardError(f"{out}: cannot write the export ({exc.strerror or exc}); nothing saved") from None
     return out
+
+
+def verify_export(folder: Path, is_encoder: bool, ids: torch.Tensor, expected: torch.Tensor, dtype: str) -> None:
+    """Finite tensors, loads back, and the probe's logits match the adapter model's within the dtype's rounding."""
+    check_weights_dir(folder, finite=True)
+    cls = AutoModelForSequenceClassification if is_encoder else AutoModelForCausalLM
+    try:
+        reloaded: PreTrainedModel = cls.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    except (OSError, ValueError) as exc:
+        raise TuneguardError(f"export check failed, nothing saved: the merged model does not load back ({exc})") from None
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits.float()
+    scale = max(float(expected.abs().max()), 1.0)
+    diff = float((got - expected).abs().max()) / scale
+    if got.shape != expected.shape or not diff <= TOLERANCE[dtype]:
+        raise TuneguardError(f"export check failed, nothing saved: the merged model's probe logits differ from the "
+                             f"adapter model's by {diff:.3g} of their scale (allowed {TOLERANCE[dtype]:g})")
+
+
+def model_card(recipe: Recipe) -> str:
+    """What a user of the merged decoder needs to prompt it as it was trained."""
+    data = recipe.data
+    lines = [
+        f"# {recipe.output.name}: {recipe.model.source} with a merged {recipe.adapter.method} adapter",
+        "",
+        "Exported by tuneguard. Prompt the model as it was trained:",
+        "",
+        f"- task kind: `{data.kind}`",
+        f"- chat template: {'used (the tokenizer saved here carries it)' if data.use_chat_template else 'not used'}",
+    ]
+    if data.system_prompt:
+        lines.append(f"- system prompt: `{data.system_prompt}`")
+    if data.kind != "text":
+        lines += ["- prompt template (fields of a row go in as `{name}`):", "", "```", data.template, "```"]
+    if data.kind == "classification":
+        _, verbalizers = label_index(data)
+        lines += ["", "Answers (one per class, in class order): " + ", ".join(f"`{v}`" for v in verbalizers)]
+    return "\n".join(lines) + "\n"
 
 
 def _num_labels(recipe: Recipe) -> int | None:

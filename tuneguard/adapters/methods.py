@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from tuneguard.adapters.freezing import layer_index
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import AdapterConfig
+from tuneguard.weights import check_adapter
 
 HEAD_NAMES = {"lm_head", "classifier", "score", "pooler", "embed_out"}
 ATTENTION_HINTS = ("attn", "attention")
@@ -124,17 +125,24 @@ def apply_adapter(
     return peft_model
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: Path) -> PeftModel:
-    """A saved adapter on ``model``, from safetensors only (a pickled ``adapter_model.bin`` is refused)."""
+def load_adapter(model: PreTrainedModel | PeftModel, adapter_dir: Path, *, name: str = "default") -> PeftModel:
+    """A saved adapter on ``model``, from safetensors only (a pickled ``adapter_model.bin`` is refused).
+
+    On a ``PeftModel`` it is added beside the adapters already there, under ``name`` (``set_adapter`` switches).
+    """
     if not (adapter_dir / "adapter_config.json").exists():
         raise TuneguardError(f"{adapter_dir}: no trained adapter (adapter_config.json missing)")
     if not (adapter_dir / "adapter_model.safetensors").exists():
         raise TuneguardError(f"{adapter_dir}: no adapter_model.safetensors (tuneguard does not unpickle weights)")
+    check_adapter(adapter_dir)
     with warnings.catch_warnings():
         # AdaLoRA's saved rank_pattern is keyed by parameter, and PEFT warns that no *module* has those
         # names; it still prunes each layer to its saved rank (tests/test_train.py checks the reload).
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -165,3 +173,29 @@ def adalora_orthogonality(model: torch.nn.Module) -> torch.Tensor | None:
             cov = p @ p.T if "lora_A" in name else p.T @ p
             terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
     return config.orth_reg_weight * torch.stack(terms).mean() if terms else None
+
+
+def _lora_classes() -> tuple[type, ...]:
+    """PEFT's plain LoRA layers (AdaLoRA and the other subclasses compute something else)."""
+    from peft.tuners.lora import layer
+
+    classes: list[type] = [layer.Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        classes.append(Linear4bit)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def fusable_lora(layer: torch.nn.Module) -> bool:
+    """A LoRA layer the training fast path can fuse: on a plain or 4-bit linear base, with vanilla adapters
+    (no DoRA, bias or variant)."""
+    if type(layer) not in _lora_classes():
+        return False
+    base = layer.get_base_layer()
+    four_bit = hasattr(getattr(base, "weight", None), "quant_state")
+    if not (four_bit or type(base) is torch.nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return False
+    return not layer.lora_variant and not any(getattr(layer, "lora_bias", {}).values())

@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tuneguard.args import positive_int
 from tuneguard.errors import TuneguardError
 
 TRAIN_RUNNERS = ["tuneguard", "trainer", "sft"]
@@ -42,7 +43,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="bundled:smollm2-135m-instruct")
     p.add_argument("--quant", default="nf4", choices=["none", "nf4", "fp4", "int8"])
     p.add_argument("--tasks", nargs="+", default=["general-small"])
-    p.add_argument("--limit", type=int, default=40, help="first N items of each task")
+    p.add_argument("--limit", type=positive_int, default=40, help="first N items of each task")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--generation-items", type=int, default=16)
     _common(p)
@@ -158,9 +159,24 @@ def _train(args: argparse.Namespace) -> int:
                 spec["fastpath"] = not args.no_fastpath
             specs.append(spec)
     results = _run_all(specs, args.repeat, args.timeout)
-    summary = train_summary(results)
+    ceilings = {_config_of(spec): _ceiling(spec) for spec in specs if spec["runner"] == "tuneguard"}
+    summary = train_summary(results, ceilings)
     print_blocks(train_blocks(results, summary), console)
     return _finish(args, results, summary)
+
+
+def _config_of(spec: dict[str, Any]) -> str:
+    from tuneguard.bench.tables import config_label
+
+    return config_label(spec)
+
+
+def _ceiling(spec: dict[str, Any]) -> dict[str, Any]:
+    """The configuration's speed ceiling here, in the dtype tuneguard computes in (measured after the runs)."""
+    from tuneguard.bench.ceiling import training_ceiling
+    from tuneguard.numerics import resolve_dtype
+
+    return training_ceiling(spec, resolve_dtype("auto", spec["device"]))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -198,10 +214,10 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from tuneguard.bench.estimate import estimate_recipe, measure_recipe
     from tuneguard.bench.tables import estimate_block, print_blocks
     from tuneguard.fastpath import fastpath_enabled
     from tuneguard.io import atomic_write_json
+    from tuneguard.memory import estimate_recipe, measure_recipe
     from tuneguard.progress import console
     from tuneguard.recipe import load_recipe
 

@@ -69,7 +69,7 @@ def run_matrix(recipe: Path, adapters: list[str], overrides: list[str], out: Pat
     for adapter in adapters:
         run_dir = out / adapter
         cmd = [sys.executable, "-m", "tuneguard.cli", "train", str(recipe), *overrides, *adapter_overrides(adapter),
-               f"output.dir={out}/{{name}}", f"output.name={adapter}"]
+               f"output.dir={out}/{{name}}", f"output.name={adapter}", "--overwrite"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,7 +1,7 @@
 """The measuring harness: one fresh process per configuration, and records that can be compared.
 
 Peak memory is a property of a whole process (what was imported, loaded and freed before), so each
-configuration runs in its own interpreter (``python -m tuneguard.bench.measure SPEC OUT``) and
+configuration runs in its own interpreter (``python -m tuneguard.bench.reference SPEC OUT``) and
 reports its own high-water mark: ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` and
 ``max_memory_reserved`` on CUDA. Throughput counts exact tokens (no padding exists in the bench
 data) over the optimizer steps after a warm-up.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from tuneguard.errors import TuneguardError
+from tuneguard.numerics import cpu_model, numerics_record
 
 SCHEMA = 1
 HIGHER_IS_BETTER = {"tokens_per_s": True, "items_per_s": True, "peak_memory_mb": False, "load_seconds": False}
@@ -45,7 +45,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     env: dict[str, Any] = {
         "versions": versions(),
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "numerics": numerics_record(device),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(),
@@ -117,7 +118,7 @@ def run_isolated(spec: dict[str, Any], *, timeout: float = 1800, env: dict[str, 
         started = time.perf_counter()
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "tuneguard.bench.measure", str(spec_path), str(out_path)],
+                [sys.executable, "-m", "tuneguard.bench.reference", str(spec_path), str(out_path)],
                 capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
             )
         except subprocess.TimeoutExpired:
@@ -128,29 +129,6 @@ def run_isolated(spec: dict[str, Any], *, timeout: float = 1800, env: dict[str, 
         result = json.loads(out_path.read_text())
         result["process_seconds"] = round(time.perf_counter() - started, 2)
         return result
-
-
-def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    from tuneguard.bench import reference
-
-    threads = spec.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    runners = {
-        ("train", "tuneguard"): reference.train_tuneguard,
-        ("train", "trainer"): reference.train_trainer,
-        ("train", "trainer+gc"): reference.train_trainer,
-        ("train", "sft"): reference.train_sft,
-        ("eval", "tuneguard"): reference.eval_tuneguard,
-        ("eval", "per-choice"): reference.eval_per_choice,
-    }
-    key = (spec["kind"], spec["runner"])
-    if key not in runners:
-        raise TuneguardError(f"unknown bench runner {key}")
-    Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
-    result = runners[key](spec)
-    device = spec.get("device", "cpu")
-    return {"schema": SCHEMA, "spec": spec, **result, **peak_memory(device), "environment": environment(device)}
 
 
 # -------------------------------------------------------------------------------------- compare
@@ -199,14 +177,3 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Results saved by ``tuneguard bench ... --json``: a list, or a dict with ``results``."""
     data = json.loads(Path(path).read_text())
     return data["results"] if isinstance(data, dict) else data
-
-
-def main(argv: list[str] | None = None) -> int:
-    spec_path, out_path = (argv or sys.argv[1:])[:2]
-    result = _worker(json.loads(Path(spec_path).read_text()))
-    Path(out_path).write_text(json.dumps(result, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,8 @@ tuneguard's own data stage so that every runner gets token-for-token the same ba
 * ``trainer+gc``: the same with ``prepare_model_for_kbit_training``'s own default (checkpointing on).
 * ``sft``: TRL ``SFTTrainer`` with its defaults (bf16 autocast, gradient checkpointing) and ``peft_config``.
 
+Each bench process is ``python -m tuneguard.bench.reference SPEC OUT`` (started by ``measure.run_isolated``).
+
 Evaluation: ``tuneguard`` scores tasks with the shared-context scorer; ``per-choice`` runs one
 forward pass per (context, choice) pair, batched longest first, as lm-evaluation-harness does.
 """
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,8 +30,17 @@ from typing import Any
 
 import torch
 
-from tuneguard.bench.measure import current_rss_mb, dir_size_mb, throughput, timed
+from tuneguard.bench.measure import (
+    SCHEMA,
+    current_rss_mb,
+    dir_size_mb,
+    environment,
+    peak_memory,
+    throughput,
+    timed,
+)
 from tuneguard.data.readers import Row
+from tuneguard.errors import TuneguardError
 from tuneguard.recipe import Recipe, validate
 
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -137,8 +149,8 @@ def _counts(model: torch.nn.Module) -> dict[str, int]:
 
 def train_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
     from tuneguard import train as train_module
-    from tuneguard.bench.estimate import estimate_recipe
     from tuneguard.fastpath import ENV_FLAG
+    from tuneguard.memory import estimate_recipe
 
     spec = {**TRAIN_DEFAULTS, **spec}
     os.environ[ENV_FLAG] = "1" if spec["fastpath"] else "0"
@@ -196,7 +208,8 @@ def _reference_model(spec: dict[str, Any], recipe: Recipe, *, kbit_prepare: bool
     """The backbone as a user loads it: same weights, quantization config and dtype as tuneguard's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneguard.backbones import quantization_config, resolve_source, torch_dtype
+    from tuneguard.backbones import quantization_config, resolve_source
+    from tuneguard.numerics import resolve_dtype
 
     device = torch.device(spec["device"])
     times: dict[str, float] = {}
@@ -204,7 +217,7 @@ def _reference_model(spec: dict[str, Any], recipe: Recipe, *, kbit_prepare: bool
         source = resolve_source(recipe.model)[0]
         tokenizer = AutoTokenizer.from_pretrained(source)
         quant = quantization_config(recipe.quantization, device)
-        kwargs: dict[str, Any] = {"dtype": torch.float32 if quant else torch_dtype(recipe.model.dtype, device)}
+        kwargs: dict[str, Any] = {"dtype": torch.float32 if quant else resolve_dtype(recipe.model.dtype, device)}
         if quant:
             kwargs.update(quantization_config=quant, device_map={"": spec["device"]})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -359,18 +372,20 @@ def _timed_choices(
 
 
 def eval_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
+    from tuneguard.backbones import dequantized
     from tuneguard.eval.scoring import generate_until, loglikelihood
 
     spec = {**EVAL_DEFAULTS, **spec}
     model, tokenizer, times = _eval_model(spec)
-    tasks, n_items, seconds = _timed_choices(
-        spec, tokenizer, lambda requests: [s.logprob for s in loglikelihood(model, requests, spec["batch"])]
-    )
-    contexts = _generation_contexts(spec, tokenizer)
-    start = time.perf_counter()
-    generations = generate_until(model, tokenizer, contexts, ["\n"], max_new_tokens=16, batch_size=spec["batch"])
-    gen_seconds = time.perf_counter() - start
-    return {"items_per_s": round(n_items / seconds, 3), "items": n_items, "seconds": round(seconds, 3), "tasks": tasks,
+    with dequantized(model) as held:
+        tasks, n_items, seconds = _timed_choices(
+            spec, tokenizer, lambda requests: [s.logprob for s in loglikelihood(model, requests, spec["batch"])]
+        )
+        contexts = _generation_contexts(spec, tokenizer)
+        start = time.perf_counter()
+        generations = generate_until(model, tokenizer, contexts, ["\n"], max_new_tokens=16, batch_size=spec["batch"])
+        gen_seconds = time.perf_counter() - start
+    return {"decoded_weights_mb": round(held / 2**20, 1),"items_per_s": round(n_items / seconds, 3), "items": n_items, "seconds": round(seconds, 3), "tasks": tasks,
             "generation_items_per_s": round(len(contexts) / gen_seconds, 3), "generations": generations,
             "rss_after_mb": round(current_rss_mb(), 1), **times}
 
@@ -438,3 +453,38 @@ def score_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"same_choice": same, "docs": total, "identical_choices": same == total,
             "max_logprob_gap": round(gap, 4) if math.isfinite(gap) else None,
             "same_generation": sum(x == y for x, y in gens), "generations": len(gens)}
+
+
+# ----------------------------------------------------------------------------------- the process
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    runners = {
+        ("train", "tuneguard"): train_tuneguard,
+        ("train", "trainer"): train_trainer,
+        ("train", "trainer+gc"): train_trainer,
+        ("train", "sft"): train_sft,
+        ("eval", "tuneguard"): eval_tuneguard,
+        ("eval", "per-choice"): eval_per_choice,
+    }
+    key = (spec["kind"], spec["runner"])
+    if key not in runners:
+        raise TuneguardError(f"unknown bench runner {key}")
+    Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
+    result = runners[key](spec)
+    device = spec.get("device", "cpu")
+    return {"schema": SCHEMA, "spec": spec, **result, **peak_memory(device), "environment": environment(device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, out_path = (argv or sys.argv[1:])[:2]
+    result = _worker(json.loads(Path(spec_path).read_text()))
+    Path(out_path).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,7 +149,7 @@ def classification_example(
     if raw not in mapping:
         raise ValueError(f"label {raw!r} is not in the label set {sorted(mapping)}")
     label = mapping[raw]
-    prompt = format_prompt(cfg.prompt_template, fields)
+    prompt = format_prompt(cfg.template, fields)
     if is_encoder:
         ids = tokenizer(prompt, truncation=True, max_length=cfg.max_length)["input_ids"]
         example = Example(ids, [IGNORE] * len(ids), label, truncated=len(ids) >= cfg.max_length)
@@ -178,10 +178,10 @@ def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
         return messages
     if cfg.response_field not in fields or not str(fields[cfg.response_field]).strip():
         raise ValueError(f"missing field '{cfg.response_field}'")
-    if cfg.prompt_template == "{text}" and cfg.prompt_field in fields:
+    if cfg.prompt_template is None and cfg.prompt_field in fields:
         prompt = str(fields[cfg.prompt_field]).strip()
     else:
-        prompt = format_prompt(cfg.prompt_template, fields)
+        prompt = format_prompt(cfg.template, fields)
     return [*chat_messages(cfg, prompt), {"role": "assistant", "content": str(fields[cfg.response_field]).strip()}]
 
 
@@ -242,10 +242,11 @@ def augment_fields(fields: dict[str, Any], cfg: DataConfig, rng: random.Random) 
 
 def build_examples(
     rows: list[Row], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool,
-    what: str, augment_rng: random.Random | None = None,
+    what: str, augment_rng: random.Random | None = None, problems: Problems | None = None,
 ) -> tuple[list[Example], list[ChoiceItem]]:
-    """Validate and tokenize rows; bad rows are counted and named, and fail past the allowed fraction."""
-    problems = Problems()
+    """Validate and tokenize rows; bad rows are counted (into ``problems``) and named, and fail past the
+    allowed fraction."""
+    problems = problems if problems is not None else Problems()
     examples: list[Example] = []
     items: list[ChoiceItem] = []
     mapping, verbalizers = label_index(cfg)

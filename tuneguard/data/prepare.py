@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneguard.data.examples import ChoiceItem, Example, build_examples, label_index
+from tuneguard.data.examples import (
+    MAX_NAMED_PROBLEMS,
+    ChoiceItem,
+    Example,
+    Problems,
+    build_examples,
+    label_index,
+)
 from tuneguard.data.packing import Packed, pack
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
@@ -34,7 +43,7 @@ class Prepared:
 def split_rows(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     """A seeded split of the training file when no validation file is given."""
     if cfg.validation:
-        return rows, read_rows(cfg.validation, cfg.format)
+        return rows, read_rows(cfg.validation, cfg.format, header=cfg.header, columns=cfg.columns)
     if cfg.val_fraction == 0:
         return rows, []
     order = list(range(len(rows)))
@@ -42,6 +51,21 @@ def split_rows(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], 
     n_val = max(1, round(len(rows) * cfg.val_fraction))
     val_idx = set(order[:n_val])
     return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
+
+
+def normalized_key(row: Row, cfg: DataConfig) -> str | None:
+    """A hash of the row's inputs (every field but the label) with case, spacing and punctuation removed."""
+    if row.fields is None:
+        return None
+    parts = [str(v) for k, v in sorted(row.fields.items()) if k != cfg.label_field and v is not None]
+    text = re.sub(r"[\W_]+", " ", " ".join(parts).lower()).strip()
+    return hashlib.sha1(text.encode()).hexdigest() if text else None
+
+
+def overlapping_rows(train: list[Row], val: list[Row], cfg: DataConfig) -> list[str]:
+    """``where`` of each validation row whose normalized inputs also occur in training."""
+    seen = {normalized_key(r, cfg) for r in train} - {None}
+    return [r.where for r in val if normalized_key(r, cfg) in seen]
 
 
 def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
@@ -69,7 +93,7 @@ def prepare_data(
     """``packable=False`` for adapters that prepend tokens to a row (prompt tuning): one document per row."""
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
-    rows = read_rows(cfg.train, cfg.format)
+    rows = read_rows(cfg.train, cfg.format, header=cfg.header, columns=cfg.columns)
     train_rows, val_rows = split_rows(rows, cfg, seed)
     if cfg.max_train_samples and cfg.max_train_samples < len(train_rows):
         chosen = sorted(random.Random(seed).sample(range(len(train_rows)), cfg.max_train_samples))
@@ -77,10 +101,20 @@ def prepare_data(
     if cfg.max_val_samples:
         val_rows = val_rows[: cfg.max_val_samples]
     rng = random.Random(seed + 2) if cfg.augment != "none" else None
-    train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_rng=rng)
-    val_ex, val_items = build_examples(val_rows, cfg, tokenizer, is_encoder=is_encoder, what="validation")
+    bad_train, bad_val = Problems(), Problems()
+    train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_rng=rng,
+                                 problems=bad_train)
+    val_ex, val_items = build_examples(val_rows, cfg, tokenizer, is_encoder=is_encoder, what="validation",
+                                       problems=bad_val)
     if not train_ex:
         raise TuneguardError(f"{cfg.train}: no usable training examples")
+    overlap = overlapping_rows(train_rows, val_rows, cfg)
+    if overlap and not cfg.allow_overlap:
+        raise TuneguardError(
+            f"{len(overlap)} of {len(val_rows)} validation rows also occur in the training rows (same text after "
+            f"normalizing case, spacing and punctuation), so validation would measure memory; first: "
+            f"{'; '.join(overlap[:MAX_NAMED_PROBLEMS])}. Remove them, or set data.allow_overlap: true"
+        )
     replay = replay_rows(cfg, len(train_ex), seed)
     if replay:
         text_cfg = cfg.model_copy(update={"kind": "text", "text_field": "text"})
@@ -95,6 +129,10 @@ def prepare_data(
         "truncated_train": sum(e.truncated for e in train_ex),
         "truncated_val": sum(e.truncated for e in val_ex),
         "train_target_tokens": sum(sum(t != -100 for t in e.labels[1:]) for e in train_ex),
+        "bad_train_rows": bad_train.total,
+        "bad_val_rows": bad_val.total,
+        "bad_rows_named": bad_train.named + bad_val.named,
+        "overlap_val_rows": len(overlap),
     }
     _, verbalizers = label_index(cfg)
     if is_encoder:

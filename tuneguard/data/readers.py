@@ -48,13 +48,15 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
-def _read_delimited(path: Path, delimiter: str) -> list[Row]:
+def _read_delimited(path: Path, delimiter: str, header_line: bool, columns: list[str] | None) -> list[Row]:
+    """``columns`` name the fields (replacing a header line); without a header line they are required."""
     rows = []
     with path.open(encoding="utf-8", newline="") as fh:
         # TSV files such as GLUE's have no quoting; CSV files are quoted.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
+        first = next(reader, None) if header_line else None
+        header = columns or first
         if header is None:
             return []
         for record in reader:
@@ -75,9 +77,11 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(table)]
 
 
-def read_rows(path: str | Path, fmt: str = "auto") -> list[Row]:
+def read_rows(path: str | Path, fmt: str = "auto", *, header: bool = True, columns: list[str] | None = None) -> list[Row]:
     """All rows of a data file in order; unreadable rows carry a ``problem`` instead of fields."""
     path = Path(path)
+    if path.is_dir():
+        raise TuneguardError(f"{path} is a directory; name a JSONL, CSV, TSV or Parquet file")
     if not path.is_file():
         raise TuneguardError(f"data file not found: {path}")
     kind = detect_format(path, fmt)
@@ -85,11 +89,15 @@ def read_rows(path: str | Path, fmt: str = "auto") -> list[Row]:
         if kind == "jsonl":
             rows = _read_jsonl(path)
         elif kind in ("csv", "tsv"):
-            rows = _read_delimited(path, "\t" if kind == "tsv" else ",")
+            rows = _read_delimited(path, "\t" if kind == "tsv" else ",", header, columns)
         else:
             rows = _read_parquet(path)
     except UnicodeDecodeError as exc:
         raise TuneguardError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise TuneguardError(f"{path}: unreadable {kind.upper()}: {exc}") from None
+    except (OSError, ValueError) as exc:  # pyarrow's errors on a file that is not Parquet derive from these
+        raise TuneguardError(f"{path}: unreadable {kind}: {exc}") from None
     if not rows:
         raise TuneguardError(f"{path}: the dataset is empty")
     return rows

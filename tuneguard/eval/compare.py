@@ -1,13 +1,20 @@
-"""Base vs tuned, task by task, with paired statistics, so a verdict is never read off noise.
+"""Base vs tuned, task by task, with paired statistics and a margin, so a verdict is never read off noise.
 
-Both models are scored on the same items in the same order, so every comparison is paired: the
-bootstrap resamples items jointly (one index draw serves base and tuned) and recomputes each
-metric the way :func:`tuneguard.eval.records.aggregate` does, which keeps the confidence interval
-honest for means and for token-weighted perplexity alike. ``compare_quantization`` runs the same
-comparison from the unquantized original to the quantized base, so the cost of quantization shows
-apart from the effect of fine-tuning.
+Both models are scored on the same items in the same order, so every comparison is paired
+(:mod:`tuneguard.eval.stats` holds the tests and intervals). A verdict answers "did this cost more
+than I accept?": ``margin`` is the regression a user accepts, in budget points, and each task is
 
-Regression budget points: for mean metrics (accuracy, F1, exact match; all in [0, 1]) a point is a
+- ``improved``: significantly better;
+- ``regressed``: significantly worse, and ``beyond_margin`` when the whole interval lies past the margin;
+- ``non-inferior``: not significant, and the interval's worst end is within the margin;
+- ``inconclusive``: not significant, but the interval reaches past the margin; ``items_to_decide``
+  says how many items would settle it with 80% power.
+
+The general suite is one family, corrected by Holm or Benjamini-Hochberg; the recipe's own task
+is its own family. ``compare_quantization`` runs the same comparison from the unquantized
+original to the quantized base, so the cost of quantization shows apart from fine-tuning's.
+
+Budget points: for mean metrics (accuracy, F1, exact match; all in [0, 1]) a point is a
 percentage point, ``100 * delta``; for perplexity-like metrics (``perplexity``, ``bits_per_byte``)
 it is the relative change in percent, ``100 * delta / base``, because their scale depends on the
 tokenizer and the text, so only relative changes are comparable across tasks.
@@ -17,21 +24,21 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
 
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
+from tuneguard.eval import stats
 from tuneguard.eval.records import Aggregate, TaskResult, aggregate
+from tuneguard.eval.stats import ALPHA, Correction
 
-Verdict = Literal["improved", "regressed", "no significant change"]
-ALPHA = 0.05
-_MAX_CELLS = 4_000_000
-"""Resampled items held in memory at once (about 32 MB per float64 array), whatever n_boot is."""
+DEFAULT_MARGIN = 2.0
+Margin = float | Mapping[str, float]
+"""Points a user accepts losing: one number for every task, or per task (``default`` for the rest)."""
 
 
 @dataclass
@@ -44,27 +51,57 @@ class Comparison:
     """``tuned - base`` in the metric's own units."""
     ci_low: float
     ci_high: float
-    """95% paired bootstrap percentile interval of ``delta``."""
+    """Interval of ``delta`` at level ``1 - alpha``: Tango's score interval for 0/1 outcomes, else the
+    paired bootstrap percentile interval."""
     p_value: float
     test: str
-    """``mcnemar-exact`` for 0/1 outcomes, else ``paired-bootstrap``."""
-    verdict: Verdict
+    """``mcnemar`` (score test) for 0/1 outcomes, else ``paired-bootstrap``."""
+    verdict: str
+    """``improved``, ``non-inferior``, ``regressed`` or ``inconclusive`` (reports written before margins:
+    ``no significant change``)."""
     n: int
     higher_is_better: bool
     is_general: bool = False
     aggregate: Aggregate = "mean"
+    p_adjusted: float | None = None
+    """``p_value`` adjusted for the family (the general suite) by ``correction``."""
+    alpha: float = ALPHA
+    """The level the interval is drawn at: below 0.05 when a correction spreads the error over a family."""
+    correction: str = "none"
+    margin: float | None = None
+    """Accepted regression in budget points."""
+    beyond_margin: bool = False
+    mdr: float | None = None
+    """Minimum detectable regression in budget points (80% power at ``alpha``, observed discordance)."""
+    items_to_decide: int | None = None
+    won: int | None = None
+    lost: int | None = None
+    """0/1 outcomes: items tuned got right and base wrong, and the other way round."""
+    sd_item: float | None = None
+    """Per-item standard deviation of the paired difference, in budget points (what power depends on)."""
 
     @property
     def regression_points(self) -> float:
         """How much worse tuned is than base in budget points (see the module doc); negative = better."""
-        worse = -self.delta if self.higher_is_better else self.delta
-        if self.aggregate == "mean":
-            return 100.0 * worse
-        return 100.0 * worse / max(abs(self.base), 1e-12)
+        return -self._gain(self.delta)
 
     @property
     def points_unit(self) -> str:
         return "pp" if self.aggregate == "mean" else "%"
+
+    @property
+    def gain_interval(self) -> tuple[float, float]:
+        """The interval as improvement in budget points, worst end first."""
+        ends = sorted((self._gain(self.ci_low), self._gain(self.ci_high)))
+        return ends[0], ends[1]
+
+    def _gain(self, x: float) -> float:
+        scale = 100.0 if self.aggregate == "mean" else 100.0 / max(abs(self.base), 1e-12)
+        return scale * x if self.higher_is_better else -scale * x
+
+    def with_margin(self, margin: float) -> Comparison:
+        """The verdict under another margin; significance (the test) is what it was."""
+        return replace(self, margin=margin, **_judge(self, margin, self.verdict in ("improved", "regressed")))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; a NaN (from a NaN outcome upstream) becomes None so report.json stays valid JSON."""
@@ -73,53 +110,57 @@ class Comparison:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (math.nan if v is None else v) for k, v in data.items() if k in known})
+        nullable = {"p_adjusted", "margin", "mdr", "items_to_decide", "won", "lost", "sd_item"}
+        return cls(**{k: (math.nan if v is None and k not in nullable else v) for k, v in data.items() if k in known})
 
 
-def aggregate_rows(
-    values: np.ndarray, weights: np.ndarray | None, how: Aggregate, idx: np.ndarray
-) -> np.ndarray:
-    """:func:`records.aggregate` of ``values[row]`` for every row of ``idx``, in one numpy pass."""
-    if how == "mean":
-        return values[idx].mean(axis=1)
-    total = weights[idx].sum(axis=1) if weights is not None else np.zeros(len(idx))
-    nll = values[idx].sum(axis=1) / np.maximum(total, 1e-12)
-    return np.exp(nll) if how == "perplexity" else nll / math.log(2)
+def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
+    """Verdict, beyond-margin flag and items to decide, from the interval in budget points."""
+    worst, best = c.gain_interval
+    if significant and worst > 0:
+        return {"verdict": "improved", "beyond_margin": False, "items_to_decide": None}
+    if significant and best < 0:
+        return {"verdict": "regressed", "beyond_margin": best < -margin, "items_to_decide": None}
+    if math.isnan(worst):
+        return {"verdict": "inconclusive", "beyond_margin": False, "items_to_decide": None}
+    if worst >= -margin:
+        return {"verdict": "non-inferior", "beyond_margin": False, "items_to_decide": None}
+    gain = -c.regression_points
+    distance = gain + margin if gain > -margin else -gain
+    needed = stats.items_needed(c.sd_item, distance, c.alpha) if c.sd_item else None
+    return {"verdict": "inconclusive", "beyond_margin": False, "items_to_decide": needed}
 
 
-def bootstrap_deltas(base: TaskResult, tuned: TaskResult, *, n_boot: int, seed: int) -> np.ndarray:
-    """``n_boot`` resampled values of ``tuned - base``; items are drawn jointly to keep the pairs.
-
-    The generator is seeded from ``seed`` and the task name, so a task's interval does not
-    depend on which other tasks were compared alongside it.
-    """
-    b, t = np.asarray(base.per_item, float), np.asarray(tuned.per_item, float)
-    wb = None if base.weights is None else np.asarray(base.weights, float)
-    wt = None if tuned.weights is None else np.asarray(tuned.weights, float)
-    rng = np.random.default_rng([seed, zlib.crc32(base.task.encode())])
-    n = len(b)
-    rows = max(1, _MAX_CELLS // n)
-    out = np.empty(n_boot)
-    for start in range(0, n_boot, rows):
-        idx = rng.integers(0, n, size=(min(rows, n_boot - start), n))
-        out[start : start + len(idx)] = aggregate_rows(t, wt, tuned.aggregate, idx) - aggregate_rows(
-            b, wb, base.aggregate, idx
-        )
-    return out
+def margin_for(margin: Margin, task: str) -> float:
+    if isinstance(margin, Mapping):
+        return float(margin.get(task, margin.get("default", DEFAULT_MARGIN)))
+    return float(margin)
 
 
-def mcnemar_exact(base: np.ndarray, tuned: np.ndarray) -> float:
-    """Two-sided exact McNemar p: a fair-coin binomial test on the discordant pairs only."""
-    lost = int(np.sum((base == 1) & (tuned == 0)))
-    won = int(np.sum((base == 0) & (tuned == 1)))
-    return binomtest(won, lost + won, 0.5).pvalue if lost + won else 1.0
+@dataclass
+class _Evidence:
+    """What one task's pair of results says before a family's correction sets its level."""
 
+    base: TaskResult
+    before: float
+    after: float
+    p: float
+    test: str
+    won: int | None = None
+    lost: int | None = None
+    deltas: np.ndarray | None = None
 
-def bootstrap_p(deltas: np.ndarray) -> float:
-    """Two-sided p from the bootstrap distribution (the percentile interval inverted); +1 smoothing keeps it > 0."""
-    k = len(deltas) + 1
-    below, above = (np.sum(deltas <= 0) + 1) / k, (np.sum(deltas >= 0) + 1) / k
-    return float(min(1.0, 2 * min(below, above)))
+    def interval(self, alpha: float) -> tuple[float, float]:
+        if self.deltas is None:
+            return stats.tango_interval(self.won or 0, self.lost or 0, len(self.base.per_item), alpha)
+        return stats.percentile_interval(self.deltas, alpha)
+
+    def sd_item(self) -> float:
+        """In the metric's units."""
+        n = len(self.base.per_item)
+        if self.deltas is None:
+            return stats.binary_sd(self.won or 0, self.lost or 0, n)
+        return float(np.std(self.deltas)) * math.sqrt(n)
 
 
 def _is_binary(values: list[float]) -> bool:
@@ -141,41 +182,70 @@ def _check_pair(base: TaskResult, tuned: TaskResult) -> None:
         raise TuneguardError(f"{where}: {base.aggregate} needs per-item weights (tokens or bytes)")
 
 
-def compare_task(
-    base: TaskResult, tuned: TaskResult, *, is_general: bool = False, n_boot: int = 1000, seed: int = 0,
-    alpha: float = ALPHA,
-) -> Comparison:
-    """One task: values, delta, 95% CI, paired test and a verdict.
-
-    A change is significant only when the test rejects at ``alpha`` *and* the interval excludes
-    zero, so a verdict never contradicts the interval printed next to it.
-    """
+def _evidence(base: TaskResult, tuned: TaskResult, *, n_boot: int, seed: int) -> _Evidence:
     _check_pair(base, tuned)
     before = aggregate(base.per_item, base.weights, base.aggregate)
     after = aggregate(tuned.per_item, tuned.weights, tuned.aggregate)
-    deltas = bootstrap_deltas(base, tuned, n_boot=n_boot, seed=seed)
-    low, high = (float(x) for x in np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
     if base.aggregate == "mean" and _is_binary(base.per_item) and _is_binary(tuned.per_item):
-        test = "mcnemar-exact"
-        p = mcnemar_exact(np.asarray(base.per_item), np.asarray(tuned.per_item))
-    else:
-        test, p = "paired-bootstrap", bootstrap_p(deltas)
-    delta = after - before
-    verdict: Verdict = "no significant change"
-    if p < alpha and not low <= 0 <= high:
-        verdict = "improved" if (delta > 0) == base.higher_is_better else "regressed"
-    return Comparison(
-        task=base.task, metric=base.metric, base=before, tuned=after, delta=delta, ci_low=low, ci_high=high,
-        p_value=float(p), test=test, verdict=verdict, n=len(base.per_item),
-        higher_is_better=base.higher_is_better, is_general=is_general, aggregate=base.aggregate,
+        won, lost = stats.discordant(np.asarray(base.per_item), np.asarray(tuned.per_item))
+        return _Evidence(base, before, after, stats.mcnemar_p(won, lost), "mcnemar", won=won, lost=lost)
+    deltas = stats.bootstrap_deltas(base, tuned, n_boot=n_boot, seed=seed)
+    return _Evidence(base, before, after, stats.bootstrap_p(deltas), "paired-bootstrap", deltas=deltas)
+
+
+def _finish(ev: _Evidence, *, is_general: bool, level: float, p_adjusted: float, correction: str, margin: float,
+            alpha: float) -> Comparison:
+    """The comparison at the level its family's correction assigned, judged against ``margin``."""
+    low, high = ev.interval(level)
+    b = ev.base
+    c = Comparison(
+        task=b.task, metric=b.metric, base=ev.before, tuned=ev.after, delta=ev.after - ev.before, ci_low=low,
+        ci_high=high, p_value=float(ev.p), test=ev.test, verdict="inconclusive", n=len(b.per_item),
+        higher_is_better=b.higher_is_better, is_general=is_general, aggregate=b.aggregate, p_adjusted=p_adjusted,
+        alpha=level, correction=correction, margin=margin, won=ev.won, lost=ev.lost,
     )
+    c.sd_item = abs(c._gain(ev.sd_item()))
+    c.mdr = stats.min_detectable(c.sd_item, c.n, level)
+    significant = p_adjusted < alpha and not low <= 0 <= high
+    return replace(c, **_judge(c, margin, significant))
+
+
+def compare_task(
+    base: TaskResult, tuned: TaskResult, *, is_general: bool = False, n_boot: int = 1000, seed: int = 0,
+    alpha: float = ALPHA, margin: float = DEFAULT_MARGIN,
+) -> Comparison:
+    """One task as a family of its own: values, delta, interval, paired test and a verdict."""
+    ev = _evidence(base, tuned, n_boot=n_boot, seed=seed)
+    return _finish(ev, is_general=is_general, level=alpha, p_adjusted=ev.p, correction="none", margin=margin,
+                   alpha=alpha)
+
+
+def compare_pairs(
+    pairs: Sequence[tuple[TaskResult, TaskResult]], families: Sequence[str | None], *, general_tasks: set[str],
+    n_boot: int = 1000, seed: int = 0, alpha: float = ALPHA, margin: Margin = DEFAULT_MARGIN,
+    correction: Correction = "holm",
+) -> list[Comparison]:
+    """``(before, after)`` pairs; those sharing a family name are corrected together, ``None`` stands alone."""
+    evidence = [_evidence(b, t, n_boot=n_boot, seed=seed) for b, t in pairs]
+    corrected: dict[int, tuple[float, float]] = {}
+    for family in {f for f in families if f is not None}:
+        members = [i for i, f in enumerate(families) if f == family]
+        p_adj, levels = stats.adjust([evidence[i].p for i in members], correction, alpha)
+        corrected.update(zip(members, zip(p_adj, levels, strict=True), strict=True))
+    out = []
+    for i, ev in enumerate(evidence):
+        p, level = corrected.get(i, (ev.p, alpha))
+        out.append(_finish(ev, is_general=ev.base.task in general_tasks, level=level, p_adjusted=p,
+                           correction=correction if i in corrected else "none",
+                           margin=margin_for(margin, ev.base.task), alpha=alpha))
+    return out
 
 
 def compare_results(
     base: list[TaskResult], tuned: list[TaskResult], *, general_tasks: set[str], n_boot: int = 1000,
-    seed: int = 0, alpha: float = ALPHA,
+    seed: int = 0, alpha: float = ALPHA, margin: Margin = DEFAULT_MARGIN, correction: Correction = "holm",
 ) -> list[Comparison]:
-    """Every task scored on both sides, in the order of ``base``.
+    """Every task scored on both sides, in the order of ``base``; the general tasks corrected as one family.
 
     A task scored on one side only is an error, not a silent omission.
     """
@@ -183,21 +253,20 @@ def compare_results(
     one_sided = sorted(set(by_task) ^ {r.task for r in base})
     if one_sided:
         raise TuneguardError(f"tasks scored on one side only, cannot compare: {', '.join(one_sided)}")
-    return [
-        compare_task(b, by_task[b.task], is_general=b.task in general_tasks, n_boot=n_boot, seed=seed, alpha=alpha)
-        for b in base
-    ]
+    return compare_pairs([(b, by_task[b.task]) for b in base],
+                         ["general" if b.task in general_tasks else None for b in base], general_tasks=general_tasks,
+                         n_boot=n_boot, seed=seed, alpha=alpha, margin=margin, correction=correction)
 
 
 def compare_quantization(
     original: list[TaskResult], base: list[TaskResult], *, general_tasks: set[str], n_boot: int = 1000,
-    seed: int = 0, alpha: float = ALPHA,
+    seed: int = 0, alpha: float = ALPHA, margin: Margin = DEFAULT_MARGIN, correction: Correction = "holm",
 ) -> list[Comparison]:
     """The cost of quantization: the unquantized original ("before") against the quantized base
     ("after"), on the tasks the original was scored on (it is often scored on fewer)."""
     scored = {r.task for r in original}
     return compare_results(original, [r for r in base if r.task in scored], general_tasks=general_tasks,
-                           n_boot=n_boot, seed=seed, alpha=alpha)
+                           n_boot=n_boot, seed=seed, alpha=alpha, margin=margin, correction=correction)
 
 
 def budget_violations(comparisons: list[Comparison], max_regression: float) -> list[Comparison]:

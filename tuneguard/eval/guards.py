@@ -107,8 +107,10 @@ def _delta_ratios(model: PeftModel) -> list[float]:
 
 
 def run_guards(
-    model: PeftModel, tokenizer, *, fingerprint: str, adapter_fingerprint: str | None, checksum_at_load: float
+    model: PeftModel, tokenizer, *, fingerprint: str, adapter_fingerprint: str | None, checksum_at_load: float,
+    diverged: str | None = None,
 ) -> list[Guard]:
+    """``diverged``: why training diverged (run.json), so an adapter that learned nothing is not reported."""
     guards = [
         adapter_changes_outputs(model, tokenizer),
         Guard("base = same weights, adapter disabled", abs(frozen_checksum(model) - checksum_at_load) <= 1e-6 * max(abs(checksum_at_load), 1.0),
@@ -116,6 +118,8 @@ def run_guards(
         adapter_weight_delta(model),
         Guard("backbone fingerprint", adapter_fingerprint in (None, fingerprint),
               f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprint}"),
+        Guard("training converged", diverged is None, f"training diverged: {diverged}" if diverged else
+              "no non-finite loss, no loss stuck at a uniform guess, no gradient explosion"),
     ]
     return guards
 

@@ -39,6 +39,7 @@ from tuneguard.eval.tasks import (
     wikitext_detokenize,
     wikitext_text,
 )
+from tuneguard.progress import Advance, phase
 
 __all__ = [
     "classification_task_from_items",
@@ -70,28 +71,31 @@ def _context_ids(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
 
 
 def score_docs(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc], batch_size: int
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc], batch_size: int,
+    advance: Advance | None = None,
 ) -> list[Any]:
     """Raw per-doc scores: a list of :class:`Score` per option, a predicted class, a generation, or a rolling NLL."""
     if task.kind == "perplexity":
         # Rows are windows of up to 2048 tokens whose every position is scored: one window per batch
         # keeps the (float32) logits at 2048 x vocab, and a 2048-token row is no faster batched on CPU.
-        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 8))
+        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 8),
+                                     advance=advance)
     if task.kind == "generation":
         contexts = [d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context) for d in docs]
         return generate_until(
-            model, tokenizer, contexts, task.until, max_new_tokens=task.max_new_tokens, batch_size=batch_size
+            model, tokenizer, contexts, task.until, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+            advance=advance,
         )
     if has_classification_head(model):
         if task.kind != "classification" or not all(isinstance(d.context, str) for d in docs):
             raise TuneguardError(f"task '{task.name}': a model with a classification head can only score text classification tasks")
-        return classify(model, tokenizer, [str(d.context) for d in docs], batch_size=batch_size)
+        return classify(model, tokenizer, [str(d.context) for d in docs], batch_size=batch_size, advance=advance)
     requests, owner = [], []
     for i, doc in enumerate(docs):
         for context, continuation in doc.pairs():
             requests.append(_encode(tokenizer, context, continuation, task.delimiter))
             owner.append(i)
-    scores = loglikelihood(model, requests, batch_size)
+    scores = loglikelihood(model, requests, batch_size, advance=advance)
     per_doc: list[list[Score]] = [[] for _ in docs]
     for i, score in zip(owner, scores, strict=True):
         per_doc[i].append(score)
@@ -159,7 +163,7 @@ def task_result(
     return TaskResult(
         task=task.name, metric=task.metric, value=value, higher_is_better=task.higher_is_better, n=len(docs),
         per_item=per_item, weights=weights, aggregate=how, metrics=metrics,  # type: ignore[arg-type]
-        fingerprint=fingerprint, adapter=adapter_id, seconds=seconds,
+        fingerprint=fingerprint, adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs],
     )
 
 
@@ -188,8 +192,11 @@ def evaluate_tasks(
     fingerprint: str = "",
     adapter_id: str | None = None,
     accelerator: Any = None,
+    label: str = "",
 ) -> list[TaskResult]:
     """Score tasks (objects, names, suites or YAML paths) on the first ``limit`` items of each.
+
+    Each task shows a live line (items/s, ETA) and logs its time, prefixed by ``label`` ("base", "tuned").
 
     With an ``accelerate.Accelerator`` of several processes, items are dealt round-robin (which
     balances long and short items), and the scores are gathered before any metric is computed.
@@ -204,7 +211,9 @@ def evaluate_tasks(
             raise TuneguardError(f"task '{task.name}' has no items to score")
         mine = list(range(rank, len(docs), world))
         start = time.perf_counter()
-        local = score_docs(model, tokenizer, task, [docs[i] for i in mine], batch_size)
+        name = f"{label} · {task.name}" if label else task.name
+        with phase(name, len(mine), enabled=rank == 0) as advance:
+            local = score_docs(model, tokenizer, task, [docs[i] for i in mine], batch_size, advance)
         outcomes = _gather(accelerator, list(zip(mine, local, strict=True)))
         results.append(
             task_result(
@@ -233,7 +242,7 @@ def general_text_loss(
 
 def run_eval_cli(model_source: str, tasks: list[str], limit: int | None, quant: str, batch_size: int) -> list[TaskResult]:
     """``tuneguard eval``: load a backbone (no adapter) and score tasks or suites on it."""
-    from tuneguard.backbones import load_backbone
+    from tuneguard.backbones import dequantized, load_backbone
     from tuneguard.recipe import ModelConfig, QuantizationConfig
 
     resolved = get_tasks(tasks)
@@ -244,7 +253,8 @@ def run_eval_cli(model_source: str, tasks: list[str], limit: int | None, quant: 
     backbone = load_backbone(ModelConfig(source=model_source), quantization)
     if backbone.is_encoder:
         raise TuneguardError(f"'{model_source}' is an encoder: general tasks need a causal language model")
-    return evaluate_tasks(
-        backbone.model, backbone.tokenizer, resolved, limit=limit, batch_size=batch_size,
-        fingerprint=backbone.fingerprint,
-    )
+    with dequantized(backbone.model):
+        return evaluate_tasks(
+            backbone.model, backbone.tokenizer, resolved, limit=limit, batch_size=batch_size,
+            fingerprint=backbone.fingerprint,
+        )

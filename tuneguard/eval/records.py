@@ -31,6 +31,8 @@ class TaskResult:
     adapter: str | None = None
     """Adapter id (its folder) or None for the base model."""
     seconds: float = 0.0
+    item_hashes: list[str] | None = None
+    """A content hash per item, in order: what pairs a later run with this one item by item."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

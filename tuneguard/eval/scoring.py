@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneguard.errors import TuneguardError
+from tuneguard.progress import Advance
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -220,6 +221,7 @@ def loglikelihood(
     batch_size: int = 8,
     *,
     max_length: int | None = None,
+    advance: Advance | None = None,
 ) -> list[Score]:
     """Score ``(context_ids, continuation_ids)`` pairs; requests with the same context share one pass.
 
@@ -269,6 +271,8 @@ def loglikelihood(
             req = torch.tensor(t_req)
             logprob.index_add_(0, req, lp.double().cpu())
             misses.index_add_(0, req, (~hit).long().cpu())
+            if advance:
+                advance(start + len(batch), len(rows))
     return [
         Score(float(logprob[i]), bool(misses[i] == 0), len(cont)) for i, (_, cont) in enumerate(requests)
     ]
@@ -309,6 +313,7 @@ def rolling_loglikelihood(
     batch_size: int = 4,
     max_length: int | None = None,
     context_len: int = 1,
+    advance: Advance | None = None,
 ) -> list[RollingScore]:
     """Summed NLL of each whole text over rolling windows, for token/word/byte perplexities."""
     max_length = min(max_length or DEFAULT_MAX_LENGTH, max_model_length(model))
@@ -322,7 +327,7 @@ def rolling_loglikelihood(
         for window in rolling_windows(tokens, prefix, max_length, context_len):
             requests.append(window)
             owner.append(i)
-    scores = loglikelihood(model, requests, batch_size, max_length=max_length)
+    scores = loglikelihood(model, requests, batch_size, max_length=max_length, advance=advance)
     nll = [0.0] * len(texts)
     for i, score in zip(owner, scores, strict=True):
         nll[i] -= score.logprob
@@ -337,6 +342,7 @@ def generate_until(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    advance: Advance | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id contexts, cut at the first stop string (batched, left-padded)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
@@ -364,6 +370,8 @@ def generate_until(
                 text = tokenizer.decode(generated[b, width:], skip_special_tokens=True)
                 cut = min((text.find(s) for s in until if s and s in text), default=len(text))
                 out[i] = text[:cut]
+            if advance:
+                advance(start + len(chunk), len(order))
     return out
 
 
@@ -374,6 +382,7 @@ def classify(
     *,
     batch_size: int = 16,
     max_length: int = 512,
+    advance: Advance | None = None,
 ) -> list[int]:
     """Predicted class indices from a sequence-classification head (encoders such as BERT or MiniLM)."""
     preds: list[int] = []
@@ -385,4 +394,6 @@ def classify(
                 return_tensors="pt",
             ).to(device)
             preds += model(**enc).logits.argmax(dim=-1).tolist()
+            if advance:
+                advance(start + len(enc["input_ids"]), len(texts))
     return preds

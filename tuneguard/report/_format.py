@@ -11,7 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-COMPARISON_HEADERS = ["task", "metric", "n", "before", "after", "Δ", "95% CI of Δ", "p", "test", "verdict"]
+COMPARISON_HEADERS = [
+    "task", "metric", "n", "before", "after", "Δ", "CI of Δ", "level", "p (adjusted)", "test", "detectable", "margin",
+    "verdict",
+]
+"""``level``: the interval's confidence, above 95% where a correction spreads the error over a family;
+``detectable``: the smallest regression the row could see with 80% power; ``margin``: the regression accepted."""
+TEST_NAMES = {"mcnemar": "McNemar", "mcnemar-exact": "McNemar exact", "paired-bootstrap": "bootstrap"}
 DASH = "–"
 Cell = str | tuple[str, str]
 """A table cell or a line: its text, optionally with a style class (a verdict, ``pass`` or ``fail``)."""
@@ -43,16 +49,47 @@ def fmt_delta(c: dict[str, Any]) -> str:
 
 
 def fmt_ci(c: dict[str, Any]) -> str:
+    """The interval in the Δ column's units."""
     if missing(c.get("ci_low")) or missing(c.get("ci_high")):
         return DASH
     how = c.get("aggregate", "mean")
     return f"[{_fmt_change(c['ci_low'], how)}, {_fmt_change(c['ci_high'], how)}]"
 
 
+def fmt_level(c: dict[str, Any]) -> str:
+    return f"{100 * (1 - (c.get('alpha') or 0.05)):.3g}%"
+
+
 def fmt_p(p: float | None) -> str:
     if missing(p):
         return DASH
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_p_adjusted(c: dict[str, Any]) -> str:
+    """``0.076 → 0.530``: the test's p, then the family's adjusted p where a correction applies."""
+    raw, adj = c.get("p_value"), c.get("p_adjusted")
+    if missing(adj) or c.get("correction", "none") == "none":
+        return fmt_p(raw)
+    return f"{fmt_p(raw)} → {fmt_p(adj)}"
+
+
+def fmt_points(v: float | None, unit: str) -> str:
+    return DASH if missing(v) else f"{v:.1f} {unit}"
+
+
+def points_unit(c: dict[str, Any]) -> str:
+    return "pp" if c.get("aggregate", "mean") == "mean" else "%"
+
+
+def fmt_verdict(c: dict[str, Any]) -> str:
+    """The verdict with what it needs said next to it: beyond the margin, or the items that would decide."""
+    verdict = c.get("verdict") or DASH
+    if verdict == "regressed" and c.get("beyond_margin"):
+        return "regressed, beyond margin"
+    if verdict == "inconclusive" and c.get("items_to_decide"):
+        return f"inconclusive (~{c['items_to_decide']:,} items)"
+    return verdict
 
 
 def fmt_int(n: int | None) -> str:
@@ -75,10 +112,12 @@ def fmt_adapter(summary: dict[str, Any]) -> str:
 
 
 def comparison_row(c: dict[str, Any]) -> list[Cell]:
-    how = c.get("aggregate", "mean")
+    how, unit = c.get("aggregate", "mean"), points_unit(c)
     return [
         c["task"], c["metric"], fmt_int(c.get("n")), fmt_value(c.get("base"), how), fmt_value(c.get("tuned"), how),
-        fmt_delta(c), fmt_ci(c), fmt_p(c.get("p_value")), c.get("test") or DASH, (c["verdict"], verdict_class(c["verdict"])),
+        fmt_delta(c), fmt_ci(c), fmt_level(c), fmt_p_adjusted(c), TEST_NAMES.get(c.get("test") or "", c.get("test") or DASH),
+        fmt_points(c.get("mdr"), unit),
+        fmt_points(c.get("margin"), unit), (fmt_verdict(c), verdict_class(c["verdict"])),
     ]
 
 
@@ -98,7 +137,9 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def verdict_class(verdict: str | None) -> str:
-    return verdict if verdict in ("improved", "regressed") else "nochange"
+    """The style of a verdict; reports written before margins existed say "no significant change"."""
+    return {"improved": "improved", "regressed": "regressed", "non-inferior": "noninferior",
+            "inconclusive": "inconclusive"}.get(verdict or "", "nochange")
 
 
 def cell_text(cell: Cell) -> str:
@@ -151,14 +192,14 @@ def html_block(block: Block) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:70rem;
-color:#1d1d1f;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:80rem;
+color:#1d1d1f;padding:0 1rem}td{white-space:nowrap}td:last-child{white-space:normal;min-width:8rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
-th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}
+th,td{border:1px solid #ddd;padding:.25rem .45rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f5f5f7}
 .improved,.pass{color:#137333;font-weight:600}.regressed,.fail{color:#c5221f;font-weight:600}
-.nochange{color:#80868b}
+.nochange{color:#80868b}.noninferior{color:#1a73e8}.inconclusive{color:#b06000;font-weight:600}
 img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 """
 

@@ -14,8 +14,8 @@ from typing import Any
 from tuneguard.eval.compare import Comparison, budget_violations, read_metrics, train_val_gap
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report._format import html_block, html_page, md_block
-from tuneguard.report.layout import report_blocks
-from tuneguard.report.plots import before_after_png, loss_curves_png
+from tuneguard.report.layout import PER_CLASS, confusion_matrices, report_blocks
+from tuneguard.report.plots import confusion_png, forest_png, loss_curves_png
 from tuneguard.report.rundir import run_summary
 
 SCHEMA = 1
@@ -29,6 +29,14 @@ def _task_metrics(eval_data: dict[str, Any]) -> dict[str, dict[str, dict[str, An
             if r.get("metrics"):
                 out.setdefault(r["task"], {})[side] = r["metrics"]
     return out
+
+
+_ITEM_KEYS = ("task", "metric", "aggregate", "higher_is_better", "n", "per_item", "weights", "item_hashes")
+
+
+def _items(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tuned side's per-item outcomes and item hashes: what ``tuneguard gate --baseline`` pairs a later run with."""
+    return [{k: r.get(k) for k in _ITEM_KEYS} for r in eval_data.get("tuned") or []]
 
 
 def build_report(
@@ -54,6 +62,7 @@ def build_report(
             "max_regression": limit, "exceeded": [c.task for c in budget_violations(comparisons, limit)],
         },
         "task_metrics": _task_metrics(eval_data),
+        "items": _items(eval_data),
         "curves": {
             "train": [[r["step"], r["loss"]] for r in records if r.get("loss") is not None],
             "val": [[r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None],
@@ -71,17 +80,28 @@ def render_html(report: dict[str, Any]) -> str:
     """The HTML page, plots inline as base64 PNG: one file to mail or archive, nothing fetched."""
     name = report["summary"]["name"]
     body = [f"<h1>tuneguard report: {html.escape(name)}</h1><p>{html.escape(report['created'])}</p>"]
-    body += map(html_block, report_blocks(report))
-    plots = [
-        ("Before and after (error bar: 95% CI of the paired delta)",
-         before_after_png(report["task"] + report["general"])),
-        ("Cost of quantization", before_after_png(report.get("quantization") or [], ("original", "quantized"))),
-        ("Training and validation loss", loss_curves_png(report["curves"])),
-    ]
-    for title, png in plots:
-        if png:
-            body.append(f'<h2>{html.escape(title)}</h2><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">\n')
+    body.append(_img("Change per task, with its interval and the accepted margin",
+                     forest_png(_groups(report["task"] + report["general"]))))
+    for block in report_blocks(report, confusion_tables=False):
+        body.append(html_block(block))
+        if block.title == PER_CLASS:
+            body += [_img(f"Confusion matrix: {task}", confusion_png(labels, list(sides.items())))
+                     for task, labels, sides in confusion_matrices(report)]
+    body.append(_img("Cost of quantization (unquantized original → quantized base)",
+                     forest_png(_groups(report.get("quantization") or []))))
+    body.append(_img("Training and validation loss", loss_curves_png(report["curves"])))
     return html_page(f"tuneguard report: {name}", "".join(body))
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    return [("the recipe's task", [c for c in rows if not c.get("is_general")]),
+            ("general suite", [c for c in rows if c.get("is_general")])]
+
+
+def _img(title: str, png: str | None) -> str:
+    if not png:
+        return ""
+    return f'<h2>{html.escape(title)}</h2><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">\n'
 
 
 def write_reports(run_dir: Path, report: dict[str, Any]) -> list[Path]:

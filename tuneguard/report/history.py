@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -42,18 +44,48 @@ def history_path() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "tuneguard") / "history.sqlite"
 
 
-def _connect(db: Path | None) -> sqlite3.Connection:
-    db = db or history_path()
-    db.parent.mkdir(parents=True, exist_ok=True)
+def _open(db: Path) -> sqlite3.Connection:
     con = sqlite3.connect(db, timeout=30)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA foreign_keys = ON")
-    con.executescript(_SCHEMA)
+    try:
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA journal_mode = WAL")  # readers never block a run that is recording
+        con.execute("PRAGMA foreign_keys = ON")
+        con.executescript(_SCHEMA)
+    except sqlite3.Error:
+        con.close()
+        raise
     return con
 
 
+def _connect(db: Path | None) -> sqlite3.Connection:
+    """The history database; a damaged one is moved aside (with a warning) and a new one started."""
+    db = db or history_path()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _open(db)
+    except sqlite3.DatabaseError as exc:
+        if not db.exists():
+            raise
+        aside = db.with_name(f"{db.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{db}{suffix}").exists():
+                os.replace(f"{db}{suffix}", f"{aside}{suffix}")
+        print(f"tuneguard: warning: {db} is not a readable history database ({exc}); moved it to {aside} "
+              "and started a new one", file=sys.stderr)
+        return _open(db)
+
+
 def record_run(run_dir: Path, report: dict[str, Any], *, db: Path | None = None) -> None:
-    """Store one run and each of its task and general-suite comparisons."""
+    """Store one run and each of its task and general-suite comparisons; a history that cannot be written
+    is a warning, never a failed run (the run's own files already hold every result)."""
+    try:
+        _record(run_dir, report, db)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"tuneguard: warning: the run was not added to the history ({exc}); its results are in {run_dir}",
+              file=sys.stderr)
+
+
+def _record(run_dir: Path, report: dict[str, Any], db: Path | None) -> None:
     s = report["summary"]
     run_dir_text = str(Path(run_dir).resolve())
     key = hashlib.sha256(json.dumps([run_dir_text, s], sort_keys=True, default=str).encode()).hexdigest()

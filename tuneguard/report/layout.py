@@ -44,12 +44,90 @@ def _budget(budget: dict[str, Any]) -> Cell:
 
 
 def _metric_rows(task_metrics: dict[str, dict[str, dict[str, Any]]]) -> list[list[Cell]]:
+    """Scalar metrics only: per-class values and confusion matrices have tables of their own."""
     rows: list[list[Cell]] = []
     for task, sides in task_metrics.items():
         base, tuned = sides.get("base") or {}, sides.get("tuned") or {}
         for name in dict.fromkeys([*base, *tuned]):
-            rows.append([task, name, _plain(base.get(name)), _plain(tuned.get(name))])
+            if not isinstance(base.get(name, tuned.get(name)), dict | list):
+                rows.append([task, name, _plain(base.get(name)), _plain(tuned.get(name))])
     return rows
+
+
+PER_CLASS = "Per-class metrics (base → tuned)"
+_FAMILY = {
+    "holm": "Holm (family-wise error at most 5%)",
+    "bh": "Benjamini-Hochberg (false discovery rate at most 5%)",
+}
+VERDICT_KEY = (
+    "improved / regressed: significantly better / worse (beyond margin: the whole interval lies past the margin); "
+    "non-inferior: not significant, the interval's worst end is within the margin; inconclusive (~N items): the "
+    "interval reaches past the margin and the test does not reject, N items would decide it with 80% power. Points are pp for accuracies, relative % for "
+    "perplexity; detectable: the smallest regression the row finds with 80% power at its n and observed discordance"
+)
+
+
+def verdict_lines(report: dict[str, Any], *, key_too: bool = True) -> list[Cell]:
+    """How the verdicts were reached: the family, its correction, the margins (stated in every report),
+    and with ``key_too`` what each verdict means."""
+    general, task = report.get("general") or [], report.get("task") or []
+    if not any("correction" in c for c in general + task):
+        return []
+    lines: list[Cell] = []
+    if general:
+        how = _FAMILY.get(general[0].get("correction"), general[0].get("correction") or "no correction")
+        lines.append(f"general suite: {len(general)} tasks tested as one family, corrected by {how}; p-values are "
+                     "adjusted and each interval is drawn at the level its test was run at")
+    if task:
+        lines.append("the recipe's task: a family of its own, 95% intervals")
+    margins = {c["task"]: c.get("margin") for c in general + task if c.get("margin") is not None}
+    if margins:
+        common = max(set(margins.values()), key=list(margins.values()).count)
+        others = ", ".join(f"{t} {m:g}" for t, m in margins.items() if m != common)
+        lines.append(f"margin (regression accepted): {common:g} points" + (f"; {others}" if others else ""))
+    return lines + [VERDICT_KEY] if key_too else lines
+
+
+def _three(v: Any) -> str:
+    return DASH if missing(v) else f"{v:.3f}"
+
+
+def _per_class_rows(task_metrics: dict[str, dict[str, dict[str, Any]]]) -> list[list[Cell]]:
+    """One row per task and class: precision, recall and F1, base → tuned, three digits."""
+    rows: list[list[Cell]] = []
+    for task, sides in task_metrics.items():
+        base, tuned = sides.get("base") or {}, sides.get("tuned") or {}
+        labels = tuned.get("labels") or base.get("labels") or list(tuned.get("f1_per_class") or {})
+        for label in labels:
+            rows.append([task, str(label), *(
+                f"{_three((base.get(f'{m}_per_class') or {}).get(label))} → "
+                f"{_three((tuned.get(f'{m}_per_class') or {}).get(label))}"
+                for m in ("precision", "recall", "f1")
+            )])
+    return rows
+
+
+def confusion_matrices(report: dict[str, Any]) -> list[tuple[str, list[str], dict[str, list[list[int]]]]]:
+    """``(task, labels, {side: matrix})`` for every classification task that has one."""
+    out = []
+    for task, sides in (report.get("task_metrics") or {}).items():
+        found = {side: m["confusion_matrix"] for side, m in sides.items() if (m or {}).get("confusion_matrix")}
+        if found:
+            labels = next(m.get("labels") for m in sides.values() if m and m.get("labels"))
+            out.append((task, [str(x) for x in labels], found))
+    return out
+
+
+def _confusion_block(task: str, labels: list[str], sides: dict[str, list[list[int]]]) -> Block:
+    base, tuned = sides.get("base"), sides.get("tuned")
+    rows: list[list[Cell]] = []
+    for i, label in enumerate(labels):
+        rows.append([label, *(
+            " → ".join(f"{m[i][j]:,}" for m in (base, tuned) if m is not None) for j in range(len(labels))
+        )])
+    sides_text = " → ".join(s for s in ("base", "tuned") if s in sides)
+    return Block(f"Confusion matrix: {task}, {sides_text} (rows: true label)",
+                 ["true / predicted", *labels], rows)
 
 
 def _plain(v: Any) -> str:
@@ -58,8 +136,11 @@ def _plain(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def report_blocks(report: dict[str, Any], *, detail: bool = True) -> list[Block]:
-    """Sections in reading order; ``detail`` adds the run summary and every secondary metric (files only)."""
+def report_blocks(report: dict[str, Any], *, detail: bool = True, confusion_tables: bool = True) -> list[Block]:
+    """Sections in reading order; ``detail`` adds the run summary and every secondary metric (files only).
+
+    ``confusion_tables`` off leaves the confusion matrices to the caller (the HTML draws heatmaps).
+    """
     summary = report["summary"]
     blocks = []
     if detail:
@@ -71,6 +152,13 @@ def report_blocks(report: dict[str, Any], *, detail: bool = True) -> list[Block]
     ):
         if report.get(key):
             blocks.append(Block(title, COMPARISON_HEADERS, [comparison_row(c) for c in report[key]]))
+        if key == "general" and verdict_lines(report, key_too=detail):
+            blocks.append(Block("How verdicts are reached", lines=verdict_lines(report, key_too=detail)))
+    per_class = _per_class_rows(report.get("task_metrics") or {})
+    if per_class:
+        blocks.append(Block(PER_CLASS, ["task", "class", "precision", "recall", "F1"], per_class))
+    if confusion_tables:
+        blocks += [_confusion_block(*c) for c in confusion_matrices(report)]
     if report.get("general_text_loss"):
         blocks.append(Block("General-text loss", lines=[_text_loss(report["general_text_loss"])]))
     if report.get("train_val_gap"):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-_COLS = 4
+from tuneguard.report._format import fmt_verdict
+
+COLOURS = {"improved": "#188038", "non-inferior": "#1a73e8", "inconclusive": "#e37400", "regressed": "#d93025"}
+_OTHER = "#80868b"
 
 
 def _png(fig: Figure) -> str:
@@ -22,28 +25,71 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def before_after_png(comparisons: list[dict[str, Any]], labels: tuple[str, str] = ("base", "tuned")) -> str | None:
-    """One small panel per task (metrics have different scales): before and after bars.
+def _gain(c: dict[str, Any], x: float) -> float:
+    """``x`` (a change in the metric's units) as improvement in budget points: pp, or % for perplexity."""
+    scale = 100.0 if c.get("aggregate", "mean") == "mean" else 100.0 / max(abs(c["base"]), 1e-12)
+    return scale * x if c["higher_is_better"] else -scale * x
 
-    The error bar on the after bar is the 95% CI of the paired delta placed around the after
-    value, i.e. where the after value could lie given the before value.
-    """
-    if not comparisons:
-        return None
-    cols = min(_COLS, len(comparisons))
-    rows = math.ceil(len(comparisons) / cols)
-    fig = Figure(figsize=(3.0 * cols, 2.6 * rows))
-    for i, c in enumerate(comparisons):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        ci = None
+
+def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
+    for y, c in enumerate(rows):
+        colour = COLOURS.get(c["verdict"], _OTHER)
+        if c.get("margin") is not None:
+            ax.barh(y, c["margin"], left=-c["margin"], height=0.8, color="#e8f0fe", zorder=0)
         if c.get("ci_low") is not None and c.get("ci_high") is not None:
-            ci = [[max(c["delta"] - c["ci_low"], 0.0)], [max(c["ci_high"] - c["delta"], 0.0)]]
-        ax.bar([0], [c["base"]], color="#9aa0a6", label=labels[0])
-        ax.bar([1], [c["tuned"]], yerr=ci, capsize=4, label=labels[1],
-               color={"improved": "#34a853", "regressed": "#ea4335"}.get(c["verdict"], "#4285f4"))
-        ax.set_xticks([0, 1], list(labels))
-        ax.set_title(f"{c['task']} ({c['metric']})", fontsize=9)
-        ax.tick_params(labelsize=8)
+            lo, hi = sorted((_gain(c, c["ci_low"]), _gain(c, c["ci_high"])))
+            ax.plot([lo, hi], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
+            ax.plot([lo, hi], [y, y], "|", color=colour, markersize=9)
+        if c.get("delta") is not None:
+            ax.plot(_gain(c, c["delta"]), y, "o", color=colour, markersize=7, zorder=3)
+    ax.axvline(0, color="#202124", linewidth=1)
+    ax.set_yticks(range(len(rows)), [f"{c['task']} ({c['metric']})\n{fmt_verdict(c)}" for c in rows], fontsize=8.5)
+    for label, c in zip(ax.get_yticklabels(), rows, strict=True):
+        label.set_color(COLOURS.get(c["verdict"], _OTHER))
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def forest_png(groups: list[tuple[str, list[dict[str, Any]]]]) -> str | None:
+    """Every task's change with its interval, the zero line and the margin band, coloured by verdict.
+
+    Changes are drawn as improvement (right is better, whichever way the metric runs) in budget
+    points, so accuracies and perplexities share one axis. Each group (the recipe's task, the
+    general suite) gets its own panel and x scale: a +25 pp task gain would flatten a ±2 pp suite.
+    """
+    groups = [(title, rows) for title, rows in groups if rows]
+    if not groups:
+        return None
+    heights = [len(rows) + 1.2 for _, rows in groups]
+    fig = Figure(figsize=(8.5, 0.42 * sum(heights) + 0.9))
+    axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (title, rows) in zip(axes, groups, strict=True):
+        _forest_panel(ax, rows, title)
+    axes[-1].set_xlabel("change, points (pp for accuracies, % for perplexity): ← worse · better →", fontsize=8.5)
+    handles = [Patch(color=c, label=v) for v, c in COLOURS.items()] + [Patch(color="#e8f0fe", label="accepted margin")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _png(fig)
+
+
+def confusion_png(labels: list[str], matrices: list[tuple[str, list[list[int]]]]) -> str:
+    """Small heatmaps side by side (rows: true label, columns: predicted), each cell its count."""
+    fig = Figure(figsize=(2.1 * len(matrices) + 0.8, 2.2 + 0.12 * len(labels)))
+    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    top = max((max(map(max, m)) for _, m in matrices if m), default=1) or 1
+    for ax, (title, matrix) in zip(axes, matrices, strict=True):
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=top)
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:,}", ha="center", va="center", fontsize=8,
+                        color="white" if v > 0.6 * top else "#202124")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7.5, rotation=30 if len(labels) > 2 else 0)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("true", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
@@ -63,5 +109,35 @@ def loss_curves_png(curves: dict[str, list[list[float]]]) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
+    """Task gain against the worst general regression, one point per adapter with both intervals as
+    error bars; the Pareto front (nothing else gains more and forgets less) is joined and labelled."""
+    points = [p for p in points if "gain" in p and "forgetting" in p]
+    if not points:
+        return None
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for p in points:
+        colour = "#1a73e8" if p["pareto"] else _OTHER
+        (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
+        ax.errorbar(p["gain"], p["forgetting"], xerr=[[p["gain"] - g_lo], [g_hi - p["gain"]]],
+                    yerr=[[p["forgetting"] - f_lo], [f_hi - p["forgetting"]]], fmt="o", color=colour, capsize=3,
+                    markersize=8 if p["pareto"] else 6, elinewidth=1.2)
+        ax.annotate(f"{p['adapter']}\n(worst: {p['worst_task']})", (p["gain"], p["forgetting"]), fontsize=8,
+                    xytext=(6, 6), textcoords="offset points", color=colour)
+    front = sorted((p for p in points if p["pareto"]), key=lambda p: p["gain"])
+    if len(front) > 1:
+        ax.plot([p["gain"] for p in front], [p["forgetting"] for p in front], "--", color="#1a73e8", linewidth=1,
+                label="Pareto front")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.axhline(0, color="#202124", linewidth=0.8)
+    ax.set_xlabel("task gain, points (→ better)", fontsize=9)
+    ax.set_ylabel("worst general regression, points (↑ forgets more)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
     fig.tight_layout()
     return _png(fig)

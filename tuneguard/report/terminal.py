@@ -25,8 +25,10 @@ from tuneguard.report._format import (
 )
 from tuneguard.report.layout import report_blocks
 
-STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "pass": "green", "fail": "red"}
-_NUMERIC = {"n", "before", "after", "Δ", "95% CI of Δ", "p"}
+STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "noninferior": "blue",
+          "inconclusive": "yellow", "pass": "green", "fail": "red"}
+_NUMERIC = {"n", "before", "after", "Δ", "CI of Δ", "level", "p (adjusted)", "detectable", "margin", "precision", "recall",
+            "F1"}
 """Columns right-aligned so digits line up; every other column reads left to right."""
 
 
@@ -38,7 +40,7 @@ def _wide(console: Console) -> Console:
     """Tables are wide: going to a file or a pipe (a CI log), they are not wrapped at rich's 80 columns."""
     if console.is_terminal or os.environ.get("COLUMNS"):
         return console
-    return Console(width=max(console.width, 160), file=console.file)
+    return Console(width=max(console.width, 200), file=console.file)
 
 
 def print_block(block: Block, console: Console) -> None:

@@ -11,6 +11,7 @@ The bench prints the prediction next to the measured peak, so the model stays ho
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,12 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from tuneguard.losses import CHUNK_BYTES
 from tuneguard.recipe import Recipe
 
 MB = 2**20
+ENV_BUDGET = "TUNEGUARD_MEMORY_BUDGET_MB"
+TARGET_SHARE = 0.5
+"""The default peak target, as a share of the usual way's predicted peak."""
 RUNTIME_MB_CPU = 500.0
 """RSS of a process that has imported torch, transformers, peft, accelerate and bitsandbytes (CPU)."""
 FRAGMENTATION = 1.75
@@ -88,45 +93,51 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def activation_bytes_per_token(shape: ModelShape, adapter: AdapterShape, *, quantized: bool, fastpath: bool) -> float:
+def activation_bytes_per_token(
+    shape: ModelShape, adapter: AdapterShape, *, quantized: bool, fastpath: bool, compute_bytes: int = 2,
+    stream_bytes: int | None = None,
+) -> float:
     """Bytes one decoder layer keeps for backward, per token.
 
     The residual stream is fp32 on a quantized backbone (bitsandbytes casts outputs back to the
-    input's dtype) and bf16 otherwise; matmuls and attention run in bf16.
+    input's dtype) and in the weights' dtype otherwise; matmuls and attention run in the compute
+    dtype (``compute_bytes``: 2 under bf16, 4 in fp32, as the numerics probe chose).
     """
-    h, f, kv, r = shape.hidden, shape.intermediate, shape.kv_dim, adapter.rank
-    stream = 4 if quantized else 2
+    h, f, kv, r, c = shape.hidden, shape.intermediate, shape.kv_dim, adapter.rank, compute_bytes
+    stream = stream_bytes or (4 if quantized else c)
     norms = 2 * h * stream
-    attention = 2 * (2 * h + 2 * kv)  # q, k, v and the output
-    mlp = 2 * 2 * f if fastpath else 3 * f * stream  # fast: bf16 gate and up; else the activation's input, output, up
+    attention = c * (2 * h + 2 * kv)  # q, k, v and the output
+    mlp = 2 * f * c if fastpath else 3 * f * stream  # fast: gate and up; else the activation's input, output, up
     widths = [h] * max(adapter.per_layer - 1, 0) + [f] * min(adapter.per_layer, 1)
     if fastpath and adapter.fused:
-        # One bf16 copy per distinct input, A x, and the int32 positions dropout zeroed.
-        adapters = 2 * (3 * h + f) + 2 * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
+        # One copy per distinct input, A x, and the int32 positions dropout zeroed.
+        adapters = c * (3 * h + f) + c * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
     else:
-        # PEFT: per layer, the fp32 dropout noise and the bf16 copy of the dropped input, and A x.
-        adapters = sum((4 * w if adapter.dropout > 0 else 0) + 2 * w + 2 * r for w in widths)
+        # PEFT: per layer, the fp32 dropout noise and the copy of the dropped input, and A x.
+        adapters = sum((4 * w if adapter.dropout > 0 else 0) + c * w + c * r for w in widths)
     return norms + attention + mlp + adapters
 
 
 def estimate(
     shape: ModelShape, adapter: AdapterShape, *, quant: str, batch: int, seq: int, fastpath: bool,
-    checkpointed_layers: int = 0, device_type: str = "cpu", weights_file_mb: float = 0.0,
+    checkpointed_layers: int = 0, device_type: str = "cpu", weights_file_mb: float = 0.0, compute_bytes: int = 2,
+    weight_bytes: int = 2,
 ) -> MemoryEstimate:
-    """Peak memory of one training process for these shapes and settings."""
+    """Peak memory of one training process for these shapes and settings (dtypes as byte widths)."""
     bits = BITS[quant]
     quantized = bits is not None
     tokens = batch * seq
-    float_bytes = 4 if quantized else 2  # quantized backbones keep their other weights in fp32
+    float_bytes = 4 if quantized else weight_bytes  # quantized backbones keep their other weights in fp32
     weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
-    per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath)
+    per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath,
+                                           compute_bytes=compute_bytes, stream_bytes=float_bytes)
     kept = shape.layers - checkpointed_layers
-    stream = 4 if quantized else 2
+    stream = float_bytes
     activations = tokens * (kept * per_token + checkpointed_layers * shape.hidden * stream)
     if checkpointed_layers == shape.layers:
         activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
     rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
-    logits = rows * shape.vocab * 8 + shape.vocab * shape.hidden * 2 + tokens * shape.hidden * 4
+    logits = rows * shape.vocab * 8 + shape.vocab * shape.hidden * compute_bytes + tokens * shape.hidden * 4
     cpu = device_type == "cpu"
     parts = {
         "runtime": RUNTIME_MB_CPU if cpu else 0.0,
@@ -137,6 +148,7 @@ def estimate(
         "logits": logits / MB,
     }
     inputs = {"quant": quant, "batch": batch, "seq": seq, "fastpath": fastpath, "checkpointed_layers": checkpointed_layers,
+              "compute_bytes": compute_bytes, "weight_bytes": weight_bytes,
               "trainable_params": adapter.trainable_params, "device": device_type}
     return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 1) for k, v in parts.items()}, inputs)
 
@@ -145,7 +157,7 @@ def adapter_shape(model: torch.nn.Module) -> AdapterShape:
     """Rank, adapted layers per decoder layer, dropout and fusability of a PEFT model's adapter."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tuneguard.fastpath import _fusable
+    from tuneguard.adapters.methods import fusable_lora
 
     ranks: list[int] = []
     per_layer: dict[str, int] = {}
@@ -158,9 +170,22 @@ def adapter_shape(model: torch.nn.Module) -> AdapterShape:
         ranks.extend(v for v in getattr(module, "r", {}).values() if isinstance(v, int))
         drops = [getattr(d, "p", 0.0) for d in getattr(module, "lora_dropout", {}).values()]
         dropout = max([dropout, *drops, *getattr(module, "module_dropout", {}).values()])
-        fused = fused or _fusable(module)
+        fused = fused or fusable_lora(module)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return AdapterShape(trainable, max(ranks, default=0), max(per_layer.values(), default=0), dropout, fused)
+
+
+def dtype_bytes(recipe: Recipe, device_type: str) -> tuple[int, int]:
+    """(compute, weight) byte widths this recipe trains with here: bf16 autocast, the 4-bit compute dtype
+    or the weights' dtype, each ``auto`` resolved by the numerics probe."""
+    from tuneguard.numerics import resolve_dtype, resolve_mixed_precision
+
+    weight = resolve_dtype(recipe.model.dtype, device_type, "model.dtype").itemsize
+    if resolve_mixed_precision(recipe.train.mixed_precision, device_type) in {"bf16", "fp16"}:
+        return 2, weight
+    if recipe.quantization.method in {"nf4", "fp4"}:
+        return resolve_dtype(recipe.quantization.compute_dtype, device_type, "quantization.compute_dtype").itemsize, weight
+    return (4 if recipe.quantization.method == "int8" else weight), weight
 
 
 def estimate_model(
@@ -170,10 +195,14 @@ def estimate_model(
     """The estimate for an adapter model built from ``recipe`` (real or on the meta device)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = device_type or next(model.parameters()).device.type
+    if device == "meta":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    compute, weight = dtype_bytes(recipe, device)
     return estimate(
         ModelShape.from_config(base.config), adapter_shape(model), quant=recipe.quantization.method,
         batch=recipe.train.batch_size, seq=recipe.data.max_length, fastpath=fastpath,
         checkpointed_layers=checkpointed_layers, device_type=device, weights_file_mb=weights_file_mb,
+        compute_bytes=compute, weight_bytes=weight,
     )
 
 
@@ -194,6 +223,27 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return estimate_model(model, recipe, fastpath=fastpath, checkpointed_layers=checkpointed_layers, device_type=device,
                           weights_file_mb=weights_file)
+
+
+def memory_budget_mb(model: torch.nn.Module, recipe: Recipe) -> float:
+    """``TUNEGUARD_MEMORY_BUDGET_MB``, else the default target: half the predicted peak of the usual way
+    (PEFT's layers, no fast path, no checkpointing), or this process's memory plus what is free if less."""
+    value = os.environ.get(ENV_BUDGET)
+    if value:
+        return float(value)
+    usual = estimate_model(model, recipe, fastpath=False).peak_mb
+    at_hand = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / MB
+    return min(TARGET_SHARE * usual, at_hand)
+
+
+def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float) -> int:
+    """The fewest decoder layers to checkpoint for the fast path's predicted peak to fit ``budget_mb``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n_layers = base.config.num_hidden_layers
+    for k in range(n_layers + 1):
+        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k).peak_mb <= budget_mb:
+            return k
+    return n_layers
 
 
 def measure_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""``tuneguard gate`` and ``tuneguard plan`` on synthetic reports: exit codes, JUnit, markdown, baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from tuneguard.cli import main as cli_main
+from tuneguard.eval.compare import compare_results
+from tuneguard.eval.gate import plan
+from tuneguard.eval.records import TaskResult
+from tuneguard.io import atomic_write_json
+from tuneguard.report.files import build_report, write_reports
+
+from .test_report import _flip, _report, make_run
+
+
+def _hashed(eval_data: dict[str, Any]) -> dict[str, Any]:
+    for side in ("base", "tuned"):
+        for r in eval_data[side]:
+            r["item_hashes"] = [f"{r['task']}-{i}" for i in range(r["n"])]
+    return eval_data
+
+
+@pytest.fixture()
+def report_path(tmp_path: Path) -> Path:
+    run_dir, eval_data = make_run(tmp_path, "sst2-lora")
+    write_reports(run_dir, _report(run_dir, _hashed(eval_data)))
+    return run_dir / "report.json"
+
+
+def test_regression_beyond_the_margin_fails_with_junit_and_markdown(report_path: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    assert cli_main(["gate", str(report_path), "--junit", str(junit), "--markdown", str(md)]) == 1
+    assert "FAIL: regressed beyond the margin" in capsys.readouterr().err
+    suite = ET.parse(junit).getroot()
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert list(cases) == ["sst2", "arc_easy", "wikitext"] and suite.get("failures") == "1"
+    failure = cases["arc_easy"].find("failure")
+    assert failure is not None and "-8.0 pp" in failure.get("message", "") and "margin 2.0 pp" in failure.get("message", "")
+    assert cases["sst2"].find("failure") is None and cases["sst2"].get("classname") == "tuneguard.task"
+    summary = md.read_text()
+    assert summary.startswith("### tuneguard gate: FAIL") and "| arc_easy | -8.0 pp |" in summary
+    assert "corrected by holm" in summary and len(summary) < 2000
+
+
+def test_a_wider_margin_passes(report_path: Path) -> None:
+    assert cli_main(["gate", str(report_path.parent), "--margin", "20"]) == 0
+
+
+def _inconclusive_report(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    base = (rng.random(200) < 0.5).astype(float)
+    tuned = _flip(base, 3, 8)                          # -2.5 pp on 200 items: not significant, reaches past 2
+    row = compare_results([TaskResult("arc_easy", "acc", 0.5, True, 200, list(base))],
+                          [TaskResult("arc_easy", "acc", 0.5, True, 200, list(tuned))], general_tasks={"arc_easy"})[0]
+    assert row.verdict == "inconclusive" and row.items_to_decide
+    path = tmp_path / "inconclusive.json"
+    atomic_write_json(path, {"task": [], "general": [row.to_dict()]})
+    return path
+
+
+def test_inconclusive_passes_unless_power_is_required(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _inconclusive_report(tmp_path)
+    assert cli_main(["gate", str(path)]) == 0
+    junit = tmp_path / "g.xml"
+    assert cli_main(["gate", str(path), "--require-power", "--junit", str(junit)]) == 3
+    assert "UNDECIDED" in capsys.readouterr().err
+    failure = ET.parse(junit).getroot().find("testcase/failure")
+    assert failure is not None and failure.get("type") == "undecided" and "items)" in failure.get("message", "")
+
+
+def test_baseline_is_compared_item_by_item(tmp_path: Path) -> None:
+    old_dir, old_data = make_run(tmp_path / "old", "sst2-lora")
+    write_reports(old_dir, _report(old_dir, _hashed(old_data)))
+    same_dir, same_data = make_run(tmp_path / "same", "sst2-lora")
+    write_reports(same_dir, _report(same_dir, _hashed(same_data)))
+    assert cli_main(["gate", str(same_dir), "--baseline", str(old_dir / "report.json")]) == 0
+
+    worse_dir, worse_data = make_run(tmp_path / "worse", "sst2-lora")
+    sst2 = np.asarray(worse_data["tuned"][0]["per_item"])
+    worse_data["tuned"][0]["per_item"] = [float(x) for x in _flip(sst2, 0, 60)]
+    write_reports(worse_dir, _report(worse_dir, _hashed(worse_data)))
+    assert cli_main(["gate", str(worse_dir), "--baseline", str(old_dir)]) == 1
+
+
+def test_baseline_on_other_items_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old_dir, old_data = make_run(tmp_path / "old", "sst2-lora")
+    write_reports(old_dir, _report(old_dir, _hashed(old_data)))
+    new_dir, new_data = make_run(tmp_path / "new", "sst2-lora")
+    _hashed(new_data)["tuned"][1]["item_hashes"][7] = "another item"
+    write_reports(new_dir, _report(new_dir, new_data))
+    assert cli_main(["gate", str(new_dir), "--baseline", str(old_dir)]) == 2
+    assert "task 'arc_easy': the items differ from the baseline's (500 vs 500 items, first difference at item 8)" in \
+        capsys.readouterr().err
+    bare_dir, bare_data = make_run(tmp_path / "bare", "sst2-lora")
+    report = build_report(bare_dir, bare_data, [])
+    report.pop("items")
+    atomic_write_json(bare_dir / "report.json", report)
+    assert cli_main(["gate", str(new_dir), "--baseline", str(bare_dir)]) == 2
+    assert "no per-item outcomes" in capsys.readouterr().err
+
+
+def test_gate_usage_errors(tmp_path: Path, report_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["gate", str(tmp_path / "nowhere.json")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert cli_main(["gate", str(report_path), "--margin", "-1"]) == 2
+    assert "--margin must be >= 0" in capsys.readouterr().err
+
+
+def test_plan_from_a_stated_discordance() -> None:
+    tasks = [{"task": "arc_easy", "kind": "multiple_choice", "available": 250},
+             {"task": "wikitext", "kind": "perplexity", "available": 2}]
+    rows = plan(tasks, 2.0, discordance=0.1)
+    z = norm.ppf(1 - 0.05 / 2 / 2) + norm.ppf(0.8)
+    assert rows[0]["needed"] == math.ceil((z * math.sqrt(0.1) * 100 / 2.0) ** 2) and rows[0]["enough"] is False
+    assert rows[1]["needed"] is None and "needs --pilot" in rows[1]["source"]
+    assert plan(tasks[:1], 4.0, discordance=0.1)[0]["needed"] < rows[0]["needed"] / 3
+
+
+def test_plan_cli(report_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli_main(["plan", "--margin", "2", "--tasks", "arc_easy", "boolq", "--discordance", "0.1"]) == 0
+    out = capsys.readouterr().err
+    assert "arc_easy" in out and "boolq" in out and "discordance 0.1" in out
+    assert cli_main(["plan", "--pilot", str(report_path)]) == 0
+    out = capsys.readouterr().err
+    assert "pilot, n 500, discordance 0.080" in out and "wikitext" in out
+    assert cli_main(["plan", "--tasks", "arc_easy"]) == 2
+    assert "--discordance" in capsys.readouterr().err
+    assert cli_main(["plan", "--tasks", "arc_easy", "--discordance", "2"]) == 2
+    json.dumps(plan([], 2.0, discordance=0.1))

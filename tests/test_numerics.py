@@ -1,0 +1,83 @@
+"""The dtype probe: each measured outcome gives the right choice, forced emulated dtypes warn once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tuneguard import numerics
+from tuneguard.numerics import Probe
+
+AVX2 = Probe("cpu", "AMD EPYC 7B13", "AVX2", {"float32": 72.0, "bfloat16": 1.2, "float16": 1.5})
+AMX = Probe("cpu", "Intel Xeon", "AVX512", {"float32": 110.0, "bfloat16": 475.0, "float16": 134.0})
+ZEN4 = Probe("cpu", "AMD EPYC 9B14", "AVX512", {"float32": 150.0, "bfloat16": 160.0, "float16": 20.0})
+
+
+@pytest.fixture()
+def fake_probe(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """Make the probe 'measure' a given outcome; caches (memory and disk) are fresh for each test."""
+    measured: list[str] = []
+    monkeypatch.setenv("TUNEGUARD_CACHE", str(tmp_path))
+
+    def use(result: Probe) -> list[str]:
+        def fake_measure(device: torch.device) -> Probe:
+            measured.append(device.type)
+            return result
+
+        monkeypatch.setattr(numerics, "measure", fake_measure)
+        monkeypatch.setattr(numerics, "_cache_key", lambda device: f"fake-{result.device_name}")
+        numerics.probe.cache_clear()
+        numerics._warn.cache_clear()
+        return measured
+
+    yield use
+    numerics.probe.cache_clear()
+    numerics._warn.cache_clear()
+
+
+@pytest.mark.parametrize(("result", "dtype", "mixed"), [(AVX2, torch.float32, "no"), (AMX, torch.bfloat16, "bf16"),
+                                                         (ZEN4, torch.float32, "no")])
+def test_auto_follows_the_measurement(fake_probe, result: Probe, dtype: torch.dtype, mixed: str) -> None:
+    fake_probe(result)
+    assert numerics.resolve_dtype("auto", "cpu") == dtype
+    assert numerics.resolve_mixed_precision("auto", "cpu") == mixed
+
+
+def test_forced_emulated_dtype_warns_once_and_is_kept(fake_probe, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_probe(AVX2)
+    for _ in range(3):
+        assert numerics.resolve_dtype("bfloat16", "cpu", "quantization.compute_dtype") == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    line = next(ln for ln in err.splitlines() if "warning:" in ln)
+    assert "quantization.compute_dtype=bfloat16" in line and "60x slower" in line and "float32" in line
+    assert numerics.resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert "train.mixed_precision=bf16" in capsys.readouterr().err
+
+
+def test_native_forced_dtype_does_not_warn(fake_probe, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_probe(AMX)
+    assert numerics.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert numerics.resolve_dtype("float32", "cpu") == torch.float32
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_probe_is_measured_once_per_machine(fake_probe) -> None:
+    measured = fake_probe(AVX2)
+    numerics.probe("cpu")
+    numerics.probe.cache_clear()  # a new process: read back from the cache file
+    again = numerics.probe("cpu")
+    assert measured == ["cpu"] and again == AVX2
+    record = numerics.numerics_record("cpu")
+    assert record["chosen"] == "float32" and record["capability"] == "AVX2" and record["gflops"]["bfloat16"] == 1.2
+    assert json.dumps(record)
+
+
+def test_real_probe_measures_every_candidate() -> None:
+    result = numerics.measure(torch.device("cpu"))
+    assert set(result.gflops) == set(numerics.CANDIDATES)
+    assert result.gflops["float32"] > 0
+    assert result.choice in {"float32", "bfloat16"}
+    assert result.capability == torch.backends.cpu.get_cpu_capability()

@@ -1,0 +1,38 @@
+"""Command-line argument types shared by the verbs, so each refuses bad values the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1: ``--limit 0`` or ``-1`` would silently mean 'all' or 'all but one'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a training run, shared by ``tuneguard train`` and ``python -m tuneguard.train``."""
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--resume-changed", metavar="KEYS", type=lambda s: [k for k in s.split(",") if k],
+                        default=[], help="resume although these recipe keys changed (comma-separated; implies --resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in a run directory that holds a run, moving its contents aside")
+    parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+
+
+def with_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> argparse.Namespace:
+    """Overrides after a flag (``R --no-eval train.lr=5e-3``) are overrides too; anything else is an error."""
+    overrides = [w for w in extra if "=" in w and not w.startswith("-")]
+    unknown = [w for w in extra if w not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *overrides]
+    return args

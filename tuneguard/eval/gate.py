@@ -1,0 +1,107 @@
+"""CI decisions from reports: ``tuneguard gate`` (pass, regressed, undecided) and ``tuneguard plan`` (items needed).
+
+Works on plain report.json data, so a gate needs no model: it re-judges stored rows under another
+margin, or pairs a new report with a stored baseline item by item (the items must be the same,
+checked by hash) and compares their tuned sides with the same statistics as base vs tuned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneguard.errors import TuneguardError
+from tuneguard.eval import stats
+from tuneguard.eval.compare import DEFAULT_MARGIN, Comparison, compare_results
+from tuneguard.eval.records import TaskResult
+
+EXIT_PASS, EXIT_REGRESSED, EXIT_UNDECIDED = 0, 1, 3
+
+
+def report_rows(report: dict[str, Any], margin: float | None = None) -> list[Comparison]:
+    """The task and general-suite rows, judged again under ``margin`` when one is given."""
+    rows = [Comparison.from_dict(c) for c in (report.get("task") or []) + (report.get("general") or [])]
+    return [c.with_margin(margin if margin is not None else c.margin or DEFAULT_MARGIN) for c in rows]
+
+
+def _results(report: dict[str, Any], where: str) -> dict[str, TaskResult]:
+    items = report.get("items")
+    if not items:
+        raise TuneguardError(f"{where}: no per-item outcomes (a report written before tuneguard stored them); "
+                             "re-run `tuneguard eval` on its run to write one")
+    return {i["task"]: TaskResult(i["task"], i["metric"], 0.0, i["higher_is_better"], i["n"], i["per_item"],
+                                  i.get("weights"), i.get("aggregate", "mean"), item_hashes=i.get("item_hashes"))
+            for i in items}
+
+
+def _check_same_items(task: str, new: TaskResult, old: TaskResult) -> None:
+    if not new.item_hashes or not old.item_hashes:
+        raise TuneguardError(f"task '{task}': no item hashes on both sides, so the items cannot be checked to match")
+    if new.item_hashes != old.item_hashes:
+        diff = next((i for i, (a, b) in enumerate(zip(new.item_hashes, old.item_hashes, strict=False)) if a != b),
+                    min(len(new.item_hashes), len(old.item_hashes)))
+        raise TuneguardError(f"task '{task}': the items differ from the baseline's ({len(new.item_hashes)} vs "
+                             f"{len(old.item_hashes)} items, first difference at item {diff + 1}); "
+                             "evaluate both on the same items (same eval.limit and task data)")
+
+
+def against_baseline(report: dict[str, Any], baseline: dict[str, Any], margin: float | None = None) -> list[Comparison]:
+    """The new run's tuned outcomes against the baseline report's, item by item, with the new report's correction."""
+    new, old = _results(report, "report"), _results(baseline, "baseline")
+    one_sided = sorted(set(new) ^ set(old))
+    if one_sided:
+        raise TuneguardError(f"tasks in only one of report and baseline: {', '.join(one_sided)}")
+    for task in new:
+        _check_same_items(task, new[task], old[task])
+    general = {c["task"] for c in report.get("general") or []}
+    correction = next((c.get("correction") for c in report.get("general") or []), "holm")
+    margins = {c["task"]: c.get("margin") for c in (report.get("task") or []) + (report.get("general") or [])}
+    chosen = margin if margin is not None else {t: m for t, m in margins.items() if m is not None}
+    return compare_results([old[t] for t in new], list(new.values()), general_tasks=general, margin=chosen or DEFAULT_MARGIN,
+                           correction=correction if correction in ("holm", "bh") else "holm")
+
+
+def undecided(c: Comparison) -> bool:
+    """Neither shown within the margin nor shown past it: more items would decide."""
+    worst, _ = c.gain_interval
+    return c.verdict == "inconclusive" or (c.verdict == "regressed" and not c.beyond_margin
+                                           and worst < -(c.margin or 0.0))
+
+
+def decide(rows: list[Comparison], require_power: bool) -> int:
+    """1 when a task regressed beyond its margin; 3 when one is undecided and power is required; else 0."""
+    if any(c.verdict == "regressed" and c.beyond_margin for c in rows):
+        return EXIT_REGRESSED
+    if require_power and any(map(undecided, rows)):
+        return EXIT_UNDECIDED
+    return EXIT_PASS
+
+
+def plan(tasks: list[dict[str, Any]], margin: float, *, discordance: float | None = None,
+         pilot: dict[str, Any] | None = None, power: float = stats.POWER, alpha: float = stats.ALPHA) -> list[dict[str, Any]]:
+    """Items each task needs for ``power`` to show non-inferiority at ``margin`` points if nothing changed.
+
+    ``tasks`` are ``{"task", "kind", "available"}``; the per-item spread comes from the pilot report's row
+    for that task, else from ``discordance`` (0/1 tasks only). The family is planned at ``alpha / m``,
+    the level Holm's first test runs at, so the plan holds under either correction.
+    """
+    if margin <= 0:
+        raise TuneguardError("--margin must be > 0 points")
+    if discordance is not None and not 0 < discordance <= 1:
+        raise TuneguardError(f"--discordance must be in (0, 1], the share of items on which base and tuned "
+                             f"disagree; got {discordance:g}")
+    rows = {c["task"]: c for c in (pilot or {}).get("general", []) + (pilot or {}).get("task", [])}
+    level = alpha / max(len(tasks), 1)
+    out = []
+    for t in tasks:
+        row = rows.get(t["task"])
+        sd, source = None, "needs --pilot (not a 0/1 task)" if t["kind"] == "perplexity" else "needs --discordance or --pilot"
+        if row is not None and row.get("sd_item"):
+            sd, source = float(row["sd_item"]), f"pilot, n {row['n']}"
+            if row.get("won") is not None:
+                source += f", discordance {(row['won'] + row['lost']) / row['n']:.3f}"
+        elif discordance is not None and t["kind"] != "perplexity":
+            sd, source = 100.0 * discordance ** 0.5, f"discordance {discordance:g}"
+        needed = stats.items_needed(sd, margin, level, power) if sd else None
+        out.append({**t, "source": source, "needed": needed, "alpha": level,
+                    "enough": None if needed is None or t.get("available") is None else t["available"] >= needed})
+    return out

@@ -1,0 +1,283 @@
+"""A run directory: the names of its files, and the lock that makes one run its only writer.
+
+A run never deletes what it did not write: a new run refuses a directory that already holds one,
+``--overwrite`` moves the old contents aside, and ``--resume`` refuses a recipe that changed since
+the checkpoint it resumes (unless each changed key is named with ``--resume-changed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tuneguard.errors import TuneguardError
+from tuneguard.io import atomic_write_json
+
+Mode = Literal["new", "resume", "overwrite"]
+
+RECIPE, RUN, METRICS = "recipe.yaml", "run.json", "metrics.jsonl"
+CHECKPOINTS, LOCK = "checkpoints", ".tuneguard.lock"
+TRAIN_STATE, CHECKPOINT_RECIPE = "train_state.json", "recipe.json"
+_HELD: dict[Path, int] = {}
+"""Run directories this process holds, with the fd that holds each lock."""
+
+
+def _os_error(path: Path, exc: OSError) -> TuneguardError:
+    return TuneguardError(f"{path}: cannot write the run directory ({exc.strerror or exc}); "
+                          "choose a writable output.dir")
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested recipe dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+@dataclass
+class RunDir:
+    path: Path
+    created: list[Path] = field(default_factory=list)
+    """Folders this process made for the run (removed again if the run wrote nothing into them)."""
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / RECIPE
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def checkpoint_list(self) -> list[Path]:
+        """Complete checkpoints (their train state was the last thing written), oldest first."""
+        found = [p for p in self.checkpoints.glob("step-*") if (p / TRAIN_STATE).exists()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoint_list()
+        return found[-1] if found else None
+
+    def record(self) -> dict[str, Any]:
+        """run.json, or {} for a run that has not finished training."""
+        try:
+            data = json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise TuneguardError(f"{self.run_json}: unreadable ({exc}); the run's record is damaged") from None
+        if not isinstance(data, dict):
+            raise TuneguardError(f"{self.run_json}: expected a JSON object")
+        return data
+
+    def contents(self) -> list[str]:
+        """What the directory holds besides the lock (names, sorted)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+
+    # --------------------------------------------------------------------------------- the lock
+    # An flock on the lock file, held while the run lives: the kernel drops it when the process dies
+    # (kill -9 included), so a lock left by a dead run is stale by construction. The file names the
+    # holder (pid, host, start) for the message; one left by a crash on another host is refused.
+
+    def lock_owner(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.lock_file.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def held_here(self) -> bool:
+        return self.path.resolve() in _HELD
+
+    def _busy(self, owner: dict[str, Any]) -> TuneguardError:
+        return TuneguardError(
+            f"{self.path}: another run is writing into it (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
+            f"since {owner.get('started', '?')}); wait for it or choose another output.name"
+        )
+
+    def _foreign(self, owner: dict[str, Any]) -> TuneguardError:
+        return TuneguardError(
+            f"{self.path}: another run holds it (pid {owner.get('pid')} on host {owner.get('host')}, since "
+            f"{owner.get('started')}); if that run is gone, delete {self.lock_file}"
+        )
+
+    def _locked_fd(self) -> int:
+        """An fd holding the flock on the current lock file (not one a releasing run just unlinked)."""
+        while True:
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as exc:
+                raise _os_error(self.path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy(self.lock_owner()) from None
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _take_lock(self) -> None:
+        fd = self._locked_fd()
+        owner = self.lock_owner()
+        if owner.get("host") not in (None, socket.gethostname()):
+            os.close(fd)
+            raise self._foreign(owner)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        _HELD[self.path.resolve()] = fd
+
+    def ensure_idle(self) -> None:
+        """Refuse while another run holds the directory (or a crashed one on another host left its lock)."""
+        if self.held_here() or not self.lock_file.exists():
+            return
+        fd = self._locked_fd()
+        os.close(fd)
+        owner = self.lock_owner()
+        if owner.get("host") not in (None, socket.gethostname()):
+            raise self._foreign(owner)
+
+    def ensure_finished(self, writable: bool) -> None:
+        """For verbs that read a trained run (eval, export): refuse one that is still, or was never, finished;
+        ``writable``: results go into it, so a read-only directory is refused before any model loads."""
+        if not self.recipe.exists():
+            raise TuneguardError(f"{self.path}: not a run directory (no {RECIPE})")
+        self.ensure_idle()
+        if not self.run_json.exists():
+            raise TuneguardError(f"{self.path}: training did not finish (no {RUN}); continue it with "
+                                 "tuneguard train RECIPE --resume")
+        if writable and not os.access(self.path, os.W_OK):
+            raise TuneguardError(f"{self.path}: not writable; results could not be saved")
+
+    def _make_dirs(self) -> None:
+        missing = []
+        for parent in [self.path, *self.path.parents]:
+            if parent.exists():
+                break
+            missing.append(parent)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(self.path, exc) from None
+        self.created = missing
+
+    def _release(self) -> None:
+        fd = _HELD.pop(self.path.resolve(), None)
+        if fd is not None:
+            self.lock_file.unlink(missing_ok=True)  # before closing, so a waiting run never takes a dead file
+            os.close(fd)
+        for folder in self.created:  # innermost first; only folders the run left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    # ------------------------------------------------------------------------------- claiming
+
+    @contextlib.contextmanager
+    def claim(self, mode: Mode) -> Iterator[RunDir]:
+        """Hold the directory for a run's life: a second run into it is refused until this one ends."""
+        if self.held_here():
+            yield self
+            return
+        self._make_dirs()
+        try:
+            self._take_lock()
+            self._prepare(mode)
+            yield self
+        finally:
+            self._release()
+
+    def _prepare(self, mode: Mode) -> None:
+        held = self.contents()
+        if mode == "overwrite" and held:
+            self._move_aside(held)
+        elif mode == "resume" and self.latest_checkpoint() is None and not self.unfinished_start(held):
+            raise TuneguardError(
+                f"{self.path}: no checkpoint to resume from (it holds {', '.join(held[:4])}); "
+                "pass --overwrite to start again, moving the old contents aside"
+            )
+        elif mode == "new" and held:
+            raise TuneguardError(
+                f"{self.path}: already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+                "pass --resume to continue it or --overwrite to move it aside and start again"
+            )
+
+    @staticmethod
+    def unfinished_start(held: list[str]) -> bool:
+        """Only what a run killed before its first checkpoint leaves: resuming it means starting it again."""
+        return all(name in (RECIPE, METRICS, CHECKPOINTS) or (name.startswith(".") and name.endswith(".tmp"))
+                   for name in held)
+
+    def _move_aside(self, names: list[str]) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+        try:
+            aside.mkdir()
+            for name in names:
+                os.replace(self.path / name, aside / name)
+        except OSError as exc:
+            raise _os_error(self.path, exc) from None
+        print(f"tuneguard: moved the previous contents of {self.path} to {aside}")
+
+    # ----------------------------------------------------------------------------- resuming
+
+    def check_resume(self, checkpoint: Path, recipe_view: dict[str, Any], allowed: list[str]) -> None:
+        """Refuse to resume with a training recipe other than the checkpoint's, unless every change is named."""
+        stored = checkpoint / CHECKPOINT_RECIPE
+        if not stored.exists():
+            return  # a checkpoint from before recipes were stored with it
+        changed = recipe_changes(json.loads(stored.read_text()), recipe_view)
+        unnamed = [k for k in changed if k not in allowed]
+        if unnamed:
+            raise TuneguardError(
+                f"{checkpoint}: the recipe changed since this checkpoint ({', '.join(unnamed)}); resuming would "
+                f"mix two runs. Pass --resume-changed {','.join(unnamed)} to resume anyway, or --overwrite"
+            )
+
+    def write_checkpoint_recipe(self, folder: Path, recipe_view: dict[str, Any]) -> None:
+        atomic_write_json(folder / CHECKPOINT_RECIPE, recipe_view)
+
+
+def safe_name(name: str) -> str:
+    """An output name is one path component: ``../x`` or ``a/b`` would write outside the output root."""
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")) or name.startswith("."):
+        raise ValueError(f"{name!r} is not a plain folder name (one path component, not starting with '.'): "
+                         "the run must stay inside the output root")
+    return name
