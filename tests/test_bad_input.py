@@ -23,9 +23,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneguard.cli import main as cli_main
-from tuneguard.divergence import STUCK_STEPS, DivergenceWatch, non_finite
 from tuneguard.report.history import list_history, record_run
 from tuneguard.rundir import LOCK
+from tuneguard.train.divergence import STUCK_STEPS, DivergenceWatch, non_finite
 
 from .test_train import make_run
 
@@ -256,7 +256,7 @@ def test_non_finite_step_keeps_the_previous_adapter_and_checkpoint(tmp_path: Pat
 
 def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path: Path, tiny_llama_dir: Path, monkeypatch,
                                                           capsys) -> None:
-    import tuneguard.train as train_module
+    import tuneguard.train.checkpoints as train_module
 
     path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 4, "save_every": 1})
     run_dir = tmp_path / "runs" / "recipe"
@@ -292,7 +292,7 @@ def test_divergence_watch() -> None:
 
 
 def test_divergence_stops_training_and_is_recorded(tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys) -> None:
-    import tuneguard.train as train_module
+    import tuneguard.train.loop as train_module
 
     def diverges_at_step_3(self, loss: float, grad_norm: float | None) -> str | None:
         self.norms.append(grad_norm)
@@ -468,7 +468,7 @@ def test_damaged_weight_files_are_named(tmp_path: Path) -> None:
 
 def test_two_runs_started_together_one_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 6})
-    cmd = [sys.executable, "-m", "tuneguard.train", str(path), "--no-eval"]
+    cmd = [sys.executable, "-m", "tuneguard.run", str(path), "--no-eval"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = sorted((proc.wait(timeout=300), proc.stderr.read()) for proc in procs)
     assert [code for code, _ in results] == [0, 2], results
@@ -482,7 +482,7 @@ def test_two_runs_started_together_one_refused(tmp_path: Path, tiny_llama_dir: P
 def test_read_only_places_are_refused_before_the_model_loads(tmp_path: Path, tiny_llama_dir: Path, monkeypatch,
                                                              capsys) -> None:
     import tuneguard.rundir as rundir_module
-    import tuneguard.train as train_module
+    import tuneguard.train.loop as train_module
 
     _, run_dir = finished_run(tmp_path, tiny_llama_dir)
     real_open = os.open

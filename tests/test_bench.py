@@ -13,8 +13,8 @@ from tuneguard.bench import measure, reference
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
 from tuneguard.bench.tables import train_summary
 from tuneguard.cli import build_parser
-from tuneguard.memory import AdapterShape, ModelShape, estimate, estimate_recipe
 from tuneguard.recipe import load_recipe
+from tuneguard.train.memory import AdapterShape, ModelShape, estimate, estimate_recipe
 
 
 def test_throughput_leaves_out_warmup_and_counts_exact_tokens() -> None:
@@ -32,7 +32,7 @@ def result(runner: str, tokens: float, peak: float, **spec: object) -> dict:
 def test_compare_flags_only_regressions() -> None:
     old = [result("tuneguard", 300, 2000), result("trainer", 200, 5000)]
     new = [result("tuneguard", 250, 2000), result("trainer", 230, 6000), result("sft", 1, 1)]
-    changes = {(c.config.split()[1], c.metric): c for c in measure.compare_results(new, old, tolerance=0.1)}
+    changes = {(c.config.split()[1], c.metric): c for c in measure.changes_since(new, old, tolerance=0.1)}
     assert changes[("runner=tuneguard", "tokens_per_s")].regressed
     assert not changes[("runner=tuneguard", "peak_memory_mb")].regressed
     assert not changes[("runner=trainer", "tokens_per_s")].regressed  # faster is not a regression

@@ -12,17 +12,17 @@ import pytest
 from scipy.stats import norm
 
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
-from tuneguard.eval.compare import (
+from tuneguard.eval.records import TaskResult, aggregate
+from tuneguard.eval.stats import aggregate_rows, bootstrap_p, tango_interval
+from tuneguard.eval.verdicts import (
     Comparison,
     check_budget,
     compare_quantization,
     compare_results,
     compare_task,
-    read_metrics,
     train_val_gap,
 )
-from tuneguard.eval.records import TaskResult, aggregate
-from tuneguard.eval.stats import aggregate_rows, bootstrap_p, tango_interval
+from tuneguard.rundir import RunDir
 
 
 def acc(task: str, outcomes: list[float] | np.ndarray, *, higher_is_better: bool = True) -> TaskResult:
@@ -236,9 +236,9 @@ def test_budget_for_perplexity_is_relative_percent() -> None:
 def test_train_val_gap(tmp_path: Path) -> None:
     lines = [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 11)]
     lines += [{"step": 5, "val_loss": 1.9}, {"step": 10, "val_loss": 2.1}]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 11, "lo')   # a torn last line
-    records = read_metrics(path)
+    run = RunDir(tmp_path)
+    run.metrics.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 11, "lo')   # a torn last line
+    records = run.read_metrics()
     assert len(records) == 12
     gap = train_val_gap(records, last_k=5)
     assert gap is not None
@@ -248,14 +248,14 @@ def test_train_val_gap(tmp_path: Path) -> None:
     healthy = train_val_gap(lines[:10] + [{"step": 5, "val_loss": 1.6}, {"step": 10, "val_loss": 1.3}])
     assert healthy is not None and healthy["overfitting"] is False
     assert train_val_gap(lines[:10]) is None
-    assert read_metrics(tmp_path / "absent.jsonl") == []
+    assert RunDir(tmp_path / "absent").read_metrics() == []
 
 
 def test_compare_adapters_on_one_base(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Three tiny runs: the base is scored once, each adapter swapped in, every pair corrected as a family."""
     from tuneguard.cli import main as cli_main
     from tuneguard.recipe import load_recipe
-    from tuneguard.train import train
+    from tuneguard.train.loop import train
 
     from .test_train import make_run
 

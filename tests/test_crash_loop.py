@@ -22,7 +22,7 @@ TRAIN = {"max_steps": 16, "save_every": 3, "log_every": 1}
 
 
 def command(recipe: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "tuneguard.train", str(recipe), "--no-eval", *flags]
+    return [sys.executable, "-m", "tuneguard.run", str(recipe), "--no-eval", *flags]
 
 
 def last_step(run_dir: Path) -> int:

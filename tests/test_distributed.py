@@ -20,7 +20,7 @@ def torchrun(*args: str, cwd: Path) -> None:
 
 def test_two_process_training_and_eval_equal_single_process(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 4}, eval={"task": True, "suites": ["piqa"], "limit": 7})
-    torchrun("-m", "tuneguard.train", str(path), cwd=tmp_path)
+    torchrun("-m", "tuneguard.run", str(path), cwd=tmp_path)
     run_dir = tmp_path / "runs" / "recipe"
     assert json.loads((run_dir / "run.json").read_text())["num_processes"] == 2
     two = json.loads((run_dir / "eval.json").read_text())

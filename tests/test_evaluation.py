@@ -8,9 +8,9 @@ import torch
 
 from tuneguard.cli import main as cli_main
 from tuneguard.errors import TuneguardError
-from tuneguard.evaluation import evaluate_after_training
 from tuneguard.recipe import load_recipe
-from tuneguard.train import train
+from tuneguard.run import evaluate
+from tuneguard.train.loop import train
 
 from .test_train import make_run
 
@@ -25,7 +25,7 @@ def test_after_training_writes_eval_and_reports(tmp_path: Path, tiny_llama_dir: 
     path, recipe, result = trained(tmp_path, tiny_llama_dir, train={"max_steps": 10},
                                    eval={"task": True, "suites": ["arc_easy", "wikitext"], "limit": 6})
     run_dir = recipe.run_dir(path)
-    assert evaluate_after_training(recipe, run_dir, result) == 0
+    assert evaluate(recipe, run_dir, result) == 0
     data = json.loads((run_dir / "eval.json").read_text())
     assert [r["task"] for r in data["base"]] == ["recipe (validation)", "arc_easy", "wikitext"]
     assert all(g["passed"] for g in data["guards"])
@@ -45,18 +45,18 @@ def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> N
                                    eval={"task": True})
     run_dir = recipe.run_dir(path)
     with torch.no_grad():
-        for name, p in result["model"].named_parameters():
+        for name, p in result.model.named_parameters():
             if "lora_B" in name:
                 p.zero_()
     with pytest.raises(TuneguardError, match="guard rail failed.*adapter applied"):
-        evaluate_after_training(recipe, run_dir, result)
+        evaluate(recipe, run_dir, result)
     assert not (run_dir / "report.md").exists()
 
 
 def test_encoder_scored_by_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
     path, recipe, result = trained(tmp_path, tiny_bert_dir, train={"max_steps": 10, "lr": 1e-2}, eval={"task": True})
     run_dir = recipe.run_dir(path)
-    assert evaluate_after_training(recipe, run_dir, result) == 0
+    assert evaluate(recipe, run_dir, result) == 0
     data = json.loads((run_dir / "eval.json").read_text())
     assert [r["task"] for r in data["tuned"]] == ["recipe (validation)"]
     assert {"acc", "f1_macro"} <= set(data["tuned"][0]["metrics"])
@@ -71,7 +71,7 @@ def test_base_model_eval_cli(tiny_llama_dir: Path, tmp_path: Path, capsys: pytes
 def test_frozen_checksum_sees_backbone_edits_only(tiny_llama) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from tuneguard.eval.guards import frozen_checksum
+    from tuneguard.adapters.state import frozen_checksum
 
     model = get_peft_model(tiny_llama[0], LoraConfig(r=2, target_modules=["q_proj"]))
     before = frozen_checksum(model)
@@ -83,7 +83,7 @@ def test_frozen_checksum_sees_backbone_edits_only(tiny_llama) -> None:
 
 
 def test_pickled_adapter_is_refused(tmp_path: Path, tiny_llama) -> None:
-    from tuneguard.adapters.methods import load_adapter
+    from tuneguard.adapters.registry import load_adapter
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-import tuneguard.fastpath as fastpath
-import tuneguard.losses as losses
-from tuneguard.losses import CausalLMLoss, chunked_lm_loss
-from tuneguard.memory import checkpoint_plan, estimate_model
+import tuneguard.train.fastpath as fastpath
+import tuneguard.train.losses as losses
 from tuneguard.recipe import validate
+from tuneguard.train.losses import CausalLMLoss, chunked_lm_loss
+from tuneguard.train.memory import checkpoint_plan, estimate_model
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 POS = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)  # two packed documents per row

@@ -13,9 +13,9 @@ import pytest
 from scipy.stats import norm
 
 from tuneguard.cli import main as cli_main
-from tuneguard.eval.compare import compare_results
 from tuneguard.eval.gate import plan
 from tuneguard.eval.records import TaskResult
+from tuneguard.eval.verdicts import compare_results
 from tuneguard.io import atomic_write_json
 from tuneguard.report.files import build_report, write_reports
 

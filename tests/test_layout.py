@@ -14,10 +14,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only: never imported at run time)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The package modules a file imports anywhere in it (``from x import y`` counts ``x.y`` when that is a module)."""
+    """The package modules a file imports anywhere it runs (``from x import y`` counts ``x.y`` when that is a module)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -89,3 +102,33 @@ def test_bench_is_imported_only_by_cli_and_itself() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+LAYERS = [
+    ("tuneguard.errors", "tuneguard.io", "tuneguard.progress", "tuneguard.provenance", "tuneguard.weights",
+     "tuneguard.numerics", "tuneguard.args"),
+    ("tuneguard.recipe", "tuneguard.rundir", "tuneguard.adapters.capabilities"),
+    ("tuneguard.backbones",),
+    ("tuneguard.adapters",),
+    ("tuneguard.data",),
+    ("tuneguard.train",),
+    ("tuneguard.eval",),
+    ("tuneguard.report",),
+    ("tuneguard.run", "tuneguard.export"),
+    ("tuneguard.cli", "tuneguard.bench"),
+]
+"""recipe → backbone → adapter → data → train → eval → report → run → cli/bench: the way data flows."""
+
+
+def layer_of(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def test_imports_flow_one_way() -> None:
+    """A module imports only its own layer or the ones before it: nothing upstream knows what comes after."""
+    upstream = {v: sorted(w for w in ws if layer_of(w) > layer_of(v))
+                for v, ws in without_packages(import_graph()).items() if v != "tuneguard"}
+    assert {v: ws for v, ws in upstream.items() if ws} == {}

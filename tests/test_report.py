@@ -14,12 +14,12 @@ import yaml
 from rich.console import Console
 
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.compare import Comparison, compare_quantization, compare_results
 from tuneguard.eval.records import TaskResult, aggregate
+from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report.compare_runs import compare_run_dirs, print_run_comparison
 from tuneguard.report.files import build_report, write_reports
 from tuneguard.report.history import list_history, record_run
+from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 from tuneguard.report.terminal import print_history, print_report
 
 GENERAL = {"arc_easy", "wikitext"}

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from tuneguard.eval.compare import compare_results, compare_task
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stats import (
     adjust,
@@ -18,6 +17,7 @@ from tuneguard.eval.stats import (
     tango_z,
     z_crit,
 )
+from tuneguard.eval.verdicts import compare_results, compare_task
 
 
 def acc(task: str, outcomes: np.ndarray) -> TaskResult:

@@ -6,7 +6,7 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
 from tuneguard.data.examples import ChoiceItem
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.harness import evaluate_tasks, task_result
+from tuneguard.eval.kinds import KINDS
 from tuneguard.eval.records import aggregate
 from tuneguard.eval.scoring import RollingScore, Score, classify
 from tuneguard.eval.tasks import (
@@ -22,6 +23,7 @@ from tuneguard.eval.tasks import (
     SUITES,
     TASKS,
     Doc,
+    Kind,
     Task,
     classification_task_from_items,
     get_tasks,
@@ -108,6 +110,33 @@ def test_perplexity_and_loglikelihood_metrics_from_raw_scores(tokenizer) -> None
     lam = task_result(Task("lam", "loglikelihood", list, "acc"), [Doc("c", ["w"])] * 2,
                       [[_score(-1.0, True)], [_score(-3.0)]], tokenizer)
     assert lam.per_item == [1.0, 0.0] and lam.metrics["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_every_kind_yields_the_metrics_it_declares(tokenizer) -> None:
+    # Small outcome lists on which each declared metric has a different value.
+    synthetic: dict[str, tuple[list[Doc], list[Any]]] = {
+        "multiple_choice": ([Doc("q", ["a", "bbbb"], gold=1), Doc("q", ["aa", "b"], gold=0), Doc("q", ["x", "y"], gold=1)],
+                            [[_score(-1.0), _score(-2.0)], [_score(-3.0), _score(-2.0)], [_score(-1.0), _score(-1.0)]]),
+        # The second outcome is a classification head's predicted class.
+        "classification": ([Doc("q", ["neg", "pos"], gold=1), Doc("q", ["neg", "pos"], gold=0)],
+                           [[_score(-2.0), _score(-1.0)], 1]),
+        "loglikelihood": ([Doc("c", ["w"])] * 2, [[_score(-1.0, True)], [_score(-3.0)]]),
+        "generation": ([Doc("q", target="Paris"), Doc("q", target="two words")], ["Paris", "two"]),
+        "perplexity": ([Doc(text="a b", raw="a  b"), Doc(text="c")], [RollingScore(6.0, 3, 3), RollingScore(2.0, 1, 1)]),
+    }
+    assert set(KINDS) == set(get_args(Kind)) == set(synthetic)
+    for name, kind in KINDS.items():
+        docs, outcomes = synthetic[name]
+        values = set()
+        for metric in kind.metrics:
+            per_item, metrics, weights, how = kind.result(Task("t", name, list, metric, labels=["neg", "pos"]),
+                                                          docs, outcomes, tokenizer)
+            assert set(kind.metrics) <= set(metrics), name
+            # The primary metric's per-item outcomes aggregate to the value the kind reports for it.
+            assert metrics[metric] == pytest.approx(aggregate(per_item, weights, how)), (name, metric)
+            assert len(per_item) == len(docs)
+            values.add(metrics[metric])
+        assert len(values) == len(kind.metrics), name
 
 
 def _check(result: Any) -> None:

@@ -15,11 +15,13 @@ from accelerate.utils import set_seed
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tuneguard.adapters.methods import apply_adapter, load_adapter
+from tuneguard.adapters.registry import apply_adapter, load_adapter
+from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import load_backbone
-from tuneguard.eval.guards import adapter_weight_delta, frozen_checksum
+from tuneguard.eval.guards import adapter_weight_delta
 from tuneguard.recipe import load_recipe
-from tuneguard.train import epoch_batches, train
+from tuneguard.train.batches import epoch_batches
+from tuneguard.train.loop import train
 
 WORDS = ["great", "wonderful", "dull", "boring"]
 
@@ -61,7 +63,7 @@ def test_training_lowers_loss_and_writes_run_dir(tmp_path: Path, tiny_llama_dir:
     for key in ("tokens_per_s", "peak_memory_mb", "trainable_params", "total_params", "wall_time_s", "seed",
                 "fingerprint", "versions", "tokens_trained"):
         assert record[key], key
-    assert record["trainable_params"] == out["record"]["trainable_params"] < record["total_params"]
+    assert record["trainable_params"] == out.record["trainable_params"] < record["total_params"]
     assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 24
     # The saved adapter loads with plain PEFT and changes the model's outputs.
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -92,11 +94,11 @@ def test_training_lowers_loss_and_writes_run_dir(tmp_path: Path, tiny_llama_dir:
 def test_every_adapter_method_trains(tmp_path: Path, tiny_llama_dir: Path, adapter: dict) -> None:
     path = make_run(tmp_path, tiny_llama_dir, adapter=adapter, train={"max_steps": 3})
     out = run_train(path)
-    assert out["record"]["steps"] == 3
-    assert 0 < out["record"]["trainable_params"] < out["record"]["total_params"]
+    assert out.record["steps"] == 3
+    assert 0 < out.record["trainable_params"] < out.record["total_params"]
     assert (tmp_path / "runs" / "recipe" / "adapter" / "adapter_config.json").exists()
     if adapter.get("layers_to_transform"):
-        names = [n for n, p in out["model"].named_parameters() if p.requires_grad]
+        names = [n for n, p in out.model.named_parameters() if p.requires_grad]
         assert names and all(".layers.1." in n and "self_attn" in n for n in names)
 
 
@@ -104,11 +106,11 @@ def test_adalora_rank_count_stays_constant_and_reloads(tmp_path: Path, tiny_llam
     # On a bf16 backbone PEFT re-creates AdaLoRA's ``ranknum`` as trainable; left so, AdamW moves it.
     path = make_run(tmp_path, tiny_llama_dir, adapter={"method": "adalora", "r": 4}, train={"max_steps": 20})
     out = run_train(path)
-    model = out["model"]
+    model = out.model
     ranknums = {float(p) for n, p in model.named_parameters() if ".ranknum." in n}
     assert ranknums == {6.0}  # init_r for target r 4
     assert adapter_weight_delta(model).passed
-    assert frozen_checksum(model) == out["checksum_at_load"]  # ranknum is adapter state, not backbone
+    assert frozen_checksum(model) == out.checksum_at_load  # ranknum is adapter state, not backbone
     recipe = load_recipe(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # PEFT's spurious rank_pattern warning is hidden
@@ -126,7 +128,7 @@ def test_adalora_rank_count_stays_constant_and_reloads(tmp_path: Path, tiny_llam
 def test_encoder_classifier_trains_head_and_adapter(tmp_path: Path, tiny_bert_dir: Path) -> None:
     path = make_run(tmp_path, tiny_bert_dir, train={"max_steps": 20, "lr": 1e-2})
     out = run_train(path)
-    trainable = [n for n, p in out["model"].named_parameters() if p.requires_grad]
+    trainable = [n for n, p in out.model.named_parameters() if p.requires_grad]
     assert any("classifier" in n for n in trainable) and any("lora_" in n for n in trainable)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "runs/recipe/metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert losses[-1] < losses[0]
@@ -139,7 +141,7 @@ def test_quantized_encoder_trains_its_full_precision_head(tmp_path: Path, tiny_b
     path = make_run(tmp_path, tiny_bert_dir, quantization={"method": quant},
                     train={"max_steps": 24, "eval_every": 8, "lr": 1e-2})
     out = run_train(path)
-    model = out["model"]
+    model = out.model
     head = [m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default")]
     assert head and type(head[0]) is torch.nn.Linear and head[0].weight.requires_grad
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
@@ -155,7 +157,7 @@ def test_layer_freezing_keeps_low_layers_fixed(tmp_path: Path, tiny_llama_dir: P
     initial = {n: p.detach().clone() for n, p in
                apply_adapter(backbone.model, recipe.adapter, is_encoder=False, total_steps=8).named_parameters()
                if p.requires_grad}
-    trained = {n: p for n, p in run_train(path)["model"].named_parameters() if p.requires_grad}
+    trained = {n: p for n, p in run_train(path).model.named_parameters() if p.requires_grad}
     moved = {n for n in trained if not torch.equal(trained[n], initial[n])}
     assert moved and all(".layers.1." in n for n in moved)
     assert any(".layers.0." in n for n in trained)
@@ -177,7 +179,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, tiny_lla
 
     path = make_run(tmp_path / "killed", tiny_llama_dir, train=common, adapter={"dropout": 0.1})
     run_dir = tmp_path / "killed/runs/recipe"
-    cmd = [sys.executable, "-m", "tuneguard.train", str(path), "--no-eval"]
+    cmd = [sys.executable, "-m", "tuneguard.run", str(path), "--no-eval"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints/step-15/train_state.json").exists():

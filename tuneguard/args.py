@@ -17,7 +17,7 @@ def positive_int(text: str) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of a training run, shared by ``tuneguard train`` and ``python -m tuneguard.train``."""
+    """The arguments of a training run, shared by ``tuneguard train`` and ``python -m tuneguard.run``."""
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")

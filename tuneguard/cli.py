@@ -11,35 +11,35 @@ from tuneguard.errors import TuneguardError, guarded
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tuneguard import train
+    from tuneguard import run
 
-    return train.run(args)
+    return run.run(args)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tuneguard.adapters.export import export_merged
+    from tuneguard.export import export_merged
     from tuneguard.recipe import load_recipe
     from tuneguard.rundir import RunDir
 
-    run_dir = Path(args.run)
-    RunDir(run_dir).ensure_finished(writable=False)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    out = Path(args.out) if args.out else run_dir / "merged"
-    export_merged(recipe, run_dir / "adapter", out, dtype=args.dtype)
+    run = RunDir(Path(args.run))
+    run.ensure_finished(writable=False)
+    recipe = load_recipe(run.recipe)
+    out = Path(args.out) if args.out else run.merged
+    export_merged(recipe, run.adapter, out, dtype=args.dtype)
     print(f"merged model saved to {out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     if args.model:
-        from tuneguard.eval.harness import run_eval_cli
+        from tuneguard.eval.stage import evaluate_base_model
         from tuneguard.progress import console, quiet_libraries
         from tuneguard.report.terminal import print_results
 
         if args.run:
             raise TuneguardError("give either a run directory or --model, not both")
         quiet_libraries()
-        results = run_eval_cli(args.model, args.tasks or ["general-small"], args.limit, args.quant, args.batch_size)
+        results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant, args.batch_size)
         print_results(results, console)
         if args.out:
             from tuneguard.io import atomic_write_json
@@ -48,14 +48,14 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise TuneguardError("give a run directory to re-evaluate, or --model SOURCE to evaluate a base model")
-    from tuneguard.evaluation import reevaluate
+    from tuneguard.run import reevaluate
 
     return reevaluate(Path(args.run), suites=args.tasks, limit=args.limit, with_original=args.with_original)
 
 
 def _report(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
-    from tuneguard.report.compare_runs import compare_run_dirs, print_run_comparison
+    from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 
     comparison = compare_run_dirs([Path(r) for r in args.runs], Path(args.out) if args.out else None)
     print_run_comparison(comparison, console)
@@ -88,9 +88,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tuneguard.multi_eval import score_runs
+    from tuneguard.eval.compare_adapters import score_runs
     from tuneguard.progress import console, quiet_libraries
-    from tuneguard.report.many import print_compare, write_compare
+    from tuneguard.report.compare_adapters import print_compare, write_compare
 
     quiet_libraries()
     result = score_runs([Path(r) for r in args.runs], tasks=args.tasks, limit=args.limit, console=console)

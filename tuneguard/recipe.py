@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneguard.adapters.capabilities import CAPABILITIES
 from tuneguard.errors import TuneguardError
 from tuneguard.rundir import safe_name
 
@@ -184,10 +185,11 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
-        if self.adapter.use_dora and self.adapter.method != "lora":
-            raise ValueError("adapter.use_dora applies to method 'lora' only")
-        if self.adapter.method in ("loha", "lokr") and self.quantization.method in ("nf4", "fp4"):
-            # PEFT builds LoHa/LoKr deltas from the weight's shape, which 4-bit packing flattens.
+        caps = CAPABILITIES[self.adapter.method]
+        if self.adapter.use_dora and not caps.dora:
+            takes = " or ".join(f"'{m}'" for m, c in CAPABILITIES.items() if c.dora)
+            raise ValueError(f"adapter.use_dora applies to method {takes} only")
+        if not caps.four_bit and self.quantization.method in ("nf4", "fp4"):
             raise ValueError(
                 f"adapter.method '{self.adapter.method}' does not work on a 4-bit backbone "
                 f"(quantization.method '{self.quantization.method}'); use int8 or none, or lora"

@@ -1,4 +1,5 @@
-"""A run directory: the names of its files, and the lock that makes one run its only writer.
+"""A run directory: the names of its files, their writers and readers, and the lock that makes one run
+its only writer. No other module spells a run directory's file names.
 
 A run never deletes what it did not write: a new run refuses a directory that already holds one,
 ``--overwrite`` moves the old contents aside, and ``--resume`` refuses a recipe that changed since
@@ -18,14 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
+from tuneguard.adapters.capabilities import reports_rank
 from tuneguard.errors import TuneguardError
-from tuneguard.io import atomic_write_json
+from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text
 
 Mode = Literal["new", "resume", "overwrite"]
 
 RECIPE, RUN, METRICS = "recipe.yaml", "run.json", "metrics.jsonl"
-CHECKPOINTS, LOCK = "checkpoints", ".tuneguard.lock"
+CHECKPOINTS, LOCK, ADAPTER, EVAL = "checkpoints", ".tuneguard.lock", "adapter", "eval.json"
 TRAIN_STATE, CHECKPOINT_RECIPE = "train_state.json", "recipe.json"
+ADAPTER_META, MERGED = "tuneguard.json", "merged"
+REPORTS = ("report.json", "report.md", "report.html")
 _HELD: dict[Path, int] = {}
 """Run directories this process holds, with the fd that holds each lock."""
 
@@ -33,6 +39,23 @@ _HELD: dict[Path, int] = {}
 def _os_error(path: Path, exc: OSError) -> TuneguardError:
     return TuneguardError(f"{path}: cannot write the run directory ({exc.strerror or exc}); "
                           "choose a writable output.dir")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object a reader cannot do without: a missing or broken file is named, never a traceback."""
+    _require(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TuneguardError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise TuneguardError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _require(path: Path) -> None:
+    if not path.is_file():
+        raise TuneguardError(f"{path}: file not found (is {path.parent} a finished run directory?)")
 
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -73,6 +96,28 @@ class RunDir:
     def lock_file(self) -> Path:
         return self.path / LOCK
 
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def eval_json(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def merged(self) -> Path:
+        """Where ``tuneguard export`` puts the merged model unless told elsewhere."""
+        return self.path / MERGED
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / REPORTS[0]
+
+    @property
+    def report_paths(self) -> list[Path]:
+        """report.json (the data), report.md and report.html (its renderings)."""
+        return [self.path / name for name in REPORTS]
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
@@ -96,6 +141,105 @@ class RunDir:
         if not isinstance(data, dict):
             raise TuneguardError(f"{self.run_json}: expected a JSON object")
         return data
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.run_json, record)
+
+    def write_recipe(self, text: str) -> None:
+        atomic_write_text(self.recipe, text)
+
+    # --------------------------------------------------------------------- a finished run, read
+    # Strict readers for verbs that need the file (report, compare, gate): a missing one is named.
+
+    def read_recipe(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (not re-validated: an old run must stay readable)."""
+        _require(self.recipe)
+        try:
+            data = yaml.safe_load(self.recipe.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TuneguardError(f"{self.recipe}: malformed YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise TuneguardError(f"{self.recipe}: expected a mapping of recipe sections")
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """What identifies the run and what it cost, from recipe.yaml and run.json."""
+        recipe, run = self.read_recipe(), read_json(self.run_json)
+        adapter = recipe.get("adapter") or {}
+        method = adapter.get("method") or run.get("adapter_method")
+        return {
+            "name": run.get("recipe") or (recipe.get("output") or {}).get("name") or self.path.name,
+            "run_dir": str(self.path),
+            "model": (recipe.get("model") or {}).get("source"),
+            "fingerprint": run.get("fingerprint"),
+            "quantization": run.get("quantization") or (recipe.get("quantization") or {}).get("method"),
+            "adapter": method,
+            "r": adapter.get("r") if reports_rank(method) else None,
+            "max_regression": (recipe.get("eval") or {}).get("max_regression"),
+            **{k: run.get(k) for k in (
+                "seed", "steps", "tokens_trained", "wall_time_s", "tokens_per_s", "peak_memory_mb",
+                "trainable_params", "total_params",
+            )},
+        }
+
+    def read_report(self) -> dict[str, Any]:
+        return read_json(self.report_json)
+
+    def write_adapter_meta(self, folder: Path, meta: dict[str, Any]) -> None:
+        """tuneguard.json beside the adapter's weights, into ``folder`` while the adapter is built (atomic_dir)."""
+        atomic_write_json(folder / ADAPTER_META, meta)
+
+    def adapter_fingerprint(self) -> str | None:
+        """The backbone fingerprint the adapter was trained on; None for an adapter saved without one."""
+        meta = self.adapter / ADAPTER_META
+        return json.loads(meta.read_text()).get("fingerprint") if meta.exists() else None
+
+    # -------------------------------------------------------------------- evaluation's files
+
+    def write_eval(self, data: dict[str, Any]) -> None:
+        atomic_write_json(self.eval_json, data)
+
+    def write_reports(self, report: dict[str, Any], markdown: str, html: str) -> list[Path]:
+        """report.json and its two renderings, each atomically; returns their paths."""
+        paths = self.report_paths
+        atomic_write_json(paths[0], report)
+        atomic_write_text(paths[1], markdown)
+        atomic_write_text(paths[2], html)
+        return paths
+
+    # ------------------------------------------------------------------------- metrics.jsonl
+    # One line per record, appended and flushed as training goes: a killed run keeps every whole line.
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics, record)
+
+    def _metric_lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) for every whole record; a torn last line (a killed run) is skipped."""
+        if not self.metrics.is_file():
+            return []
+        out = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append((line, record))
+        return out
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl (none when there is no file)."""
+        return [record for _, record in self._metric_lines()]
+
+    def keep_metrics_through(self, step: int) -> None:
+        """Drop records logged after ``step`` (a resumed run logs those steps again); the rest stay verbatim."""
+        if self.metrics.exists():
+            kept = [line for line, record in self._metric_lines() if record.get("step", 0) <= step]
+            atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+
+    def last_metric(self, key: str) -> Any:
+        values = [r[key] for r in self.read_metrics() if key in r]
+        return values[-1] if values else None
 
     def contents(self) -> list[str]:
         """What the directory holds besides the lock (names, sorted)."""

@@ -32,7 +32,7 @@ def smollm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few nf4 LoRA steps on SST-2 through ``accelerate launch``, with a small before/after evaluation."""
     out = tmp_path_factory.mktemp("e2e")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml")]
-    run([*launcher, "-m", "tuneguard.train", str(ROOT / "recipes/quickstart.yaml"),
+    run([*launcher, "-m", "tuneguard.run", str(ROOT / "recipes/quickstart.yaml"),
          "train.max_steps=6", "train.eval_every=3", "train.save_every=3", "data.max_train_samples=64",
          "data.max_val_samples=24", "eval.suites=[arc_easy]", "eval.limit=12", f"output.dir={out}/{{name}}"], cwd=out)
     return out / "quickstart"
@@ -86,7 +86,7 @@ def test_minilm_encoder_recipe(tmp_path: Path) -> None:
 
 def test_base_model_scores_above_chance() -> None:
     """The general-suite prompts and scorer are sane on the real model (ARC-Easy: 4 choices, chance 25%)."""
-    from tuneguard.eval.harness import run_eval_cli
+    from tuneguard.eval.stage import evaluate_base_model
 
-    [arc] = run_eval_cli("bundled:smollm2-135m-instruct", ["arc_easy"], limit=60, quant="none", batch_size=8)
+    [arc] = evaluate_base_model("bundled:smollm2-135m-instruct", ["arc_easy"], limit=60, quant="none", batch_size=8)
     assert arc.n == 60 and arc.value > 0.35

@@ -1,1 +1,2 @@
-"""Adapters on a frozen backbone: PEFT configs per method, layer freezing schedules, merge/export."""
+"""Adapters on a frozen backbone: the method registry (one entry per adapter method), layer freezing
+schedules, the frozen-backbone checksum, merge/export."""

@@ -110,7 +110,7 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _finish(args: argparse.Namespace, results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> int:
-    from tuneguard.bench.measure import compare_results, environment, load_results
+    from tuneguard.bench.measure import changes_since, environment, load_results
     from tuneguard.io import atomic_write_json
     from tuneguard.progress import console
 
@@ -119,7 +119,7 @@ def _finish(args: argparse.Namespace, results: list[dict[str, Any]], summary: li
         console.print(f"results saved to {args.json_out}")
     if not args.compare:
         return 0
-    changes = compare_results(results, load_results(args.compare), args.tolerance)
+    changes = changes_since(results, load_results(args.compare), args.tolerance)
     from tuneguard.bench.tables import changes_block, print_blocks
 
     print_blocks([changes_block(changes, args.compare)], console)
@@ -214,12 +214,13 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    from tuneguard.bench.measure import measure_recipe
     from tuneguard.bench.tables import estimate_block, print_blocks
-    from tuneguard.fastpath import fastpath_enabled
     from tuneguard.io import atomic_write_json
-    from tuneguard.memory import estimate_recipe, measure_recipe
     from tuneguard.progress import console
     from tuneguard.recipe import load_recipe
+    from tuneguard.train.fastpath import fastpath_enabled
+    from tuneguard.train.memory import estimate_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     fast = estimate_recipe(recipe, fastpath=fastpath_enabled())

@@ -18,6 +18,7 @@ from tuneguard.bench.measure import dir_size_mb, environment
 from tuneguard.bench.reference import ADAPTERS
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_write_json, atomic_write_text
+from tuneguard.rundir import RunDir, read_json
 
 
 def adapter_overrides(adapter: str) -> list[str]:
@@ -36,18 +37,18 @@ def regression_points(c: dict[str, Any]) -> float:
 
 def matrix_row(adapter: str, run_dir: Path) -> dict[str, Any]:
     """The matrix row of one finished run directory."""
-    run = json.loads((run_dir / "run.json").read_text())
+    directory = RunDir(run_dir)
+    run = directory.record()
     row: dict[str, Any] = {
         "adapter": adapter, "run_dir": str(run_dir), "peak_memory_mb": run.get("peak_memory_mb"),
         "tokens_per_s": run.get("tokens_per_s"), "trainable_params": run.get("trainable_params"),
-        "adapter_mb": dir_size_mb(run_dir / "adapter"), "final_val_loss": run.get("final_val_loss"),
+        "adapter_mb": dir_size_mb(directory.adapter), "final_val_loss": run.get("final_val_loss"),
         "final_train_loss": run.get("final_train_loss"),
     }
-    report_path = run_dir / "report.json"
-    if not report_path.exists():
-        row["note"] = "no report.json (the recipe asks for no evaluation): training metrics only"
+    if not directory.report_json.exists():
+        row["note"] = f"no {directory.report_json.name} (the recipe asks for no evaluation): training metrics only"
         return row
-    report = json.loads(report_path.read_text())
+    report = read_json(directory.report_json)
     if report.get("task"):
         task = report["task"][0]
         row.update(task=task["task"], task_metric=task["metric"], task_before=task["base"], task_after=task["tuned"],
@@ -77,7 +78,7 @@ def run_matrix(recipe: Path, adapters: list[str], overrides: list[str], out: Pat
             continue
         lines = (proc.stderr or proc.stdout).strip().splitlines() or [""]
         error = f"exit {proc.returncode}: {lines[-1].strip()[:300]}"
-        if not (run_dir / "run.json").exists():
+        if not RunDir(run_dir).run_json.exists():
             rows.append({"adapter": adapter, "error": error})
             continue
         row = matrix_row(adapter, run_dir)
@@ -96,7 +97,7 @@ def run_matrix(recipe: Path, adapters: list[str], overrides: list[str], out: Pat
 
 def matrix_html(matrix: dict[str, Any]) -> str:
     from tuneguard.bench.tables import matrix_block
-    from tuneguard.report._format import html_block, html_page
+    from tuneguard.report.blocks import html_block, html_page
 
     env = matrix["environment"]
     head = (f"<h1>Adapter methods: {matrix['recipe']}</h1><p>torch {env['versions'].get('torch')}, "

@@ -27,21 +27,15 @@ import torch
 
 from tuneguard.errors import TuneguardError
 from tuneguard.numerics import cpu_model, numerics_record
+from tuneguard.provenance import git_commit, versions
+from tuneguard.rundir import RunDir
 
 SCHEMA = 1
 HIGHER_IS_BETTER = {"tokens_per_s": True, "items_per_s": True, "peak_memory_mb": False, "load_seconds": False}
 
 
-def git_commit() -> str | None:
-    from tuneguard.train import git_commit as commit
-
-    return commit()
-
-
 def environment(device: str = "cpu") -> dict[str, Any]:
     """What a number depends on besides the code: versions, hardware, threads, commit, machine load."""
-    from tuneguard.train import versions
-
     env: dict[str, Any] = {
         "versions": versions(),
         "device": device,
@@ -55,23 +49,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    try:
-        import trl
-
-        env["versions"]["trl"] = trl.__version__
-    except ImportError:
-        pass
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
-
-
-def peak_memory(device: str) -> dict[str, float]:
-    """This process's peak: RSS on CPU; allocated and reserved bytes on CUDA (MB)."""
-    if device.startswith("cuda"):
-        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
-    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def current_rss_mb() -> float:
@@ -156,7 +136,7 @@ def config_key(result: dict[str, Any]) -> str:
     return " ".join(f"{k}={spec[k]}" for k in keep if k in spec)
 
 
-def compare_results(current: list[dict[str, Any]], baseline: list[dict[str, Any]], tolerance: float = 0.1) -> list[Change]:
+def changes_since(current: list[dict[str, Any]], baseline: list[dict[str, Any]], tolerance: float = 0.1) -> list[Change]:
     """Every shared metric of every shared configuration; a regression is a change worse than ``tolerance``."""
     before = {config_key(r): r for r in baseline if "error" not in r}
     changes = []
@@ -177,3 +157,16 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Results saved by ``tuneguard bench ... --json``: a list, or a dict with ``results``."""
     data = json.loads(Path(path).read_text())
     return data["results"] if isinstance(data, dict) else data
+
+
+def measure_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict[str, Any]:
+    """Train ``steps`` steps of the recipe in a fresh process (no evaluation); its run.json's peak and speed."""
+    with tempfile.TemporaryDirectory(prefix="tuneguard-estimate-") as tmp:
+        cmd = [sys.executable, "-m", "tuneguard.cli", "train", str(recipe_path), *overrides, f"train.max_steps={steps}",
+               "train.save_every=null", "train.eval_every=null", f"output.dir={tmp}/{{name}}", "output.name=measure",
+               "--no-eval"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        run = RunDir(Path(tmp) / "measure").record()
+        if proc.returncode != 0 or not run:
+            return {"error": "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}
+    return {k: run.get(k) for k in ("peak_memory_mb", "tokens_per_s", "steps", "trainable_params", "mixed_precision")}

@@ -4,7 +4,7 @@ Training: the same backbone, rows, adapter (dropout included), batch and steps f
 The rows are whole ``seq``-token windows of general text (no padding anywhere), built through
 tuneguard's own data stage so that every runner gets token-for-token the same batches.
 
-* ``tuneguard``: ``tuneguard.train.train`` on a generated recipe (fast path per ``spec["fastpath"]``).
+* ``tuneguard``: ``tuneguard.train.loop.train`` on a generated recipe (fast path per ``spec["fastpath"]``).
 * ``trainer``: ``transformers.Trainer`` + PEFT at default settings; quantized backbones go through
   ``prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)``.
 * ``trainer+gc``: the same with ``prepare_model_for_kbit_training``'s own default (checkpointing on).
@@ -35,13 +35,14 @@ from tuneguard.bench.measure import (
     current_rss_mb,
     dir_size_mb,
     environment,
-    peak_memory,
     throughput,
     timed,
 )
 from tuneguard.data.readers import Row
 from tuneguard.errors import TuneguardError
+from tuneguard.provenance import peak_memory
 from tuneguard.recipe import Recipe, validate
+from tuneguard.rundir import RunDir
 
 ADAPTERS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
@@ -138,7 +139,7 @@ def _rows(recipe: Recipe, tokenizer: Any) -> tuple[list[list[int]], list[list[in
 
 
 def _counts(model: torch.nn.Module) -> dict[str, int]:
-    from tuneguard.adapters.methods import count_parameters
+    from tuneguard.adapters.registry import count_parameters
 
     trainable, total = count_parameters(model)
     return {"trainable_params": trainable, "total_params": total}
@@ -148,9 +149,9 @@ def _counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
-    from tuneguard import train as train_module
-    from tuneguard.fastpath import ENV_FLAG
-    from tuneguard.memory import estimate_recipe
+    from tuneguard.train import loop as train_module
+    from tuneguard.train.fastpath import ENV_FLAG
+    from tuneguard.train.memory import estimate_recipe
 
     spec = {**TRAIN_DEFAULTS, **spec}
     os.environ[ENV_FLAG] = "1" if spec["fastpath"] else "0"
@@ -165,18 +166,17 @@ def train_tuneguard(spec: dict[str, Any]) -> dict[str, Any]:
 
     train_module.load_backbone = timed_load
     out = train_module.train(recipe, recipe.run_dir())
-    run_dir = recipe.run_dir()
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [s for s in steps if "tokens_per_s" in s]
+    run = RunDir(recipe.run_dir())
+    steps = [s for s in run.read_metrics() if "tokens_per_s" in s]
     tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *steps[:-1]], steps, strict=True)]
     seconds = [t / s["tokens_per_s"] for t, s in zip(tokens, steps, strict=True)]
-    record = out["record"]
+    record = out.record
     return {
         **throughput(tokens, seconds, spec["warmup"]),
         "load_seconds": times.get("load_seconds"),
         "trainable_params": record["trainable_params"],
         "total_params": record["total_params"],
-        "adapter_mb": dir_size_mb(run_dir / "adapter"),
+        "adapter_mb": dir_size_mb(run.adapter),
         "mean_loss": round(statistics.fmean(s["loss"] for s in steps), 6),
         "predicted_peak_mb": predicted.peak_mb,
         "predicted": predicted.to_dict(),
@@ -233,7 +233,7 @@ def _reference_model(spec: dict[str, Any], recipe: Recipe, *, kbit_prepare: bool
 def _peft_config(spec: dict[str, Any], recipe: Recipe, model: Any) -> Any:
     from peft import TaskType
 
-    from tuneguard.adapters.methods import peft_config
+    from tuneguard.adapters.registry import peft_config
 
     return peft_config(recipe.adapter, model, TaskType.CAUSAL_LM, spec["steps"])
 

@@ -8,9 +8,9 @@ from typing import Any
 from rich.console import Console
 
 from tuneguard.bench.measure import Change
-from tuneguard.memory import MemoryEstimate
-from tuneguard.report._format import DASH, Block, Cell
+from tuneguard.report.blocks import DASH, Block, Cell
 from tuneguard.report.terminal import print_block
+from tuneguard.train.memory import MemoryEstimate
 
 REFERENCES = ("trainer", "trainer+gc", "sft")
 TARGET_TOKENS, TARGET_PEAK, TARGET_CEILING = 1.5, 0.5, 0.9

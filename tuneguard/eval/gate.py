@@ -11,8 +11,8 @@ from typing import Any
 
 from tuneguard.errors import TuneguardError
 from tuneguard.eval import stats
-from tuneguard.eval.compare import DEFAULT_MARGIN, Comparison, compare_results
 from tuneguard.eval.records import TaskResult
+from tuneguard.eval.verdicts import DEFAULT_MARGIN, Comparison, compare_results
 
 EXIT_PASS, EXIT_REGRESSED, EXIT_UNDECIDED = 0, 1, 3
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from peft import PeftModel
 
+from tuneguard.adapters.registry import spec_of_model
+from tuneguard.adapters.state import frozen_checksum
 from tuneguard.errors import TuneguardError
 
 PROBE = "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level."
@@ -24,28 +26,6 @@ class Guard:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def frozen_checksum(model: torch.nn.Module) -> float:
-    """A cheap checksum of every weight that is not an adapter weight (quantized storage included).
-
-    Summed in float64 a million elements at a time, so the embedding never gets a full float64 copy.
-    """
-    total = 0.0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if _is_adapter_param(name):
-                continue
-            data = p.data if p.dtype.is_floating_point else p.data.view(torch.uint8)
-            for chunk in data.reshape(-1).split(1 << 20):
-                wide = chunk.double()
-                total += float(wide.sum()) + 1e-3 * float(wide.abs().sum())
-    return total
-
-
-def _is_adapter_param(name: str) -> bool:
-    # AdaLoRA's ``ranknum`` is a frozen parameter, but the adapter's: the backbone had none at load.
-    return any(k in name for k in ("lora_", "ia3_", "hada_", "lokr_", "ranknum", "prompt_encoder", "modules_to_save"))
 
 
 def _probe_logits(model: PeftModel, ids: torch.Tensor) -> torch.Tensor:
@@ -66,44 +46,16 @@ def adapter_changes_outputs(model: PeftModel, tokenizer) -> Guard:
 
 
 def adapter_weight_delta(model: PeftModel) -> Guard:
-    """How far the adapter moved from a no-op: RMS weight deltas, or IA3 scales away from 1."""
-    with torch.no_grad():
-        ratios = _delta_ratios(model)
-    ia3 = [p for n, p in model.named_parameters() if "ia3_" in n]
-    ratios += [float((p.detach().float() - 1).abs().max()) for p in ia3]
-    prompt = [p for n, p in model.named_parameters() if "prompt_encoder" in n]
-    if not ratios and prompt:
-        return Guard("adapter weights moved", True, "prompt tuning: checked through the outputs guard")
-    if not ratios:
+    """How far the adapter moved from a no-op, measured as its method's registry entry says (RMS weight
+    deltas, IA3 scales away from 1); a method that changes no layer weight is left to the outputs guard."""
+    spec = spec_of_model(model)
+    if spec is not None and spec.moved is None:
+        return Guard("adapter weights moved", True, f"{spec.name.replace('_', ' ')}: checked through the outputs guard")
+    moved = spec.moved(model) if spec is not None and spec.moved is not None else []
+    if not moved:
         return Guard("adapter weights moved", False, "no adapter weights found in the model")
-    largest = max(ratios)
+    largest = max(moved)
     return Guard("adapter weights moved", largest > 1e-7, f"largest RMS weight delta per layer = {largest:.3g}")
-
-
-def _delta_weight(module: torch.nn.Module, adapter: str) -> torch.Tensor | None:
-    """The layer's weight delta: ``get_delta_weight`` (LoRA, DoRA, LoHa, LoKr, AdaLoRA), or AdaLoRA's
-    formula for its 4-bit and 8-bit layers, which do not define it."""
-    if hasattr(module, "get_delta_weight"):
-        return module.get_delta_weight(adapter)
-    if hasattr(module, "lora_E"):
-        m = module
-        return m.lora_B[adapter] @ (m.lora_A[adapter] * m.lora_E[adapter]) * m.scaling[adapter] / (m.ranknum[adapter] + 1e-5)
-    return None
-
-
-def _delta_ratios(model: PeftModel) -> list[float]:
-    """RMS of each adapted layer's weight delta."""
-    ratios = []
-    for module in model.modules():
-        if getattr(module, "base_layer", None) is None or not getattr(module, "active_adapters", None):
-            continue
-        try:
-            delta = _delta_weight(module, module.active_adapters[0])
-        except (TypeError, RuntimeError, AttributeError, KeyError):
-            continue
-        if delta is not None:
-            ratios.append(float(delta.float().norm()) / max(float(delta.numel()) ** 0.5, 1.0))
-    return ratios
 
 
 def run_guards(

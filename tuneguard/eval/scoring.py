@@ -65,7 +65,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off and no autograd while scoring; the training mode is restored afterwards.
 
     ``no_grad`` rather than ``inference_mode``: inference tensors carry no version counter, which
-    adapter layers that cache casts by ``tensor._version`` (tuneguard.fastpath) rely on.
+    adapter layers that cache casts by ``tensor._version`` (tuneguard.train.fastpath) rely on.
     """
     was_training = model.training
     model.eval()

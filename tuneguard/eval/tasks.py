@@ -1,17 +1,10 @@
 """Tasks are data plus a few declared fields, formatted like lm-evaluation-harness's zero-shot tasks.
 
-A task says what kind of scoring it needs and how each item becomes text; the scorer and the
-metrics are shared (``harness.py``). Built-in tasks read the subsets vendored in ``eval/data``
-(see its README for sources and licences); users add their own as a small YAML file plus data,
-without code (:func:`load_task_yaml`).
-
-Kinds:
-
-* ``multiple_choice``: score each choice after the context; ``acc`` and length-normalised ``acc_norm``.
-* ``classification``: the same with a fixed set of verbalized labels; adds precision/recall/F1/confusion.
-* ``loglikelihood``: one target continuation; ``acc`` = it is the greedy continuation (LAMBADA), plus perplexity.
-* ``generation``: greedy generation until a stop string; ``exact_match`` and ``token_f1``.
-* ``perplexity``: rolling log-likelihood of whole texts; token/word/byte perplexity and bits per byte.
+A task says what kind of scoring it needs and how each item becomes text; how each kind is scored
+and which metrics it yields is declared once per kind (``kinds.py``: ``multiple_choice``,
+``classification``, ``loglikelihood``, ``generation``, ``perplexity``). Built-in tasks read the subsets
+vendored in ``eval/data`` (see its README for sources and licences); users add their own as a small
+YAML file plus data, without code (:func:`load_task_yaml`).
 """
 
 from __future__ import annotations
@@ -36,14 +29,12 @@ DATA_DIR = Path(__file__).parent / "data"
 Kind = Literal["multiple_choice", "classification", "loglikelihood", "generation", "perplexity"]
 Text = str | list[int]
 
-METRICS: dict[str, tuple[str, ...]] = {
-    "multiple_choice": ("acc", "acc_norm"),
-    "classification": ("acc",),
-    "loglikelihood": ("acc",),
-    "generation": ("exact_match", "token_f1"),
-    "perplexity": ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"),
-}
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+def _kind_metrics(kind: str) -> tuple[str, ...]:
+    """The metrics a kind yields, its default first (imported here: ``kinds.py`` pulls in torch for scoring)."""
+    from tuneguard.eval.kinds import KINDS
+
+    return KINDS[kind].metrics
 
 
 @dataclass
@@ -93,10 +84,6 @@ class Task:
     norm: bool = True
     """Also report ``acc_norm`` (multiple choice); off where the options are fixed words such as no/yes."""
     source: str = ""
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric not in LOWER_IS_BETTER
 
     def docs(self, limit: int | None = None) -> list[Doc]:
         """The first ``limit`` items (and at most the suite's own limit) in the original order."""
@@ -306,7 +293,7 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"'gold_field' is required for kind '{self.kind}'")
         if self.kind in ("generation", "loglikelihood") and not self.target_field:
             raise ValueError(f"'target_field' is required for kind '{self.kind}'")
-        allowed = METRICS[self.kind]
+        allowed = _kind_metrics(self.kind)
         if self.metric is not None and self.metric not in allowed:
             raise ValueError(f"'metric' must be one of {', '.join(allowed)} for kind '{self.kind}', got '{self.metric}'")
         return self
@@ -399,7 +386,7 @@ def load_task_yaml(path: str | Path) -> Task:
         return docs
 
     return Task(
-        spec.name, spec.kind, load, spec.metric or METRICS[spec.kind][0], delimiter=spec.delimiter,
+        spec.name, spec.kind, load, spec.metric or _kind_metrics(spec.kind)[0], delimiter=spec.delimiter,
         labels=list(spec.choices) if spec.kind == "classification" and spec.choices else None,
         until=list(spec.until), max_new_tokens=spec.max_new_tokens, limit=spec.limit, source=str(data_path),
     )

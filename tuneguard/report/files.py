@@ -11,12 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tuneguard.eval.compare import Comparison, budget_violations, read_metrics, train_val_gap
-from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report._format import html_block, html_page, md_block
+from tuneguard.eval.verdicts import Comparison, budget_violations, train_val_gap
+from tuneguard.report.blocks import html_block, html_page, md_block
 from tuneguard.report.layout import PER_CLASS, confusion_matrices, report_blocks
 from tuneguard.report.plots import confusion_png, forest_png, loss_curves_png
-from tuneguard.report.rundir import run_summary
+from tuneguard.rundir import RunDir
 
 SCHEMA = 1
 
@@ -44,9 +43,9 @@ def build_report(
     original_comparisons: list[Comparison] | None = None,
 ) -> dict[str, Any]:
     """The report of one run as plain JSON data: summary, comparisons, guards, budget, loss curves."""
-    run_dir = Path(run_dir)
-    summary = run_summary(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(Path(run_dir))
+    summary = run.summary()
+    records = run.read_metrics()
     limit = summary["max_regression"]
     return {
         "schema": SCHEMA,
@@ -106,9 +105,4 @@ def _img(title: str, png: str | None) -> str:
 
 def write_reports(run_dir: Path, report: dict[str, Any]) -> list[Path]:
     """Write report.json, report.md and report.html into ``run_dir``; returns their paths."""
-    run_dir = Path(run_dir)
-    paths = [run_dir / "report.json", run_dir / "report.md", run_dir / "report.html"]
-    atomic_write_json(paths[0], report)
-    atomic_write_text(paths[1], render_markdown(report))
-    atomic_write_text(paths[2], render_html(report))
-    return paths
+    return RunDir(Path(run_dir)).write_reports(report, render_markdown(report), render_html(report))

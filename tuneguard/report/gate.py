@@ -9,7 +9,6 @@ from typing import Any
 from rich.console import Console
 
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.compare import Comparison
 from tuneguard.eval.gate import (
     EXIT_REGRESSED,
     EXIT_UNDECIDED,
@@ -19,8 +18,9 @@ from tuneguard.eval.gate import (
     report_rows,
     undecided,
 )
+from tuneguard.eval.verdicts import Comparison
 from tuneguard.io import atomic_write_text
-from tuneguard.report._format import (
+from tuneguard.report.blocks import (
     DASH,
     Block,
     Cell,
@@ -34,8 +34,8 @@ from tuneguard.report._format import (
     points_unit,
     verdict_class,
 )
-from tuneguard.report.rundir import read_json
 from tuneguard.report.terminal import print_block
+from tuneguard.rundir import RunDir, read_json
 
 GATE_HEADERS = ["task", "metric", "n", "Δ", "interval", "p (adjusted)", "detectable", "margin", "verdict", "gate"]
 _HEADLINE = {0: "PASS", EXIT_REGRESSED: "FAIL: regressed beyond the margin", EXIT_UNDECIDED: "UNDECIDED: not enough items"}
@@ -44,7 +44,7 @@ _HEADLINE = {0: "PASS", EXIT_REGRESSED: "FAIL: regressed beyond the margin", EXI
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report.json, or the run directory holding one."""
     path = Path(path)
-    return read_json(path / "report.json" if path.is_dir() else path)
+    return RunDir(path).read_report() if path.is_dir() else read_json(path)
 
 
 def _gate_cell(c: Comparison, require_power: bool) -> Cell:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneguard.report._format import (
+from tuneguard.report.blocks import (
     COMPARISON_HEADERS,
     DASH,
     Block,
@@ -22,7 +22,7 @@ def _text_loss(loss: dict[str, Any]) -> str:
 
 
 def _gap(gap: dict[str, Any]) -> Cell:
-    """The gap as :func:`tuneguard.eval.compare.train_val_gap` describes it; any other shape as key-value pairs."""
+    """The gap as :func:`tuneguard.eval.verdicts.train_val_gap` describes it; any other shape as key-value pairs."""
     if "best_val_loss" not in gap:
         return ", ".join(f"{k} {_plain(v)}" for k, v in gap.items())
     text = (

@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from tuneguard.report._format import fmt_verdict
+from tuneguard.report.blocks import fmt_verdict
 
 COLOURS = {"improved": "#188038", "non-inferior": "#1a73e8", "inconclusive": "#e37400", "regressed": "#d93025"}
 _OTHER = "#80868b"

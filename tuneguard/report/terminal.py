@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tuneguard.eval.records import TaskResult
-from tuneguard.report._format import (
+from tuneguard.report.blocks import (
     DASH,
     Block,
     Cell,

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report._format import (
+from tuneguard.report.blocks import (
     DASH,
     Block,
     Cell,

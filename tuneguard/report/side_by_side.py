@@ -14,7 +14,7 @@ from rich.console import Console
 
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report._format import (
+from tuneguard.report.blocks import (
     DASH,
     Block,
     Cell,
@@ -28,8 +28,8 @@ from tuneguard.report._format import (
     md_block,
     verdict_class,
 )
-from tuneguard.report.rundir import read_json, run_summary
 from tuneguard.report.terminal import print_block
+from tuneguard.rundir import RunDir
 
 _CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate")
 
@@ -46,8 +46,9 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
     for run_dir in map(Path, run_dirs):
         if not run_dir.is_dir():
             raise TuneguardError(f"{run_dir}: not a directory (expected a run directory)")
-        runs.append(run_summary(run_dir))
-        reports.append(read_json(run_dir / "report.json"))
+        directory = RunDir(run_dir)
+        runs.append(directory.summary())
+        reports.append(directory.read_report())
     labels = [Path(r["run_dir"]).name for r in runs]
     if len(set(labels)) < len(labels):
         labels = [r["run_dir"] for r in runs]

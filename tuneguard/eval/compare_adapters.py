@@ -15,17 +15,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuneguard.adapters.methods import load_adapter
+from tuneguard.adapters.registry import load_adapter, method_spec
 from tuneguard.backbones import load_backbone
 from tuneguard.data.prepare import prepare_data
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.compare import Comparison, compare_pairs
 from tuneguard.eval.harness import evaluate_tasks
 from tuneguard.eval.records import TaskResult
+from tuneguard.eval.stage import recipe_task
 from tuneguard.eval.tasks import Task, get_tasks
-from tuneguard.evaluation import recipe_task
+from tuneguard.eval.verdicts import Comparison, compare_pairs
 from tuneguard.recipe import Recipe, load_recipe
-from tuneguard.report.rundir import run_summary
+from tuneguard.rundir import RunDir
 
 
 def _load_runs(run_dirs: list[Path]) -> list[tuple[str, Path, Recipe]]:
@@ -34,9 +34,9 @@ def _load_runs(run_dirs: list[Path]) -> list[tuple[str, Path, Recipe]]:
         raise TuneguardError("give at least two run directories to compare")
     runs = []
     for d in run_dirs:
-        if not (d / "recipe.yaml").is_file() or not (d / "adapter").is_dir():
-            raise TuneguardError(f"{d}: not a finished run directory (needs recipe.yaml and adapter/)")
-        runs.append((d, load_recipe(d / "recipe.yaml")))
+        run = RunDir(d)
+        run.ensure_finished(writable=False)
+        runs.append((d, load_recipe(run.recipe)))
     labels = [d.name for d, _ in runs]
     if len(set(labels)) < len(labels):
         labels = [str(d) for d, _ in runs]
@@ -51,7 +51,7 @@ def _load_runs(run_dirs: list[Path]) -> list[tuple[str, Path, Recipe]]:
 def _by_peft_type(runs: list[tuple[str, Path, Recipe]]) -> list[list[tuple[str, Path, Recipe]]]:
     groups: dict[str, list[tuple[str, Path, Recipe]]] = {}
     for run in runs:
-        config = json.loads((run[1] / "adapter" / "adapter_config.json").read_text())
+        config = json.loads((RunDir(run[1]).adapter / "adapter_config.json").read_text())
         groups.setdefault(str(config.get("peft_type")), []).append(run)
     return list(groups.values())
 
@@ -64,7 +64,7 @@ def _own_tasks(runs: list[tuple[str, Path, Recipe]], tokenizer: Any, limit: int 
         task = None
         if recipe.eval.task:
             data = prepare_data(recipe.data, tokenizer, is_encoder=False, seed=recipe.train.seed,
-                                packable=recipe.adapter.method != "prompt_tuning")
+                                packable=method_spec(recipe.adapter).packable)
             task = recipe_task(recipe, data, is_encoder=False)
         if task is not None:
             task = by_items.setdefault(tuple(d.hash() for d in task.docs(limit)), task)
@@ -99,7 +99,7 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
     for group in _by_peft_type(runs):
         # PEFT holds adapters of one type per model: load a group, score it, unload (nothing is merged).
         for label, d, _ in group:
-            model = load_adapter(model, d / "adapter", name=label)
+            model = load_adapter(model, RunDir(d).adapter, name=label)
         for label, _, _ in group:
             model.set_adapter(label)
             tuned[label] = score(model, general + ([own[label]] if own[label] else []), label)
@@ -129,7 +129,7 @@ def compare_scored(runs: list[tuple[str, Path, Recipe]], base: dict[str, TaskRes
     vs_base = [{"adapter": b, **c.to_dict()} for (a, b), c in zip(who, rows, strict=True) if a == "base"]
     between = [{"a": a, "b": b, **c.to_dict()} for (a, b), c in zip(who, rows, strict=True) if a != "base"]
     return {
-        "runs": [{"label": label, **run_summary(d)} for label, d, _ in runs],
+        "runs": [{"label": label, **RunDir(d).summary()} for label, d, _ in runs],
         "correction": first.eval.correction,
         "families": {f: families.count(f) for f in dict.fromkeys(families)},
         "vs_base": vs_base, "between": between, "points": trade_offs(labels, rows, who),

@@ -10,11 +10,7 @@ The bench prints the prediction next to the measured peak, so the model stays ho
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +18,8 @@ from typing import Any
 import psutil
 import torch
 
-from tuneguard.losses import CHUNK_BYTES
 from tuneguard.recipe import Recipe
+from tuneguard.train.losses import CHUNK_BYTES
 
 MB = 2**20
 ENV_BUDGET = "TUNEGUARD_MEMORY_BUDGET_MB"
@@ -157,7 +153,7 @@ def adapter_shape(model: torch.nn.Module) -> AdapterShape:
     """Rank, adapted layers per decoder layer, dropout and fusability of a PEFT model's adapter."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tuneguard.adapters.methods import fusable_lora
+    from tuneguard.adapters.registry import fusable_lora
 
     ranks: list[int] = []
     per_layer: dict[str, int] = {}
@@ -210,7 +206,7 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     """The estimate from the recipe alone: the config is read and the adapter built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from tuneguard.adapters.methods import apply_adapter
+    from tuneguard.adapters.registry import apply_adapter
     from tuneguard.backbones import load_config, resolve_source
 
     source, is_hub = resolve_source(recipe.model)
@@ -244,17 +240,3 @@ def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float) ->
         if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k).peak_mb <= budget_mb:
             return k
     return n_layers
-
-
-def measure_recipe(recipe_path: Path, overrides: list[str], steps: int) -> dict[str, Any]:
-    """Train ``steps`` steps of the recipe in a fresh process (no evaluation); its run.json's peak and speed."""
-    with tempfile.TemporaryDirectory(prefix="tuneguard-estimate-") as tmp:
-        cmd = [sys.executable, "-m", "tuneguard.cli", "train", str(recipe_path), *overrides, f"train.max_steps={steps}",
-               "train.save_every=null", "train.eval_every=null", f"output.dir={tmp}/{{name}}", "output.name=measure",
-               "--no-eval"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        run_json = Path(tmp) / "measure" / "run.json"
-        if proc.returncode != 0 or not run_json.exists():
-            return {"error": "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}
-        run = json.loads(run_json.read_text())
-    return {k: run.get(k) for k in ("peak_memory_mb", "tokens_per_s", "steps", "trainable_params", "mixed_precision")}

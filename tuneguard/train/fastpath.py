@@ -29,13 +29,13 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
 * **No file-backed weights.** Weights transformers left as views of the mmapped checkpoint keep
   the whole file resident (and counted in RSS) for the life of the run; they are copied into
   ordinary memory, the mapping goes, and the allocator returns the loader's garbage to the OS.
-* **Activation checkpointing by budget** (:func:`tuneguard.memory.checkpoint_plan`). The memory
+* **Activation checkpointing by budget** (:func:`tuneguard.train.memory.checkpoint_plan`). The memory
   estimator picks how many of the lowest decoder layers to recompute so the predicted peak fits
   ``TUNEGUARD_MEMORY_BUDGET_MB`` (default: half of what the usual way, PEFT's layers without any of
   this, is predicted to need, or the memory at hand if that is less); none when it fits. Checkpointing replays the RNG, so dropout is the same in the recompute.
 
 The loss side (chunked cross-entropy that never builds full logits and computes its gradient in
-the same pass) lives in :mod:`tuneguard.losses` and is used with or without the fast path.
+the same pass) lives in :mod:`tuneguard.train.losses` and is used with or without the fast path.
 
 Always applied, because training is wrong without it: on CPUs with AVX512-BF16, bitsandbytes
 repacks a 4-bit weight for its inference kernel the first time the layer runs in eval mode without
@@ -60,10 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tuneguard.adapters.methods import fusable_lora
+from tuneguard.adapters.registry import fusable_lora
 from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_trainable
-from tuneguard.memory import checkpoint_plan, memory_budget_mb
 from tuneguard.recipe import Recipe
+from tuneguard.train.memory import checkpoint_plan, memory_budget_mb
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
 

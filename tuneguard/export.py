@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from tuneguard.adapters.methods import load_adapter
+from tuneguard.adapters.registry import load_adapter, method_spec
 from tuneguard.backbones import load_backbone
 from tuneguard.data.examples import label_index
 from tuneguard.errors import TuneguardError
@@ -33,7 +33,7 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
     Merging into 4-bit weights would round the adapter away, so the merge always happens on the
     full-precision backbone, which is what a user deploys.
     """
-    if recipe.adapter.method == "prompt_tuning":
+    if not method_spec(recipe.adapter).mergeable:  # only prompt tuning: virtual tokens, no weight delta
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
     if out.exists() and not (out / MARKER).exists():
         raise TuneguardError(f"{out} exists and is not a tuneguard export; choose another --out (nothing is replaced)")

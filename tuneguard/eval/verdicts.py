@@ -22,11 +22,9 @@ tokenizer and the text, so only relative changes are comparable across tasks.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,22 +287,6 @@ def check_budget(comparisons: list[Comparison], max_regression: float | None) ->
             for c in bad
         )
         raise RegressionBudgetExceeded(f"general tasks regressed beyond the budget of {max_regression:g} points: {detail}")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (a killed run) is skipped, and a run that
-    logged nothing (no file) has no records."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def train_val_gap(records: list[dict[str, Any]], *, last_k: int = 5, threshold: float = 0.1) -> dict[str, Any] | None:

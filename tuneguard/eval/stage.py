@@ -1,35 +1,36 @@
-"""The evaluation stage of a run: guards, base vs tuned on the task and the general suite, report.
+"""The evaluation stage of a run: guards, then base vs tuned on the task and the general suite.
 
 "Base" and "tuned" are the same loaded (quantized) weights, scored with the adapter disabled and
-enabled, so the comparison isolates what the adapter changed.
+enabled, so the comparison isolates what the adapter changed. This is where evaluation loads
+models (a run's backbone and adapter, or a base model alone); writing and printing the results is
+:mod:`tuneguard.run`'s.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from accelerate import Accelerator
+from pydantic import ValidationError
 
-from tuneguard.adapters.methods import load_adapter
+from tuneguard.adapters.registry import load_adapter, method_spec
+from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import Backbone, dequantized, load_backbone
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.compare import check_budget, compare_quantization, compare_results
-from tuneguard.eval.guards import enforce, frozen_checksum, run_guards
+from tuneguard.eval.guards import enforce, run_guards
 from tuneguard.eval.harness import evaluate_tasks, general_text_loss
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.tasks import Doc, Task, classification_task_from_items, get_tasks
-from tuneguard.io import atomic_write_json
-from tuneguard.progress import console, quiet_libraries
-from tuneguard.recipe import QuantizationConfig, Recipe, load_recipe
-from tuneguard.report.files import build_report, write_reports
-from tuneguard.report.history import record_run
-from tuneguard.report.terminal import print_report
+from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
+from tuneguard.progress import console
+from tuneguard.recipe import ModelConfig, QuantizationConfig, Recipe, load_recipe
 from tuneguard.rundir import RunDir
+from tuneguard.train.loop import TrainResult
 
 
 def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None:
@@ -52,23 +53,34 @@ def _score(model: torch.nn.Module, backbone: Backbone, tasks: list[Task], recipe
     return results, loss
 
 
-def evaluate_run(
-    recipe: Recipe, run_dir: Path, model: PeftModel, backbone: Backbone, data: Prepared, *, checksum_at_load: float,
-    accelerator: Any = None, suites: list[str] | None = None, limit: int | None = None, with_original: bool = False,
-) -> int:
-    """Score base and tuned, write eval.json and the reports, print the table; exit code (1 = budget exceeded)."""
+@dataclass
+class Evaluation:
+    """Base vs tuned on the same loaded weights: eval.json's content and the verdicts drawn from it."""
+
+    data: dict[str, Any]
+    comparisons: list[Comparison]
+    original: list[Comparison] | None
+    """The unquantized backbone against the quantized base (``--with-original``), or None."""
+
+
+def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: list[str] | None = None,
+              limit: int | None = None, with_original: bool = False) -> Evaluation | None:
+    """Guards, then base and tuned on the recipe's task and the general suite, then the verdicts.
+
+    Every process scores its share of the items; the main process gets the Evaluation, the others None.
+    """
     started = time.time()
+    model, backbone, accelerator = trained.model, trained.backbone, trained.accelerator
     main_process = accelerator is None or accelerator.is_main_process
-    adapter_meta = run_dir / "adapter" / "tuneguard.json"
-    adapter_fp = json.loads(adapter_meta.read_text()).get("fingerprint") if adapter_meta.exists() else None
+    run = RunDir(run_dir)
     model.eval()
-    guards = run_guards(model, backbone.tokenizer, fingerprint=backbone.fingerprint, adapter_fingerprint=adapter_fp,
-                        diverged=RunDir(run_dir).record().get("diverged"),
-                        checksum_at_load=checksum_at_load)
+    guards = run_guards(model, backbone.tokenizer, fingerprint=backbone.fingerprint,
+                        adapter_fingerprint=run.adapter_fingerprint(), diverged=run.record().get("diverged"),
+                        checksum_at_load=trained.checksum_at_load)
     enforce(guards)
 
     general = get_tasks(suites if suites is not None else recipe.eval.suites)
-    own = recipe_task(recipe, data, backbone.is_encoder) if recipe.eval.task else None
+    own = recipe_task(recipe, trained.data, backbone.is_encoder) if recipe.eval.task else None
     tasks = ([own] if own else []) + ([] if backbone.is_encoder else general)
     if not tasks:
         raise TuneguardError("nothing to evaluate: set eval.task or eval.suites in the recipe")
@@ -78,13 +90,13 @@ def evaluate_run(
             console.print(f"4-bit weights decoded once for evaluation ({held / 2**20:.0f} MB)")
         with model.disable_adapter():
             base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base")
-        tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run_dir / "adapter"), accelerator, limit, "tuned")
+        tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run.adapter), accelerator, limit, "tuned")
     original = _score_original(recipe, general, accelerator, limit) if with_original and general else None
     if not main_process:
-        return 0
+        return None
 
     general_names = {t.name for t in general}
-    eval_data = {
+    data = {
         "base": [r.to_dict() for r in base],
         "tuned": [r.to_dict() for r in tuned],
         "original": [r.to_dict() for r in original] if original else None,
@@ -92,19 +104,12 @@ def evaluate_run(
         "guards": [g.to_dict() for g in guards],
         "seconds": round(time.time() - started, 1),
     }
-    atomic_write_json(run_dir / "eval.json", eval_data)
     margin, correction = recipe.eval.margin, recipe.eval.correction
     comparisons = compare_results(base, tuned, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
                                   seed=recipe.train.seed, margin=margin, correction=correction)
     original_cmp = (compare_quantization(original, base, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
                                          margin=margin, correction=correction) if original else None)
-    report = build_report(run_dir, eval_data, comparisons, original_cmp)
-    write_reports(run_dir, report)
-    print_report(report, console)
-    record_run(run_dir, report)
-    console.print(f"evaluation took {eval_data['seconds']:.0f} s; reports in {run_dir}/report.{{md,html,json}}")
-    check_budget(comparisons, recipe.eval.max_regression)
-    return 0
+    return Evaluation(data, comparisons, original_cmp)
 
 
 def _score_original(recipe: Recipe, tasks: list[Task], accelerator: Any, limit: int | None) -> list[TaskResult]:
@@ -115,26 +120,35 @@ def _score_original(recipe: Recipe, tasks: list[Task], accelerator: Any, limit: 
     return results
 
 
-def evaluate_after_training(recipe: Recipe, run_dir: Path, result: dict[str, Any]) -> int:
-    return evaluate_run(recipe, run_dir, result["model"], result["backbone"], result["data"],
-                        checksum_at_load=result["checksum_at_load"], accelerator=result["accelerator"])
-
-
-def reevaluate(run_dir: Path, *, suites: list[str] | None, limit: int | None, with_original: bool) -> int:
-    """``tuneguard eval RUN``: reload the backbone and the saved adapter, and evaluate again."""
-    quiet_libraries()
-    RunDir(run_dir).ensure_finished(writable=True)
-    recipe = load_recipe(run_dir / "recipe.yaml")
+def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
+    """A finished run's recipe, and its backbone with the saved adapter: what training would have handed over."""
+    run = RunDir(run_dir)
+    recipe = load_recipe(run.recipe)
     labels = recipe.data.labels
     backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)
     checksum = frozen_checksum(backbone.model)
-    model = load_adapter(backbone.model, run_dir / "adapter")
+    model = load_adapter(backbone.model, run.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
-                        packable=recipe.adapter.method != "prompt_tuning")
-    from accelerate import Accelerator
-
+                        packable=method_spec(recipe.adapter).packable)
     # Under torchrun / accelerate launch with several processes, items are split and gathered.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)
-    return evaluate_run(recipe, run_dir, model, backbone, data, checksum_at_load=checksum, accelerator=accelerator,
-                        suites=suites, limit=limit, with_original=with_original)
+    return recipe, TrainResult(run.record(), model, backbone, data, accelerator, checksum)
+
+
+def evaluate_base_model(model_source: str, tasks: list[str], limit: int | None, quant: str,
+                        batch_size: int) -> list[TaskResult]:
+    """``tuneguard eval --model``: load a backbone (no adapter) and score tasks or suites on it."""
+    resolved = get_tasks(tasks)
+    try:
+        quantization = QuantizationConfig(method=quant)  # type: ignore[arg-type]
+    except ValidationError:
+        raise TuneguardError(f"--quant must be one of none, nf4, fp4, int8; got '{quant}'") from None
+    backbone = load_backbone(ModelConfig(source=model_source), quantization)
+    if backbone.is_encoder:
+        raise TuneguardError(f"'{model_source}' is an encoder: general tasks need a causal language model")
+    with dequantized(backbone.model):
+        return evaluate_tasks(
+            backbone.model, backbone.tokenizer, resolved, limit=limit, batch_size=batch_size,
+            fingerprint=backbone.fingerprint,
+        )

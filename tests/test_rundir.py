@@ -1,0 +1,60 @@
+"""RunDir owns a run directory: its readers tolerate what a killed run leaves, and no other module
+spells the directory's file names (so renaming one is a one-line change)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneguard import rundir
+from tuneguard.errors import TuneguardError
+from tuneguard.rundir import RunDir
+
+PACKAGE = Path(rundir.__file__).resolve().parent
+FILES = {rundir.RECIPE, rundir.RUN, rundir.METRICS, rundir.EVAL, rundir.ADAPTER_META, *rundir.REPORTS}
+"""Names no other module may spell anywhere."""
+FOLDERS = {rundir.ADAPTER, rundir.CHECKPOINTS, rundir.MERGED}
+"""Names too common to forbid ("adapter" is a recipe section): forbidden only as a path step, ``x / "adapter"``."""
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    assert run.read_metrics() == [] and run.last_metric("loss") is None
+    whole = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_loss": 1.7}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 3, "lo')
+    assert run.read_metrics() == whole
+    assert run.last_metric("loss") == 1.5
+
+
+def test_strict_readers_name_the_missing_file(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.write_recipe("output: {name: demo}\nadapter: {method: ia3, r: 8}\n")
+    with pytest.raises(TuneguardError, match=r"run\.json: file not found"):
+        run.summary()
+    run.write_record({"steps": 3})
+    summary = run.summary()
+    assert (summary["name"], summary["adapter"], summary["r"], summary["steps"]) == ("demo", "ia3", None, 3)
+    with pytest.raises(TuneguardError, match=r"report\.json: file not found"):
+        run.read_report()
+    paths = run.write_reports({"schema": 1}, "# md", "<html>")
+    assert [p.name for p in paths] == list(rundir.REPORTS) and run.read_report() == {"schema": 1}
+
+
+def _offenders(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        named = isinstance(node, ast.Constant) and node.value in FILES
+        step = (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                and node.right.value in FOLDERS)
+        if named or step:
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return found
+
+
+def test_only_rundir_spells_run_directory_file_names() -> None:
+    offenders = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != PACKAGE / "rundir.py"
+                 for hit in _offenders(path)]
+    assert not offenders, f"spelled outside tuneguard/rundir.py (use RunDir): {', '.join(offenders)}"

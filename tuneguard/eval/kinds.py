@@ -1,0 +1,271 @@
+"""One object per kind of task: how its items are scored and which metrics it yields.
+
+As in lm-evaluation-harness, a :class:`~tuneguard.eval.tasks.Task` is data plus a declared ``kind``;
+the kind is the only place that knows how to score it. Scoring and metrics are split on purpose:
+:meth:`TaskKind.score` returns raw per-doc outcomes, which a distributed run gathers back into item
+order, and :meth:`TaskKind.result` computes every metric once on the whole list, so a split run gives
+exactly the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tuneguard.errors import TuneguardError
+from tuneguard.eval.metrics import classification_metrics
+from tuneguard.eval.metrics.functional import exact_match_score, token_f1_score
+from tuneguard.eval.records import Aggregate, aggregate
+from tuneguard.eval.scoring import (
+    Score,
+    classify,
+    encode_pair,
+    generate_until,
+    loglikelihood,
+    prefix_token_id,
+    rolling_loglikelihood,
+)
+from tuneguard.progress import Advance
+
+if TYPE_CHECKING:
+    # Only for annotations: tasks.py looks the kinds up, so importing it at runtime would make a cycle.
+    from tuneguard.eval.tasks import Doc, Task, Text
+
+__all__ = ["KINDS", "KindResult", "TaskKind", "has_classification_head"]
+
+
+class KindResult(NamedTuple):
+    """A task's metrics from its raw outcomes, and what the primary metric's value is aggregated from."""
+
+    per_item: list[float]
+    """The primary metric's per-item outcomes, paired base vs tuned by the comparison."""
+    metrics: dict[str, Any]
+    weights: list[float] | None
+    how: Aggregate
+
+
+class TaskKind(ABC):
+    """What every kind declares: the metrics it yields, how to score items and how to turn scores into metrics."""
+
+    metrics: tuple[str, ...]
+    """The metrics a task of this kind may name as its primary one; the first is the default."""
+    lower_is_better: frozenset[str] = frozenset()
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Which way a change in ``metric`` is an improvement, for the base vs tuned verdicts."""
+        return metric not in self.lower_is_better
+
+    @abstractmethod
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        """Raw per-doc outcomes, in the order of ``docs``."""
+
+    @abstractmethod
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        """Every metric of the task from all docs' outcomes (gathered from every process)."""
+
+
+def has_classification_head(model: torch.nn.Module) -> bool:
+    """Encoders fine-tuned with a head are scored by the head, not by verbalizer log-likelihoods."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForSequenceClassification")
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, context: Text, continuation: Text, delimiter: str) -> tuple[list[int], list[int]]:
+    if isinstance(context, str) and isinstance(continuation, str):
+        return encode_pair(tokenizer, context, delimiter + continuation)
+    if isinstance(context, list) and isinstance(continuation, list):
+        return context, continuation
+    raise TypeError("a context and its continuation must both be text or both be token ids")
+
+
+def _context_ids(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
+    return tokenizer(context, add_special_tokens=False)["input_ids"] or [prefix_token_id(tokenizer)]
+
+
+def _option_loglikelihoods(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc], batch_size: int,
+    advance: Advance | None = None,
+) -> list[list[Score]]:
+    """A :class:`Score` per option of each doc, all options of all docs batched together."""
+    requests, owner = [], []
+    for i, doc in enumerate(docs):
+        for context, continuation in doc.pairs():
+            requests.append(_encode(tokenizer, context, continuation, task.delimiter))
+            owner.append(i)
+    scores = loglikelihood(model, requests, batch_size, advance=advance)
+    per_doc: list[list[Score]] = [[] for _ in docs]
+    for i, score in zip(owner, scores, strict=True):
+        per_doc[i].append(score)
+    return per_doc
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """First index of the maximum, as numpy's argmax (lm-evaluation-harness breaks ties this way)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def _best(options: Sequence[Score]) -> int:
+    return _argmax([s.logprob for s in options])
+
+
+def _hits(predictions: Sequence[int], docs: Sequence[Doc]) -> list[float]:
+    return [float(p == d.gold) for p, d in zip(predictions, docs, strict=True)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _chars(tokenizer: PreTrainedTokenizerBase, choice: Text) -> int:
+    return len(choice) if isinstance(choice, str) else len(tokenizer.decode(choice))
+
+
+class _OptionKind(TaskKind):
+    """Kinds scored by the log-likelihood of each option after the context."""
+
+    by_head = False
+    """A model with a classification head predicts the class itself (text classification only)."""
+
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        if not has_classification_head(model):
+            return _option_loglikelihoods(model, tokenizer, task, docs, batch_size, advance)
+        if not self.by_head or not all(isinstance(d.context, str) for d in docs):
+            raise TuneguardError(f"task '{task.name}': a model with a classification head can only score text classification tasks")
+        return classify(model, tokenizer, [str(d.context) for d in docs], batch_size=batch_size, advance=advance)
+
+
+class MultipleChoice(_OptionKind):
+    """Each choice scored after the context; ``acc`` and length-normalised ``acc_norm``."""
+
+    metrics = ("acc", "acc_norm")
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        per_item = _hits([_best(o) for o in outcomes], docs)
+        metrics: dict[str, Any] = {"acc": _mean(per_item)}
+        # Partial evaluation (one context per option, one shared continuation) has nothing to normalise.
+        if (task.norm or task.metric == "acc_norm") and all(d.contexts is None for d in docs):
+            norm = _hits([
+                _argmax([s.logprob / max(_chars(tokenizer, c), 1) for s, c in zip(o, d.choices, strict=True)])
+                for o, d in zip(outcomes, docs, strict=True)
+            ], docs)
+            metrics["acc_norm"] = _mean(norm)
+            if task.metric == "acc_norm":
+                per_item = norm
+        return KindResult(per_item, metrics, None, "mean")
+
+
+class Classification(_OptionKind):
+    """A fixed set of verbalized labels (or a classification head); adds precision/recall/F1/confusion."""
+
+    metrics = ("acc",)
+    by_head = True
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        predictions = [o if isinstance(o, int) else _best(o) for o in outcomes]
+        per_item = _hits(predictions, docs)
+        metrics: dict[str, Any] = {"acc": _mean(per_item)}
+        metrics.update(classification_metrics(predictions, [d.gold for d in docs], task.labels or []))
+        return KindResult(per_item, metrics, None, "mean")
+
+
+class Loglikelihood(_OptionKind):
+    """One target continuation; ``acc`` = it is the greedy continuation (LAMBADA), plus its perplexity."""
+
+    metrics = ("acc",)
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        per_item = [float(o[0].is_greedy) for o in outcomes]
+        logprobs = [o[0].logprob for o in outcomes]
+        metrics = {"acc": _mean(per_item), "perplexity": math.exp(-_mean(logprobs)) if logprobs else math.nan}
+        return KindResult(per_item, metrics, None, "mean")
+
+
+class Generation(TaskKind):
+    """Greedy generation until a stop string; ``exact_match`` and ``token_f1`` against the reference."""
+
+    metrics = ("exact_match", "token_f1")
+
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        contexts = [d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context) for d in docs]
+        return generate_until(
+            model, tokenizer, contexts, task.until, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+            advance=advance,
+        )
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        em = [exact_match_score(o, d.target) for o, d in zip(outcomes, docs, strict=True)]
+        f1 = [token_f1_score(o, d.target) for o, d in zip(outcomes, docs, strict=True)]
+        per_item = em if task.metric == "exact_match" else f1
+        return KindResult(per_item, {"exact_match": _mean(em), "token_f1": _mean(f1)}, None, "mean")
+
+
+class Perplexity(TaskKind):
+    """Rolling log-likelihood of whole texts; token/word/byte perplexity and bits per byte."""
+
+    metrics = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+    lower_is_better = frozenset(metrics)
+
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        # Rows are windows of up to 2048 tokens whose every position is scored: one window per batch
+        # keeps the (float32) logits at 2048 x vocab, and a 2048-token row is no faster batched on CPU.
+        return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 8),
+                                     advance=advance)
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        nll = [o.nll for o in outcomes]
+        # Words and bytes are counted on the raw text, as lm-evaluation-harness does (before detokenizing).
+        raw = [d.raw if d.raw is not None else d.text for d in docs]
+        units = {
+            "tokens": [float(o.n_tokens) for o in outcomes],
+            "words": [float(len(re.split(r"\s+", text))) for text in raw],
+            "bytes": [float(len(text.encode("utf-8"))) for text in raw],
+        }
+        metrics: dict[str, Any] = {
+            "perplexity": aggregate(nll, units["tokens"], "perplexity"),
+            "word_perplexity": aggregate(nll, units["words"], "perplexity"),
+            "byte_perplexity": aggregate(nll, units["bytes"], "perplexity"),
+            "bits_per_byte": aggregate(nll, units["bytes"], "bits_per_byte"),
+            "tokens": int(sum(units["tokens"])),
+        }
+        weights = {"perplexity": units["tokens"], "word_perplexity": units["words"]}.get(task.metric, units["bytes"])
+        how: Aggregate = "bits_per_byte" if task.metric == "bits_per_byte" else "perplexity"
+        return KindResult(nll, metrics, weights, how)
+
+
+KINDS: dict[str, TaskKind] = {
+    "multiple_choice": MultipleChoice(),
+    "classification": Classification(),
+    "loglikelihood": Loglikelihood(),
+    "generation": Generation(),
+    "perplexity": Perplexity(),
+}

@@ -1,0 +1,60 @@
+"""The order training sees its rows in: seeded per epoch, dealt across processes, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tuneguard.data.packing import collate, collate_classification
+from tuneguard.data.prepare import Prepared
+from tuneguard.recipe import Recipe
+
+
+def planned_steps(recipe: Recipe, n_rows: int, n_processes: int) -> tuple[int, int]:
+    """(optimizer steps in total, micro-batches per epoch per process); ``max_steps`` overrides epochs."""
+    per_epoch = math.ceil(n_rows / (recipe.train.batch_size * n_processes))
+    steps = recipe.train.max_steps or math.ceil(per_epoch * recipe.train.epochs / recipe.train.grad_accum)
+    return steps, per_epoch
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of one epoch: a seeded shuffle, so a resumed run sees the same order."""
+    order = list(range(n_rows))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    batches = [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+    while len(batches) % world:
+        batches.append(batches[len(batches) % world - world])
+    return batches[rank::world]
+
+
+def _collate(rows: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Decoder rows carry position ids (packing); encoder rows are single examples with a label."""
+    return collate(rows, pad_id) if hasattr(rows[0], "position_ids") else collate_classification(rows, pad_id)
+
+
+def micro_batches(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int,
+                  start: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """An endless stream of (collated micro-batch, its real tokens), from micro-batch number ``start``."""
+    rows = data.train
+    per_epoch = len(epoch_batches(len(rows), recipe.train.batch_size, 0, 0, rank, world))
+    epoch, index = divmod(start, per_epoch)
+    while True:
+        batches = epoch_batches(len(rows), recipe.train.batch_size, recipe.train.seed, epoch, rank, world)
+        for idx in batches[index:]:
+            chosen = [rows[i] for i in idx]
+            yield _collate(chosen, pad_id), sum(len(r.input_ids) for r in chosen)
+        epoch, index = epoch + 1, 0
+
+
+def eval_batches(rows: list[Any], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(rows), batch_size):
+        yield _collate(rows[i : i + batch_size], pad_id)
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Predicted positions of a decoder batch (labels after the shift), or examples of a classifier batch."""
+    return int((batch["labels"][:, 1:] != -100).sum()) if "position_ids" in batch else len(batch["labels"])

@@ -1,0 +1,85 @@
+"""Checkpoints: the adapter, optimizer, scheduler and RNG state, and the loop's own state, written last.
+
+A checkpoint is complete once its ``train_state.json`` exists (``RunDir.checkpoint_list`` counts
+only those), so a run killed while saving resumes from the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from tuneguard.io import atomic_dir, atomic_write_json
+from tuneguard.recipe import Recipe
+from tuneguard.rundir import TRAIN_STATE, RunDir
+
+BEST = "best_adapter.safetensors"
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model/optimizer/RNG that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    best_val: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    elapsed: float = 0.0
+    step_seconds: float = 0.0
+    """Time inside optimizer steps only (no loading, validation or checkpointing): the throughput base."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diverged: str | None = None
+    """Why training diverged (see tuneguard.train.divergence), or None."""
+
+
+def only_trainable_weights(accelerator: Accelerator, loss_model: torch.nn.Module) -> None:
+    """Checkpoints hold the adapter, not the frozen backbone: megabytes instead of the whole model."""
+    trainable = {n for n, p in loss_model.named_parameters() if p.requires_grad}
+
+    def keep(models: list, weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        for i, w in enumerate(weights):
+            weights[i] = {k: v for k, v in w.items() if k in trainable or k.removeprefix("module.") in trainable}
+
+    accelerator.register_save_state_pre_hook(keep)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState, best: dict | None,
+                    recipe: Recipe) -> None:
+    """Adapter, optimizer and RNG state, the train state written last (it marks the checkpoint complete)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(run_dir.checkpoint(state.step)) as tmp:
+            accelerator.save_state(str(tmp))
+            if best is not None:
+                save_file(best, str(tmp / BEST))
+            run_dir.write_checkpoint_recipe(tmp, recipe.training_view())
+            atomic_write_json(tmp / TRAIN_STATE, asdict(state))
+        for path in run_dir.checkpoint_list()[: -recipe.train.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: RunDir) -> tuple[TrainState, dict | None]:
+    accelerator.load_state(str(path), strict=False)
+    state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
+    best = load_file(str(path / BEST)) if (path / BEST).exists() else None
+    if accelerator.is_main_process:
+        run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
+    return state, best
+
+
+def use_new_lr(scheduler: Any, lr: float) -> None:
+    """The restored optimizer and scheduler carry the checkpoint's lr; a resume that changed it gets the new one."""
+    inner: torch.optim.lr_scheduler.LambdaLR = scheduler.scheduler  # inside Accelerate's wrapper
+    inner.base_lrs = [lr] * len(inner.base_lrs)
+    for group, factor in zip(inner.optimizer.param_groups, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(inner.last_epoch)
