@@ -63,7 +63,7 @@ from torch.utils.checkpoint import checkpoint
 from tuneguard.adapters.registry import fusable_lora
 from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_trainable
 from tuneguard.recipe import Recipe
-from tuneguard.train.memory import checkpoint_plan, memory_budget_mb
+from tuneguard.train.memory import planned_checkpoints
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
 
@@ -385,5 +385,5 @@ def prepare_for_training(
     fuse_lora_layers(model)
     fuse_gated_mlps(model)
     if not recipe.train.gradient_checkpointing:
-        checkpoint_layers(model, checkpoint_plan(model, recipe, memory_budget_mb(model, recipe)))
+        checkpoint_layers(model, planned_checkpoints(model, recipe, fastpath=True))
     return model

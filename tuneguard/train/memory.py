@@ -202,8 +202,12 @@ def estimate_model(
     )
 
 
-def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int = 0) -> MemoryEstimate:
-    """The estimate from the recipe alone: the config is read and the adapter built on the meta device."""
+def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int | None = None) -> MemoryEstimate:
+    """The estimate from the recipe alone: the config is read and the adapter built on the meta device.
+
+    ``checkpointed_layers`` None: as training will run it, i.e. every layer under
+    ``train.gradient_checkpointing``, else the fast path's plan for the memory budget (none without it).
+    """
     from transformers import AutoModelForCausalLM
 
     from tuneguard.adapters.registry import apply_adapter
@@ -214,11 +218,21 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = apply_adapter(model, recipe.adapter, is_encoder=False, total_steps=100)
+    if checkpointed_layers is None:
+        checkpointed_layers = planned_checkpoints(model, recipe, fastpath)
     quantized = recipe.quantization.method != "none"
     weights_file = sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) / MB if quantized and not is_hub else 0.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return estimate_model(model, recipe, fastpath=fastpath, checkpointed_layers=checkpointed_layers, device_type=device,
                           weights_file_mb=weights_file)
+
+
+def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool) -> int:
+    """Decoder layers training will recompute: all with gradient checkpointing, else the fast path's plan."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if recipe.train.gradient_checkpointing:
+        return base.config.num_hidden_layers
+    return checkpoint_plan(model, recipe, memory_budget_mb(model, recipe)) if fastpath else 0
 
 
 def memory_budget_mb(model: torch.nn.Module, recipe: Recipe) -> float:
