@@ -139,6 +139,9 @@ def estimate_block(est: MemoryEstimate, measured: dict[str, Any] | None) -> Bloc
     for part, mb in est.parts.items():
         block.rows.append([part, _num(mb, 0)])
     block.rows.append([("predicted peak", ""), _num(est.peak_mb, 0)])
+    if est.inputs.get("peak_at") == "loading":
+        block.lines.append(f"the peak is reached while loading ({_num(est.inputs['load_peak_mb'], 0)} MB); training "
+                           f"alone needs {_num(est.inputs['train_peak_mb'], 0)} MB")
     if measured:
         if "error" in measured:
             block.lines.append((f"measurement failed: {measured['error'][:200]}", "fail"))

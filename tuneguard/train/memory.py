@@ -1,6 +1,7 @@
 """Predict the peak memory of a training recipe before loading anything heavy.
 
-Peak = runtime (imported libraries; CPU only) + frozen weights at their bit width (+ the mmapped
+Peak = the larger of loading (runtime + the mapped checkpoint file + the weights being built) and
+training: runtime (imported libraries; CPU only) + frozen weights at their bit width (+ the mmapped
 checkpoint file while it stays mapped: the fast path releases it) + adapter weights, gradients and
 AdamW state + the activations kept for backward (per layer and token, from the config's shapes and
 which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x the allocator's
@@ -143,10 +144,18 @@ def estimate(
         "activations": activations * (FRAGMENTATION if cpu else 1.0) / MB,
         "logits": logits / MB,
     }
+    # Loading touches every page of the mapped checkpoint while the weights are quantized, and the fast
+    # path then copies the float weights out of the mapping before it is dropped: on CPU that can be
+    # the process's high-water mark when the batch is small.
+    copied = shape.other_params * float_bytes if cpu and fastpath and quantized else 0.0
+    load_mb = parts["runtime"] + (weights_file_mb if cpu else 0.0) + (weights + copied) / MB
+    train_mb = sum(parts.values())
     inputs = {"quant": quant, "batch": batch, "seq": seq, "fastpath": fastpath, "checkpointed_layers": checkpointed_layers,
               "compute_bytes": compute_bytes, "weight_bytes": weight_bytes,
-              "trainable_params": adapter.trainable_params, "device": device_type}
-    return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 1) for k, v in parts.items()}, inputs)
+              "trainable_params": adapter.trainable_params, "device": device_type,
+              "load_peak_mb": round(load_mb, 1), "train_peak_mb": round(train_mb, 1),
+              "peak_at": "loading" if load_mb > train_mb else "training"}
+    return MemoryEstimate(round(max(train_mb, load_mb), 1), {k: round(v, 1) for k, v in parts.items()}, inputs)
 
 
 def adapter_shape(model: torch.nn.Module) -> AdapterShape:
