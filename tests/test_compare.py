@@ -295,3 +295,28 @@ def test_margin_and_correction_are_recipe_keys() -> None:
         EvalConfig(margin={"arc_easy": -1})
     with pytest.raises(ValidationError, match="holm"):
         EvalConfig(correction="bonferroni")
+
+
+def test_compare_ia3_before_lora_on_4_bit(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """PEFT refuses to unload IA3 from 4-bit weights; the next group then starts from a fresh load of the
+    same weights, so the scores do not depend on the order the runs are given in."""
+    from tuneguard.cli import main as cli_main
+    from tuneguard.recipe import load_recipe
+    from tuneguard.train.loop import train
+
+    from .test_train import make_run
+
+    dirs = []
+    for name, adapter in (("ia3", {"method": "ia3", "target_modules": "mlp"}), ("lora", {})):
+        path = make_run(tmp_path / name, tiny_llama_dir, adapter=adapter, output={"name": name},
+                        quantization={"method": "nf4"}, train={"max_steps": 2, "lr": 1e-2},
+                        eval={"task": False, "suites": ["arc_easy"], "limit": 8})
+        recipe = load_recipe(path)
+        train(recipe, recipe.run_dir(path))
+        dirs.append(str(recipe.run_dir(path)))
+    outcomes = []
+    for order, out in ((dirs, tmp_path / "a"), (dirs[::-1], tmp_path / "b")):
+        assert cli_main(["compare", *order, "--out", str(out)]) == 0
+        result = json.loads((out / "compare.json").read_text())
+        outcomes.append({c["adapter"]: (c["base"], c["tuned"]) for c in result["vs_base"]})
+    assert outcomes[0] == outcomes[1] and set(outcomes[0]) == {"ia3", "lora"}

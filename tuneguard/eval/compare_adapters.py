@@ -96,15 +96,26 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
     base = score(backbone.model, general + shared, None)
     tuned: dict[str, dict[str, TaskResult]] = {}
     model: Any = backbone.model
-    for group in _by_peft_type(runs):
+    groups = _by_peft_type(runs)
+    for i, group in enumerate(groups):
         # PEFT holds adapters of one type per model: load a group, score it, unload (nothing is merged).
         for label, d, _ in group:
             model = load_adapter(model, RunDir(d).adapter, name=label)
         for label, _, _ in group:
             model.set_adapter(label)
             tuned[label] = score(model, general + ([own[label]] if own[label] else []), label)
-        model = model.unload()
+        if i < len(groups) - 1:
+            model = _without_adapters(model, first)
     return compare_scored(runs, base, tuned, {t.name for t in general})
+
+
+def _without_adapters(model: Any, recipe: Recipe) -> Any:
+    """The bare backbone again: PEFT's ``unload`` where it can (it refuses IA3 on 4-bit weights, and prompt
+    tuning has none), else a fresh load of the same weights (the base scores stay those of the first)."""
+    try:
+        return model.unload()
+    except (ValueError, AttributeError):
+        return load_backbone(recipe.model, recipe.quantization).model
 
 
 def compare_scored(runs: list[tuple[str, Path, Recipe]], base: dict[str, TaskResult],

@@ -17,6 +17,8 @@ from tuneguard.report.blocks import fmt_verdict
 
 COLOURS = {"improved": "#188038", "non-inferior": "#1a73e8", "inconclusive": "#e37400", "regressed": "#d93025"}
 _OTHER = "#80868b"
+PALETTE = ["#1a73e8", "#d93025", "#188038", "#e37400", "#9334e6", "#12b5cb", "#b06000", "#5f6368"]
+"""One colour per adapter in the gain-vs-forgetting chart (verdict colours mean something else)."""
 
 
 def _png(fig: Figure) -> str:
@@ -114,29 +116,29 @@ def loss_curves_png(curves: dict[str, list[list[float]]]) -> str | None:
 
 
 def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
-    """Task gain against the worst general regression, one point per adapter with both intervals as
-    error bars; the Pareto front (nothing else gains more and forgets less) is joined and labelled."""
+    """Task gain against the worst general regression, one colour per adapter with both intervals as
+    error bars, named in the legend (labels beside close points would overlap); the Pareto front
+    (nothing else gains more and forgets less) is joined, and dominated adapters are drawn hollow."""
     points = [p for p in points if "gain" in p and "forgetting" in p]
     if not points:
         return None
     fig = Figure(figsize=(7.5, 4.6))
     ax = fig.add_subplot(1, 1, 1)
-    for p in points:
-        colour = "#1a73e8" if p["pareto"] else _OTHER
+    for i, p in enumerate(points):
+        colour = PALETTE[i % len(PALETTE)]
         (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
         ax.errorbar(p["gain"], p["forgetting"], xerr=[[p["gain"] - g_lo], [g_hi - p["gain"]]],
-                    yerr=[[p["forgetting"] - f_lo], [f_hi - p["forgetting"]]], fmt="o", color=colour, capsize=3,
-                    markersize=8 if p["pareto"] else 6, elinewidth=1.2)
-        ax.annotate(f"{p['adapter']}\n(worst: {p['worst_task']})", (p["gain"], p["forgetting"]), fontsize=8,
-                    xytext=(6, 6), textcoords="offset points", color=colour)
+                    yerr=[[p["forgetting"] - f_lo], [f_hi - p["forgetting"]]], fmt="o", color=colour, capsize=4,
+                    markersize=9, elinewidth=1.4, markerfacecolor=colour if p["pareto"] else "white",
+                    label=f"{p['adapter']} (worst: {p['worst_task']})" + ("" if p["pareto"] else ", dominated"))
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["gain"])
     if len(front) > 1:
-        ax.plot([p["gain"] for p in front], [p["forgetting"] for p in front], "--", color="#1a73e8", linewidth=1,
-                label="Pareto front")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.plot([p["gain"] for p in front], [p["forgetting"] for p in front], "--", color="#202124", linewidth=1,
+                label="Pareto front", zorder=3)
     ax.axhline(0, color="#202124", linewidth=0.8)
     ax.set_xlabel("task gain, points (→ better)", fontsize=9)
     ax.set_ylabel("worst general regression, points (↑ forgets more)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
     fig.tight_layout()
