@@ -192,7 +192,7 @@ class RunDir:
     def adapter_fingerprint(self) -> str | None:
         """The backbone fingerprint the adapter was trained on; None for an adapter saved without one."""
         meta = self.adapter / ADAPTER_META
-        return json.loads(meta.read_text()).get("fingerprint") if meta.exists() else None
+        return read_json(meta).get("fingerprint") if meta.exists() else None
 
     # -------------------------------------------------------------------- evaluation's files
 
