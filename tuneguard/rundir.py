@@ -48,6 +48,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise TuneguardError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except (OSError, ValueError) as exc:  # unreadable, or not UTF-8
+        raise TuneguardError(f"{path}: unreadable ({exc})") from None
     if not isinstance(data, dict):
         raise TuneguardError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -132,15 +134,7 @@ class RunDir:
 
     def record(self) -> dict[str, Any]:
         """run.json, or {} for a run that has not finished training."""
-        try:
-            data = json.loads(self.run_json.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise TuneguardError(f"{self.run_json}: unreadable ({exc}); the run's record is damaged") from None
-        if not isinstance(data, dict):
-            raise TuneguardError(f"{self.run_json}: expected a JSON object")
-        return data
+        return read_json(self.run_json) if self.run_json.exists() else {}
 
     def write_record(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, record)

@@ -11,7 +11,6 @@ one family, corrected for the number of pairs in it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,10 @@ def _load_runs(run_dirs: list[Path]) -> list[tuple[str, Path, Recipe]]:
 
 
 def _by_peft_type(runs: list[tuple[str, Path, Recipe]]) -> list[list[tuple[str, Path, Recipe]]]:
+    """Runs grouped by the PEFT type their method saves (LoRA, DoRA and rsLoRA share one), in first-seen order."""
     groups: dict[str, list[tuple[str, Path, Recipe]]] = {}
     for run in runs:
-        config = json.loads((RunDir(run[1]).adapter / "adapter_config.json").read_text())
-        groups.setdefault(str(config.get("peft_type")), []).append(run)
+        groups.setdefault(method_spec(run[2].adapter).peft_type, []).append(run)
     return list(groups.values())
 
 

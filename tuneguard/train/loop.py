@@ -184,16 +184,18 @@ def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tu
 # ------------------------------------------------------------------------------------------ steps
 
 
-def train_step(s: Session, state: TrainState, micro: tuple[dict[str, torch.Tensor], ...]) -> tuple[float, float]:
-    """One optimizer step over ``micro`` (gradient accumulation); returns (loss, gradient norm).
+def train_step(s: Session, state: TrainState, micro: tuple[dict[str, torch.Tensor], ...],
+               tokens: int) -> tuple[float, float, int]:
+    """One optimizer step over ``micro`` (gradient accumulation, ``tokens`` real tokens in it here);
+    returns (loss, gradient norm, real tokens of the step on all processes).
 
     The loss is a sum over targets divided by the targets of the whole step on all processes, so
     every micro-batch and process weighs by what it holds; a non-finite loss or gradient stops the
     run before the update.
     """
     acc, t = s.accelerator, s.recipe.train
-    local = sum(target_count(b) for b in micro)
-    targets = max(int(acc.reduce(torch.tensor(local, device=acc.device), "sum")), 1)
+    counts = acc.reduce(torch.tensor([sum(target_count(b) for b in micro), tokens], device=acc.device), "sum")
+    targets, step_tokens = max(int(counts[0]), 1), int(counts[1])
     step_loss = 0.0
     for i, batch in enumerate(micro):
         sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(s.loss_model)
@@ -218,7 +220,7 @@ def train_step(s: Session, state: TrainState, micro: tuple[dict[str, torch.Tenso
     s.method.after_step(s.model, state.step)  # AdaLoRA's rank budget reads the grads
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm
+    return step_loss, grad_norm, step_tokens
 
 
 def validation_loss(s: Session) -> float | None:
@@ -308,8 +310,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
         while state.step < s.total_steps and not state.stopped_early:
             step_start = time.time()
             micro, real_tokens = zip(*(next(stream) for _ in range(t.grad_accum)), strict=True)
-            loss, grad_norm = train_step(s, state, micro)
-            step_tokens = int(s.accelerator.reduce(torch.tensor(sum(real_tokens), device=s.accelerator.device), "sum"))
+            loss, grad_norm, step_tokens = train_step(s, state, micro, sum(real_tokens))
             state.step += 1
             state.diverged = watch.update(loss, grad_norm)
             state.step_seconds += time.time() - step_start
