@@ -1,11 +1,10 @@
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from tuneguard.data.examples import IGNORE, augment_fields, build_examples, label_index
+from tuneguard.data.examples import IGNORE, build_examples, label_index
 from tuneguard.data.packing import collate, pack
 from tuneguard.data.prepare import prepare_data
 from tuneguard.data.readers import read_rows
@@ -157,11 +156,3 @@ def test_prepare_splits_with_seed_and_mixes_replay(tmp_path: Path, tokenizer) ->
     assert mixed.stats["replay_examples"] == round(30 * 0.2 / 0.8)
     with pytest.raises(TuneguardError, match="encoders train classification only"):
         prepare_data(DataConfig(kind="text", train=str(path)), tokenizer, is_encoder=True, seed=0)
-
-
-def test_augmentation_changes_words_not_labels() -> None:
-    cfg = DataConfig(kind="classification", train="x", labels=["a", "b"], augment="word_dropout", augment_prob=0.5)
-    fields = {"text": "one two three four five six seven eight", "label": 1}
-    out = augment_fields(fields, cfg, random.Random(0))
-    assert out["label"] == 1 and out["text"] != fields["text"]
-    assert set(out["text"].split()) <= set(fields["text"].split())

@@ -33,10 +33,19 @@ def test_after_training_writes_eval_and_reports(tmp_path: Path, tiny_llama_dir: 
     assert data["general_text_loss"]["base"] != data["general_text_loss"]["tuned"]
     for name in ("report.json", "report.md", "report.html"):
         assert (run_dir / name).stat().st_size > 0
-    # Re-evaluation from disk gives the same tuned scores on the same items.
+    # Every task result was kept, base and tuned apart; re-evaluation from disk takes them from there...
+    kept = sorted((run_dir / "scores").glob("*.json"))
+    assert len(kept) == 2 * 3
     assert cli_main(["eval", str(run_dir)]) == 0
     again = json.loads((run_dir / "eval.json").read_text())
-    assert [r["per_item"] for r in again["tuned"]] == [r["per_item"] for r in data["tuned"]]
+    assert [r["seconds"] for r in again["tuned"]] == [r["seconds"] for r in data["tuned"]]
+    # ...and scoring again from the reloaded adapter gives the same tuned scores on the same items.
+    for path in kept:
+        path.unlink()
+    assert cli_main(["eval", str(run_dir)]) == 0
+    fresh = json.loads((run_dir / "eval.json").read_text())
+    assert [r["per_item"] for r in fresh["tuned"]] == [r["per_item"] for r in data["tuned"]]
+    assert [r["seconds"] for r in fresh["tuned"]] != [r["seconds"] for r in data["tuned"]]
 
 
 def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:

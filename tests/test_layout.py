@@ -114,7 +114,7 @@ LAYERS = [
     ("tuneguard.train",),
     ("tuneguard.eval",),
     ("tuneguard.report",),
-    ("tuneguard.run", "tuneguard.export"),
+    ("tuneguard.run", "tuneguard.cv", "tuneguard.export", "tuneguard.lm_eval_model"),
     ("tuneguard.cli", "tuneguard.bench"),
 ]
 """recipe → backbone → adapter → data → train → eval → report → run → cli/bench: the way data flows."""

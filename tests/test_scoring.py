@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tuneguard.eval import scoring
 from tuneguard.eval.harness import general_text_loss
 from tuneguard.eval.scoring import (
     classify,
     encode_pair,
     generate_until,
     loglikelihood,
+    max_model_length,
     rolling_loglikelihood,
     rolling_windows,
+    split_head,
 )
 from tuneguard.eval.tasks import wikitext_detokenize, wikitext_text
 
@@ -132,10 +137,13 @@ def test_rolling_windows_cover_every_token_once() -> None:
             assert len(ctx) >= min(context_len, len(tokens)) and ctx[-1] == prev[-1]
 
 
-def test_rolling_loglikelihood_equals_direct(tiny_llama) -> None:
+def test_rolling_loglikelihood_equals_direct(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tok = tiny_llama
     texts = ["the movie was great and the acting was wonderful . what is two plus two ? the answer is four", "a dull film"]
-    whole = rolling_loglikelihood(model, tok, texts, max_length=512)
+    # Windows are the model's whole context by default; logits are projected a few positions at a time.
+    assert max_model_length(model, tok) == 512
+    monkeypatch.setattr(scoring, "LOGIT_CHUNK", 5)
+    whole = rolling_loglikelihood(model, tok, texts)
     for text, score in zip(texts, whole, strict=True):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert score.n_tokens == len(ids) and score.n_bytes == len(text.encode())
@@ -145,6 +153,25 @@ def test_rolling_loglikelihood_equals_direct(tiny_llama) -> None:
     ids = tok(texts[0], add_special_tokens=False)["input_ids"]
     expected = sum(_direct(model, c, p)[0] for c, p in rolling_windows(ids, tok.bos_token_id, 8, 4))
     assert -windowed.nll == pytest.approx(expected, abs=1e-4)
+
+
+class HalvedLogits(LlamaForCausalLM):
+    """A model that changes its logits after the LM head, as soft-capping does."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits / 2
+        return out
+
+
+def test_the_head_is_split_off_only_where_logits_are_just_its_projection(tiny_llama_dir, tiny_llama) -> None:
+    model, tok = tiny_llama
+    assert split_head(model) is not None and split_head(_lora(model)) is not None
+    halved = HalvedLogits.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert split_head(halved) is None
+    requests = _requests(tok)
+    for score, (ctx, cont) in zip(loglikelihood(halved, requests, batch_size=3), requests, strict=True):
+        assert score.logprob == pytest.approx(_direct(halved, ctx, cont)[0], abs=1e-4)
 
 
 def test_general_text_loss_is_the_shifted_cross_entropy(tiny_llama) -> None:

@@ -16,36 +16,36 @@ from tuneguard.data.examples import ChoiceItem
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.harness import evaluate_tasks, task_result
 from tuneguard.eval.kinds import KINDS
-from tuneguard.eval.records import aggregate
+from tuneguard.eval.records import Doc, SpecKind, Task, aggregate
 from tuneguard.eval.scoring import RollingScore, Score, classify
+from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.tasks import (
     DATA_DIR,
     SUITES,
     TASKS,
-    Doc,
-    Kind,
-    Task,
     classification_task_from_items,
-    get_tasks,
+    hellaswag_parts,
     load_task_yaml,
+    vendored_rows,
     wikitext_detokenize,
 )
 
 SIZES = {"arc_easy": 500, "arc_challenge": 500, "hellaswag": 500, "piqa": 500, "winogrande": 500, "boolq": 300,
-         "lambada_openai": 500, "wikitext": 10}
+         "lambada_openai": 500, "wikitext": 10, "gsm8k": 100}
 
 
 def test_every_vendored_file_loads_with_known_answers() -> None:
     docs = {name: task.docs() for name, task in TASKS.items()}
     assert {name: len(d) for name, d in docs.items()} == SIZES
-    assert {p.name for p in DATA_DIR.iterdir() if p.suffix in (".jsonl", ".txt")} == {t.source for t in TASKS.values()}
+    sources = {t.source for t in TASKS.values()} | {"gsm8k_train.jsonl"}  # GSM8K's few-shot examples
+    assert {p.name for p in DATA_DIR.iterdir() if p.suffix in (".jsonl", ".txt")} == sources
     arc = docs["arc_easy"][0]
     assert arc.context.startswith("Question: Which statement best explains why photosynthesis")
     assert arc.context.endswith("\nAnswer:") and arc.choices[arc.gold].startswith("Sunlight is the source")
     assert docs["arc_easy"][14].choices[docs["arc_easy"][14].gold] == "elements"  # answerKey "2" among labels "1"-"4"
     assert docs["arc_challenge"][0].gold == 2  # Mercury_7175875, answer C
     hella = docs["hellaswag"][0]
-    assert hella.context == "Roof shingle removal: A man is sitting on a roof. he"
+    assert hella.context == "Roof shingle removal: A man is sitting on a roof. He"  # ctx_b capitalized, as lm-eval
     assert hella.choices[hella.gold] == "starts pulling up roofing on a roof."
     assert docs["piqa"][0].gold == 0 and docs["piqa"][0].context.startswith("Question: How do I ready a guinea pig")
     wino = docs["winogrande"][0]
@@ -59,10 +59,32 @@ def test_every_vendored_file_loads_with_known_answers() -> None:
     assert sum(d.gold for d in docs["boolq"]) > 150  # "true" labels are read as 1
     lam = docs["lambada_openai"][0]
     assert lam.choices == ["signs"] and lam.context.endswith("I don't care about")
+    gsm = docs["gsm8k"][0]
+    # Five shots (the train split's first five, with their worked answers), then the question.
+    assert gsm.context.startswith("Question: Natalia sold clips") and gsm.context.count("\nAnswer:") == 6
+    assert "#### 624\n\nQuestion: Janet’s ducks lay 16 eggs" in gsm.context and gsm.context.endswith("market?\nAnswer:")
+    assert gsm.target.endswith("#### 18")
     wiki = docs["wikitext"][0]
     assert wiki.raw.startswith(" = Robert <unk> = ") and "@-@" not in wiki.text and "@-@" in "".join(
         d.raw for d in docs["wikitext"]
     )
+
+
+def test_hellaswag_ctx_b_is_recovered_where_it_can_be() -> None:
+    assert hellaswag_parts("Roof shingle removal: A man is sitting on a roof. he") == (
+        "Roof shingle removal", "A man is sitting on a roof.", "he")
+    assert all(hellaswag_parts(row["ctx"])[2][:1].islower() for row in vendored_rows("hellaswag.jsonl"))
+    # Nothing to recover: one sentence, or a fragment that starts upper case (an empty ctx_b).
+    assert hellaswag_parts("Health: How to stay fit") == ("Health", "How to stay fit", "")
+    assert hellaswag_parts("Health: How to stay fit. Eat well.") == ("Health", "How to stay fit. Eat well.", "")
+
+
+def test_gsm8k_scores_the_strict_and_the_flexible_answer(tokenizer) -> None:
+    docs = [Doc(target="She makes 9 * 2 = $<<9*2=18>>18.\n#### 18")] * 3
+    result = task_result(TASKS["gsm8k"], docs, ["So $18.\n#### 18", "She makes 9 * 2 = $18.", "#### 81"], tokenizer)
+    assert result.metric == "exact_match,strict-match" and result.per_item == [1.0, 0.0, 0.0]
+    # The last number, "$18.", matches once "$" and a final "." are ignored (lm-eval's regexes_to_ignore).
+    assert result.metrics["exact_match,flexible-extract"] == pytest.approx(2 / 3) and result.higher_is_better
 
 
 def test_wikitext_detokenizer() -> None:
@@ -124,9 +146,10 @@ def test_every_kind_yields_the_metrics_it_declares(tokenizer) -> None:
         "generation": ([Doc("q", target="Paris"), Doc("q", target="two words")], ["Paris", "two"]),
         "perplexity": ([Doc(text="a b", raw="a  b"), Doc(text="c")], [RollingScore(6.0, 3, 3), RollingScore(2.0, 1, 1)]),
     }
-    assert set(KINDS) == set(get_args(Kind)) == set(synthetic)
-    for name, kind in KINDS.items():
-        docs, outcomes = synthetic[name]
+    # lm_eval's metrics are each lm-eval task's own (tests/test_lm_eval_bridge.py).
+    assert set(KINDS) == {*get_args(SpecKind), "lm_eval"} and set(get_args(SpecKind)) == set(synthetic)
+    for name, (docs, outcomes) in synthetic.items():
+        kind = KINDS[name]
         values = set()
         for metric in kind.metrics:
             per_item, metrics, weights, how = kind.result(Task("t", name, list, metric, labels=["neg", "pos"]),

@@ -5,15 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneguard.args import add_train_arguments, positive_int, with_overrides
-from tuneguard.errors import TuneguardError, guarded
+from tuneguard.errors import TuneguardError, guarded, require_lm_eval
+
+if TYPE_CHECKING:
+    from tuneguard.recipe import LmEvalConfig
 
 
 def _train(args: argparse.Namespace) -> int:
     from tuneguard import run
 
     return run.run(args)
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from tuneguard.cv import cross_validate
+
+    return cross_validate(args)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -39,7 +49,8 @@ def _eval(args: argparse.Namespace) -> int:
         if args.run:
             raise TuneguardError("give either a run directory or --model, not both")
         quiet_libraries()
-        results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant, args.batch_size)
+        results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant,
+                                      args.batch_size, _lm_eval_options(args))
         print_results(results, console)
         if args.out:
             from tuneguard.io import atomic_write_json
@@ -51,6 +62,25 @@ def _eval(args: argparse.Namespace) -> int:
     from tuneguard.run import reevaluate
 
     return reevaluate(Path(args.run), suites=args.tasks, limit=args.limit, with_original=args.with_original)
+
+
+def _lm_eval_options(args: argparse.Namespace) -> LmEvalConfig:
+    from tuneguard.recipe import LmEvalConfig
+
+    return LmEvalConfig(num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
+                        system_instruction=args.system_instruction)
+
+
+def _lm_eval(lm_eval_args: list[str]) -> int:
+    """lm-eval's own command line, with tuneguard's model registered (lm-eval has no plugin entry point)."""
+    require_lm_eval("tuneguard lm-eval")
+    from lm_eval.__main__ import cli_evaluate
+
+    import tuneguard.lm_eval_model  # noqa: F401  (registers --model tuneguard)
+
+    sys.argv = ["lm_eval", *lm_eval_args]
+    cli_evaluate()
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -100,6 +130,39 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cv_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="k-fold cross-validation: one adapter per fold, the mean and spread of every metric")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
+    p.add_argument("--folds", type=positive_int, default=5, help="number of folds (default 5)")
+    p.add_argument("--stratify", action="store_true", help="keep each label's share in every fold (classification)")
+    p.add_argument("--general", action="store_true",
+                   help="also score eval.suites on every fold (default: the recipe's own task only)")
+    p.add_argument("--overwrite", action="store_true", help="run every fold again, moving earlier fold runs aside")
+    p.set_defaults(func=_cv)
+
+
+def _data_preview(args: argparse.Namespace) -> int:
+    from tuneguard.data.preview import augmentation_preview
+    from tuneguard.recipe import load_recipe
+    from tuneguard.report.terminal import print_augmentation_preview
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    seed = recipe.train.seed if args.seed is None else args.seed
+    print_augmentation_preview(augmentation_preview(recipe.data, seed, args.n), recipe.data, seed)
+    return 0
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="inspect a recipe's training data").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("preview", help="training rows beside their augmented copies (data.augment); loads no model")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
+    p.add_argument("--n", type=positive_int, default=10, help="training rows to show (default 10)")
+    p.add_argument("--seed", type=int, help="the seed to augment with (default: the recipe's train.seed)")
+    p.set_defaults(func=_data_preview)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneguard", description="Fine-tune adapters on quantized backbones and prove what it cost.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -108,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe in-process (then evaluate it)")
     add_train_arguments(p)
     p.set_defaults(func=_train)
+
+    _add_cv_parser(sub)
+    _add_data_parser(sub)
 
     p = sub.add_parser("export", help="merge a run's adapter into its backbone and save a plain HF model")
     p.add_argument("run", help="run directory")
@@ -124,7 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--with-original", action="store_true", help="also score the unquantized backbone")
     p.add_argument("--out", help="with --model: write the results as JSON here")
+    p.add_argument("--num-fewshot", type=int, help="lm_eval: tasks: shots (default: each task's own)")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
+                   help="lm_eval: tasks: wrap prompts in the chat template (default: where the model has one)")
+    p.add_argument("--system-instruction", help="lm_eval: tasks: a system message before every prompt")
     p.set_defaults(func=_eval)
+
+    # Handled before parsing (main): everything after the verb is lm-eval's own command line.
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with --model tuneguard available, e.g. "
+                   "--model tuneguard --model_args run=runs/x,adapter=off --tasks arc_easy", add_help=False)
 
     p = sub.add_parser("report", help="compare several runs side by side")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -169,9 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = argv[:1] == ["--debug"]
+    if argv[debug:debug + 1] == ["lm-eval"]:
+        return guarded(lambda: _lm_eval(argv[debug + 1:]), debug=debug)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.verb == "train":
+    if args.verb in ("train", "cv", "data"):
         args = with_overrides(parser, args, extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

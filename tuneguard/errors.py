@@ -18,6 +18,17 @@ class RegressionBudgetExceeded(TuneguardError):
     exit_code = 1
 
 
+LM_EVAL_EXTRA = "pip install 'tuneguard[lm-eval]'"
+
+
+def require_lm_eval(what: str) -> None:
+    """One line naming the optional extra when lm-evaluation-harness is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise TuneguardError(f"{what} needs lm-evaluation-harness, an optional extra: {LM_EVAL_EXTRA}")
+
+
 def guarded(action: Callable[[], int], debug: bool = False) -> int:
     """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
     try:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneguard.adapters.capabilities import CAPABILITIES
-from tuneguard.errors import TuneguardError
+from tuneguard.errors import TuneguardError, require_lm_eval
 from tuneguard.rundir import safe_name
 
 
@@ -58,6 +58,13 @@ class AdapterConfig(Section):
     """Gradual unfreezing: every N steps, one more frozen layer (top-down) starts training."""
 
 
+AUGMENT_OPS = ("synonym", "insert", "swap", "delete", "char_noise")
+"""EDA's synonym replacement, random insertion, random swap and random deletion, then typo-like letter noise
+(``tuneguard/data/augment.py`` implements them; named here so a recipe is checked before anything loads)."""
+AUGMENT_ALIASES = {"word_dropout": "delete"}
+"""Names from before EDA's operations: ``word_dropout`` dropped each word with ``augment_prob``, as ``delete`` does."""
+
+
 class DataConfig(Section):
     kind: Literal["classification", "instruction", "text"] = "classification"
     train: str
@@ -87,16 +94,60 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.0, ge=0, le=1)
     allow_overlap: bool = False
     """Accept training rows whose normalized text also occurs in the validation rows."""
-    augment: Literal["none", "word_dropout", "swap"] = "none"
-    augment_prob: float = Field(0.1, ge=0, le=1)
+    augment: str | list[str] = "none"
+    """``none``, or operations on training rows' text (one drawn per augmented copy): see ``AUGMENT_OPS``."""
+    augment_prob: float = Field(0.1, gt=0, le=1)
+    """EDA's alpha: the share of a text's words an operation changes (``delete``: each word's chance)."""
+    augment_copies: int = Field(1, ge=1, le=32)
+    """Augmented copies per training row, kept beside the original (EDA's n_aug; its paper tried up to 32)."""
     replay: str | None = None
     """A text/JSONL file (or ``bundled:wiki``) of general text mixed into training to keep generalization."""
     replay_fraction: float = Field(0.0, ge=0, lt=1)
+    folds: int | None = Field(None, ge=2)
+    """Cross-validation (set by ``tuneguard cv``): ``train`` is split into this many seeded folds."""
+    fold: int | None = Field(None, ge=0)
+    """The fold this run validates on (0 to folds-1); the other folds train."""
+    stratify: bool = False
+    """Folds keep each label's share of the rows (classification)."""
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment_ops(cls, augment: str | list[str]) -> str | list[str]:
+        for op in [augment] if isinstance(augment, str) else augment:
+            if op not in AUGMENT_OPS and op not in AUGMENT_ALIASES and not (op == "none" and isinstance(augment, str)):
+                close = difflib.get_close_matches(op, [*AUGMENT_OPS, *AUGMENT_ALIASES], n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown operation '{op}'; {hint}choose 'none' alone, or one operation or a list of: "
+                                 f"{', '.join(AUGMENT_OPS)} ({', '.join(f'{a} = {b}' for a, b in AUGMENT_ALIASES.items())})")
+        return augment
+
+    @property
+    def augment_ops(self) -> list[str]:
+        """The operations in effect, aliases resolved; empty when augmentation is off."""
+        ops = [self.augment] if isinstance(self.augment, str) else self.augment
+        return [AUGMENT_ALIASES.get(op, op) for op in ops if op != "none"]
 
     @property
     def template(self) -> str:
         """The prompt template in effect: the user's, or the text field alone."""
         return self.prompt_template if self.prompt_template is not None else "{" + self.text_field + "}"
+
+    def fold_problem(self) -> str | None:
+        """Why the cross-validation keys do not go together, or None."""
+        if (self.folds is None) != (self.fold is None):
+            return "data.folds and data.fold go together: the number of folds and the one this run validates on"
+        if self.folds is None or self.fold is None:
+            return "data.stratify applies to cross-validation folds (data.folds, data.fold)" if self.stratify else None
+        if self.fold >= self.folds:
+            return f"data.fold must be below data.folds={self.folds} (folds count from 0), got {self.fold}"
+        if self.stratify and self.kind != "classification":
+            return f"data.stratify needs labels: data.kind is '{self.kind}', not 'classification'"
+        unused = [f"data.{key}" for key in ("validation", "max_val_samples") if getattr(self, key) is not None]
+        if unused:
+            return (f"data.folds: each fold validates on its own rows of data.train, so {' and '.join(unused)} would "
+                    f"go unused; remove {'them' if len(unused) > 1 else 'it'} (override: "
+                    f"{' '.join(f'{key}=null' for key in unused)})")
+        return None
 
 
 class TrainConfig(Section):
@@ -131,11 +182,26 @@ class TrainConfig(Section):
         return trackers
 
 
+class LmEvalConfig(Section):
+    """How ``lm_eval:`` suites are run, with lm-evaluation-harness's semantics."""
+
+    num_fewshot: int | None = Field(None, ge=0)
+    """Shots for every lm-eval task (a task whose YAML pins 0 keeps 0); unset: the task's own default."""
+    apply_chat_template: bool | None = None
+    """Wrap prompts in the backbone's chat template; unset: on where the backbone has one (instruct models),
+    which is what lm-eval recommends when it sees an instruct model run without it."""
+    fewshot_as_multiturn: bool = True
+    """With the chat template, few-shot examples as alternating user/assistant turns (lm-eval's default)."""
+    system_instruction: str | None = None
+
+
 class EvalConfig(Section):
     task: bool = True
     """Score the recipe's own validation data (base and tuned)."""
     suites: list[str] = []
-    """General suites or task names run on base and tuned, e.g. ``general-small``."""
+    """General suites or task names run on base and tuned, e.g. ``general-small``; ``lm_eval:NAME`` or
+    ``lm_eval:path/to/task.yaml`` for lm-evaluation-harness tasks (the ``tuneguard[lm-eval]`` extra)."""
+    lm_eval: LmEvalConfig = LmEvalConfig()
     limit: int | None = Field(None, ge=1)
     max_regression: float | None = None
     margin: float | dict[str, float] = 2.0
@@ -144,6 +210,17 @@ class EvalConfig(Section):
     """Multiplicity across the general suite: Holm (family-wise error) or Benjamini-Hochberg (FDR)."""
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=100)
+
+    @field_validator("suites")
+    @classmethod
+    def _lm_eval_installed(cls, suites: list[str]) -> list[str]:
+        wanted = [s for s in suites if s.startswith("lm_eval:")]
+        if wanted:
+            try:
+                require_lm_eval(f"'{wanted[0]}'")
+            except TuneguardError as exc:
+                raise ValueError(str(exc)) from None
+        return suites
 
     @field_validator("margin")
     @classmethod
@@ -198,6 +275,8 @@ class Recipe(Section):
             raise ValueError("data.header: false needs data.columns to name the columns")
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
+        if problem := self.data.fold_problem():
+            raise ValueError(problem)
         return self
 
     def run_dir(self, recipe_path: Path | None = None) -> Path:

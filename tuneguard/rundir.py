@@ -30,7 +30,8 @@ Mode = Literal["new", "resume", "overwrite"]
 RECIPE, RUN, METRICS = "recipe.yaml", "run.json", "metrics.jsonl"
 CHECKPOINTS, LOCK, ADAPTER, EVAL = "checkpoints", ".tuneguard.lock", "adapter", "eval.json"
 TRAIN_STATE, CHECKPOINT_RECIPE = "train_state.json", "recipe.json"
-ADAPTER_META, MERGED = "tuneguard.json", "merged"
+ADAPTER_META, MERGED, ADAPTER_WEIGHTS = "tuneguard.json", "merged", "adapter_model.safetensors"
+SCORES = "scores"
 REPORTS = ("report.json", "report.md", "report.html")
 _HELD: dict[Path, int] = {}
 """Run directories this process holds, with the fd that holds each lock."""
@@ -103,8 +104,17 @@ class RunDir:
         return self.path / ADAPTER
 
     @property
+    def adapter_weights(self) -> Path:
+        return self.adapter / ADAPTER_WEIGHTS
+
+    @property
     def eval_json(self) -> Path:
         return self.path / EVAL
+
+    @property
+    def scores(self) -> Path:
+        """Task results kept for re-evaluation, keyed by backbone, adapter and adapter state (eval/cache.py)."""
+        return self.path / SCORES
 
     @property
     def merged(self) -> Path:

@@ -49,6 +49,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_eval)
 
+    p = verbs.add_parser("lm-eval", help="lm-eval's pipeline: its HF model vs tuneguard's, items/s and predictions")
+    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tasks", nargs="+", help="lm_eval:NAME or lm_eval:path.yaml (default: the vendored "
+                   "multiple-choice tasks, lm_eval:arc_easy@vendored ...)")
+    p.add_argument("--limit", type=positive_int, default=40, help="first N items of each task")
+    p.add_argument("--batch", type=int, default=8)
+    _common(p)
+    p.set_defaults(func=_lm_eval)
+
     p = verbs.add_parser("matrix", help="every adapter method on one recipe: task metric, regression, memory, speed")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every run")
@@ -195,6 +205,26 @@ def _eval(args: argparse.Namespace) -> int:
                 "items_per_s_ratio": _ratio(ours.get("items_per_s"), reference.get("items_per_s")),
                 "generation_ratio": _ratio(ours.get("generation_items_per_s"), reference.get("generation_items_per_s"))}]
     print_blocks(eval_blocks(results, summary[0]), console)
+    return _finish(args, results, summary)
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    from tuneguard.bench.lm_eval_runs import LM_EVAL_DEFAULTS
+    from tuneguard.bench.reference import score_agreement
+    from tuneguard.bench.tables import eval_blocks, print_blocks
+    from tuneguard.errors import require_lm_eval
+    from tuneguard.progress import console
+
+    require_lm_eval("tuneguard bench lm-eval")
+    if note := _loaded():
+        console.print(f"[yellow]{note}[/yellow]")
+    base = {"kind": "lm-eval", "model": args.model, "dtype": args.dtype, "tasks": args.tasks or LM_EVAL_DEFAULTS["tasks"],
+            "limit": args.limit, "batch": args.batch, "threads": args.threads, "device": _device(args)}
+    results = _run_all([{**base, "runner": "tuneguard"}, {**base, "runner": "hf"}], args.repeat, args.timeout)
+    ours, reference = results
+    summary = [{"agreement": score_agreement(ours, reference) if "error" not in ours and "error" not in reference else None,
+                "items_per_s_ratio": _ratio(ours.get("items_per_s"), reference.get("items_per_s"))}]
+    print_blocks(eval_blocks(results, summary[0], against="lm-eval hf"), console)
     return _finish(args, results, summary)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tuneguard.bench.lm_eval_runs import run_lm_eval
 from tuneguard.bench.measure import (
     SCHEMA,
     current_rss_mb,
@@ -322,7 +323,7 @@ def _encode(tokenizer: Any, context: Any, continuation: Any, delimiter: str) -> 
 
 def _eval_requests(spec: dict[str, Any], tokenizer: Any) -> list[tuple[str, list[tuple[list[int], list[int]]], list[int]]]:
     """Per scored task: its name, every (context, continuation) request, and the doc each belongs to."""
-    from tuneguard.eval.tasks import get_tasks
+    from tuneguard.eval.suites import get_tasks
 
     out = []
     for task in get_tasks(spec["tasks"]):
@@ -350,7 +351,7 @@ def _choices(logprobs: Sequence[float], owner: Sequence[int]) -> list[int]:
 
 
 def _generation_contexts(spec: dict[str, Any], tokenizer: Any) -> list[list[int]]:
-    from tuneguard.eval.tasks import get_tasks
+    from tuneguard.eval.suites import get_tasks
 
     docs = get_tasks(["lambada_openai"])[0].docs(spec["generation_items"])
     return [tokenizer(str(d.context), add_special_tokens=False)["input_ids"] for d in docs]
@@ -469,6 +470,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         ("train", "sft"): train_sft,
         ("eval", "tuneguard"): eval_tuneguard,
         ("eval", "per-choice"): eval_per_choice,
+        ("lm-eval", "hf"): run_lm_eval,
+        ("lm-eval", "tuneguard"): run_lm_eval,
     }
     key = (spec["kind"], spec["runner"])
     if key not in runners:

@@ -104,22 +104,23 @@ def ceiling_block(summary: dict[str, Any]) -> Block:
     return block
 
 
-def eval_blocks(results: list[dict[str, Any]], summary: dict[str, Any]) -> list[Block]:
+def eval_blocks(results: list[dict[str, Any]], summary: dict[str, Any], against: str = "per-choice") -> list[Block]:
+    """The runs, then the speed ratio against the reference runner and whether their predictions agree."""
     runs = Block("Evaluation runs", ["runner", "items", "items/s", "generation items/s", "peak MB", "load s", "note"])
     for r in results:
         runs.rows.append([r["spec"]["runner"], _num(r.get("items"), 0), _num(r.get("items_per_s"), 2),
                           _num(r.get("generation_items_per_s"), 2), _num(r.get("peak_memory_mb"), 0),
                           _num(r.get("load_seconds")), r.get("error", "")[:80]])
     agreement = summary.get("agreement") or {}
-    lines: list[Cell] = [
-        f"multiple-choice items/s, tuneguard / per-choice: {_x(summary.get('items_per_s_ratio'))}",
-        f"generation items/s, batched / one by one: {_x(summary.get('generation_ratio'))}",
-    ]
+    lines: list[Cell] = [f"multiple-choice items/s, tuneguard / {against}: {_x(summary.get('items_per_s_ratio'))}"]
+    if "generation_ratio" in summary:
+        lines.append(f"generation items/s, batched / one by one: {_x(summary.get('generation_ratio'))}")
     if agreement:
         same = agreement["identical_choices"]
         lines.append((f"same prediction on {agreement['same_choice']}/{agreement['docs']} items; largest log-likelihood "
                       f"gap {agreement['max_logprob_gap']}", "pass" if same else "fail"))
-        lines.append(f"same generation on {agreement['same_generation']}/{agreement['generations']} items")
+        if agreement["generations"]:
+            lines.append(f"same generation on {agreement['same_generation']}/{agreement['generations']} items")
     return [runs, Block("Scores", lines=lines)]
 
 

@@ -1,1 +1,1 @@
-"""Data: read, validate, template, tokenize, pack."""
+"""Data: read, validate, augment, template, tokenize, pack."""

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from string import Formatter
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tuneguard.data.augment import augmented_copies
 from tuneguard.data.readers import Row
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import DataConfig
@@ -32,6 +32,8 @@ class Example:
     label: int | None = None
     """Class index (classification only)."""
     truncated: bool = False
+    augmented: bool = False
+    """Built from an augmented copy of a training row (``data.augment``)."""
 
 
 @dataclass
@@ -89,6 +91,16 @@ def _raw_label(value: Any) -> str:
     return str(value).strip()
 
 
+def class_index(fields: dict[str, Any], cfg: DataConfig, mapping: dict[str, int]) -> int:
+    """The row's class index (``mapping`` from :func:`label_index`); ValueError naming what is wrong."""
+    if cfg.label_field not in fields:
+        raise ValueError(f"missing field '{cfg.label_field}'")
+    raw = _raw_label(fields[cfg.label_field])
+    if raw not in mapping:
+        raise ValueError(f"label {raw!r} is not in the label set {sorted(mapping)}")
+    return mapping[raw]
+
+
 def format_prompt(template: str, fields: dict[str, Any]) -> str:
     names = [n for _, n, _, _ in Formatter().parse(template) if n]
     missing = [n for n in names if n not in fields or fields[n] in (None, "")]
@@ -143,12 +155,7 @@ def classification_example(
     verbalizers: list[str], is_encoder: bool, end: list[int],
 ) -> tuple[Example, ChoiceItem]:
     fields = row.fields or {}
-    if cfg.label_field not in fields:
-        raise ValueError(f"missing field '{cfg.label_field}'")
-    raw = _raw_label(fields[cfg.label_field])
-    if raw not in mapping:
-        raise ValueError(f"label {raw!r} is not in the label set {sorted(mapping)}")
-    label = mapping[raw]
+    label = class_index(fields, cfg, mapping)
     prompt = format_prompt(cfg.template, fields)
     if is_encoder:
         ids = tokenizer(prompt, truncation=True, max_length=cfg.max_length)["input_ids"]
@@ -222,50 +229,41 @@ def text_examples(row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase)
     return [Example(ids[i : i + cfg.max_length], ids[i : i + cfg.max_length]) for i in range(0, len(ids), cfg.max_length)]
 
 
-def augment_fields(fields: dict[str, Any], cfg: DataConfig, rng: random.Random) -> dict[str, Any]:
-    """Word dropout or adjacent-word swaps on the text field: cheap noise against memorising phrasing."""
-    text = fields.get(cfg.text_field)
-    if cfg.augment == "none" or not isinstance(text, str):
-        return fields
-    words = text.split()
-    if len(words) < 4:
-        return fields
-    if cfg.augment == "word_dropout":
-        kept = [w for w in words if rng.random() >= cfg.augment_prob] or words
-    else:
-        kept = list(words)
-        for i in range(len(kept) - 1):
-            if rng.random() < cfg.augment_prob:
-                kept[i], kept[i + 1] = kept[i + 1], kept[i]
-    return {**fields, cfg.text_field: " ".join(kept)}
+def _row_examples(
+    row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, mapping: dict[str, int], verbalizers: list[str],
+    is_encoder: bool, end: list[int],
+) -> tuple[list[Example], ChoiceItem | None]:
+    if cfg.kind == "classification":
+        ex, item = classification_example(row, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
+        return [ex], item
+    if cfg.kind == "instruction":
+        return [instruction_example(row, cfg, tokenizer, end)], None
+    return text_examples(row, cfg, tokenizer), None
 
 
 def build_examples(
     rows: list[Row], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool,
-    what: str, augment_rng: random.Random | None = None, problems: Problems | None = None,
+    what: str, augment_seed: int | None = None, problems: Problems | None = None,
 ) -> tuple[list[Example], list[ChoiceItem]]:
     """Validate and tokenize rows; bad rows are counted (into ``problems``) and named, and fail past the
-    allowed fraction."""
+    allowed fraction. With ``augment_seed`` (training rows only), each good row's augmented copies follow it."""
     problems = problems if problems is not None else Problems()
     examples: list[Example] = []
     items: list[ChoiceItem] = []
     mapping, verbalizers = label_index(cfg)
     end = answer_end(tokenizer, cfg)
-    for row in rows:
+    for index, row in enumerate(rows):
         if row.problem:
             problems.add(row.where, row.problem)
             continue
-        if augment_rng is not None:
-            row = Row(row.where, augment_fields(row.fields or {}, cfg, augment_rng))
+        copies = [] if augment_seed is None else augmented_copies(row.fields or {}, cfg, augment_seed, index)
         try:
-            if cfg.kind == "classification":
-                ex, item = classification_example(row, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
-                examples.append(ex)
-                items.append(item)
-            elif cfg.kind == "instruction":
-                examples.append(instruction_example(row, cfg, tokenizer, end))
-            else:
-                examples.extend(text_examples(row, cfg, tokenizer))
+            for variant in [row, *(Row(row.where, c.fields) for c in copies)]:
+                built, item = _row_examples(variant, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
+                for ex in built:
+                    ex.augmented = variant is not row
+                examples.extend(built)
+                items.extend([item] if item else [])
         except KeyError as exc:
             problems.add(row.where, f"missing field {exc}")
         except ValueError as exc:

@@ -19,6 +19,7 @@ from tuneguard.data.examples import (
     build_examples,
     label_index,
 )
+from tuneguard.data.folds import fold_split
 from tuneguard.data.packing import Packed, pack
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
@@ -53,6 +54,24 @@ def split_rows(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], 
     return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
 
 
+def sample_rows(rows: list[Row], n: int | None, seed: int) -> list[Row]:
+    """A seeded sample of ``n`` rows in file order (all of them when there are not more)."""
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
+
+
+def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
+    """The training and validation rows of a run, before tokenizing (cheap: ``tuneguard cv`` checks every fold
+    with it before a model loads). Under ``data.folds`` the sample of ``max_train_samples`` is drawn before
+    folding, so the folds cover the sample and each trains on (k-1)/k of it."""
+    rows = read_rows(cfg.train, cfg.format, header=cfg.header, columns=cfg.columns)
+    if cfg.folds is not None:
+        return fold_split(sample_rows(rows, cfg.max_train_samples, seed), cfg, seed)
+    train_rows, val_rows = split_rows(rows, cfg, seed)
+    return sample_rows(train_rows, cfg.max_train_samples, seed), val_rows[: cfg.max_val_samples]
+
+
 def normalized_key(row: Row, cfg: DataConfig) -> str | None:
     """A hash of the row's inputs (every field but the label) with case, spacing and punctuation removed."""
     if row.fields is None:
@@ -66,6 +85,18 @@ def overlapping_rows(train: list[Row], val: list[Row], cfg: DataConfig) -> list[
     """``where`` of each validation row whose normalized inputs also occur in training."""
     seen = {normalized_key(r, cfg) for r in train} - {None}
     return [r.where for r in val if normalized_key(r, cfg) in seen]
+
+
+def checked_overlap(train: list[Row], val: list[Row], cfg: DataConfig) -> list[str]:
+    """:func:`overlapping_rows`, refused unless ``data.allow_overlap``: validation would measure memory."""
+    overlap = overlapping_rows(train, val, cfg)
+    if overlap and not cfg.allow_overlap:
+        raise TuneguardError(
+            f"{len(overlap)} of {len(val)} validation rows also occur in the training rows (same text after "
+            f"normalizing case, spacing and punctuation), so validation would measure memory; first: "
+            f"{'; '.join(overlap[:MAX_NAMED_PROBLEMS])}. Remove them, or set data.allow_overlap: true"
+        )
+    return overlap
 
 
 def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
@@ -93,28 +124,15 @@ def prepare_data(
     """``packable=False`` for adapters that prepend tokens to a row (prompt tuning): one document per row."""
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
-    rows = read_rows(cfg.train, cfg.format, header=cfg.header, columns=cfg.columns)
-    train_rows, val_rows = split_rows(rows, cfg, seed)
-    if cfg.max_train_samples and cfg.max_train_samples < len(train_rows):
-        chosen = sorted(random.Random(seed).sample(range(len(train_rows)), cfg.max_train_samples))
-        train_rows = [train_rows[i] for i in chosen]
-    if cfg.max_val_samples:
-        val_rows = val_rows[: cfg.max_val_samples]
-    rng = random.Random(seed + 2) if cfg.augment != "none" else None
+    train_rows, val_rows = read_split(cfg, seed)
     bad_train, bad_val = Problems(), Problems()
-    train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_rng=rng,
+    train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_seed=seed,
                                  problems=bad_train)
     val_ex, val_items = build_examples(val_rows, cfg, tokenizer, is_encoder=is_encoder, what="validation",
                                        problems=bad_val)
     if not train_ex:
         raise TuneguardError(f"{cfg.train}: no usable training examples")
-    overlap = overlapping_rows(train_rows, val_rows, cfg)
-    if overlap and not cfg.allow_overlap:
-        raise TuneguardError(
-            f"{len(overlap)} of {len(val_rows)} validation rows also occur in the training rows (same text after "
-            f"normalizing case, spacing and punctuation), so validation would measure memory; first: "
-            f"{'; '.join(overlap[:MAX_NAMED_PROBLEMS])}. Remove them, or set data.allow_overlap: true"
-        )
+    overlap = checked_overlap(train_rows, val_rows, cfg)
     replay = replay_rows(cfg, len(train_ex), seed)
     if replay:
         text_cfg = cfg.model_copy(update={"kind": "text", "text_field": "text"})
@@ -126,6 +144,7 @@ def prepare_data(
         "val_rows": len(val_rows),
         "replay_examples": len(replay),
         "train_examples": len(train_ex),
+        "augmented_examples": sum(e.augmented for e in train_ex),
         "truncated_train": sum(e.truncated for e in train_ex),
         "truncated_val": sum(e.truncated for e in val_ex),
         "train_target_tokens": sum(sum(t != -100 for t in e.labels[1:]) for e in train_ex),

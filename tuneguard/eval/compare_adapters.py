@@ -19,9 +19,9 @@ from tuneguard.backbones import load_backbone
 from tuneguard.data.prepare import prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.harness import evaluate_tasks
-from tuneguard.eval.records import TaskResult
+from tuneguard.eval.records import Task, TaskResult
 from tuneguard.eval.stage import recipe_task
-from tuneguard.eval.tasks import Task, get_tasks
+from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.verdicts import Comparison, compare_pairs
 from tuneguard.recipe import Recipe, load_recipe
 from tuneguard.rundir import RunDir

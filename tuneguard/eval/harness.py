@@ -14,11 +14,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tuneguard.errors import TuneguardError
+from tuneguard.eval.cache import ScoreCache
 from tuneguard.eval.kinds import KINDS
-from tuneguard.eval.records import TaskResult, aggregate
+from tuneguard.eval.records import Doc, Task, TaskResult, aggregate
 from tuneguard.eval.scoring import loglikelihood
-from tuneguard.eval.tasks import Doc, Task, get_tasks, wikitext_detokenize, wikitext_text
-from tuneguard.progress import phase
+from tuneguard.eval.suites import get_tasks
+from tuneguard.eval.tasks import wikitext_detokenize, wikitext_text
+from tuneguard.progress import console, phase
 
 __all__ = ["evaluate_tasks", "general_text_loss", "task_result"]
 
@@ -35,7 +37,7 @@ def task_result(
     return TaskResult(
         task=task.name, metric=task.metric, value=value, higher_is_better=kind.higher_is_better(task.metric),
         n=len(docs), per_item=per_item, weights=weights, aggregate=how, metrics=metrics, fingerprint=fingerprint,
-        adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs],
+        adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs], setup=kind.setup(task, tokenizer),
     )
 
 
@@ -61,10 +63,14 @@ def evaluate_tasks(
     adapter_id: str | None = None,
     accelerator: Any = None,
     label: str = "",
+    cache: ScoreCache | None = None,
 ) -> list[TaskResult]:
     """Score tasks (objects, names, suites or YAML paths) on the first ``limit`` items of each.
 
     Each task shows a live line (items/s, ETA) and logs its time, prefixed by ``label`` ("base", "tuned").
+
+    With a ``cache``, a task already scored on this backbone, adapter and adapter state (on when
+    ``adapter_id`` is given) is taken from it instead of scored again.
 
     With an ``accelerate.Accelerator`` of several processes, items are dealt round-robin (which
     balances long and short items), and the scores are gathered before any metric is computed.
@@ -77,9 +83,16 @@ def evaluate_tasks(
         docs = task.docs(limit)
         if not docs:
             raise TuneguardError(f"task '{task.name}' has no items to score")
+        key = cache.key(model, task, docs, adapter_id is not None) if cache is not None else None
+        kept = cache.get(key) if cache is not None and key is not None else None
+        name = f"{label} · {task.name}" if label else task.name
+        if kept is not None:
+            if rank == 0:
+                console.print(f"{name}: {len(docs)} items, scored before on this backbone and adapter (scores/)")
+            results.append(kept)
+            continue
         mine = list(range(rank, len(docs), world))
         start = time.perf_counter()
-        name = f"{label} · {task.name}" if label else task.name
         with phase(name, len(mine), enabled=rank == 0) as advance:
             local = KINDS[task.kind].score(model, tokenizer, task, [docs[i] for i in mine], batch_size, advance)
         outcomes = _gather(accelerator, list(zip(mine, local, strict=True)))
@@ -89,6 +102,8 @@ def evaluate_tasks(
                 adapter_id=adapter_id,
             )
         )
+        if cache is not None and key is not None and rank == 0:
+            cache.put(key, results[-1])
     return results
 
 

@@ -13,7 +13,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -21,21 +21,18 @@ from transformers import PreTrainedTokenizerBase
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.metrics import classification_metrics
 from tuneguard.eval.metrics.functional import exact_match_score, token_f1_score
-from tuneguard.eval.records import Aggregate, aggregate
+from tuneguard.eval.records import Aggregate, Doc, Task, Text, aggregate
 from tuneguard.eval.scoring import (
     Score,
     classify,
     encode_pair,
     generate_until,
     loglikelihood,
+    max_model_length,
     prefix_token_id,
     rolling_loglikelihood,
 )
 from tuneguard.progress import Advance
-
-if TYPE_CHECKING:
-    # Only for annotations: tasks.py looks the kinds up, so importing it at runtime would make a cycle.
-    from tuneguard.eval.tasks import Doc, Task, Text
 
 __all__ = ["KINDS", "KindResult", "TaskKind", "has_classification_head"]
 
@@ -67,6 +64,10 @@ class TaskKind(ABC):
         batch_size: int, advance: Advance | None = None,
     ) -> list[Any]:
         """Raw per-doc outcomes, in the order of ``docs``."""
+
+    def setup(self, task: Task, tokenizer: PreTrainedTokenizerBase) -> str:
+        """How the task was run, for the report, where the kind has options."""
+        return ""
 
     @abstractmethod
     def result(
@@ -201,7 +202,11 @@ class Loglikelihood(_OptionKind):
 
 
 class Generation(TaskKind):
-    """Greedy generation until a stop string; ``exact_match`` and ``token_f1`` against the reference."""
+    """Greedy generation until a stop string; ``exact_match`` and ``token_f1`` against the reference.
+
+    A task that declares an :class:`~tuneguard.eval.records.Answer` is scored as lm-evaluation-harness
+    scores it instead: ``exact_match,<filter>`` of each filter's extracted answer.
+    """
 
     metrics = ("exact_match", "token_f1")
 
@@ -209,7 +214,11 @@ class Generation(TaskKind):
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
         batch_size: int, advance: Advance | None = None,
     ) -> list[Any]:
-        contexts = [d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context) for d in docs]
+        # Contexts keep their last tokens so that the generation fits the model, as lm-evaluation-harness cuts them.
+        keep = max(max_model_length(model, tokenizer) - task.max_new_tokens, 1)
+        contexts = [
+            (d.context if isinstance(d.context, list) else _context_ids(tokenizer, d.context))[-keep:] for d in docs
+        ]
         return generate_until(
             model, tokenizer, contexts, task.until, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
             advance=advance,
@@ -218,6 +227,17 @@ class Generation(TaskKind):
     def result(
         self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
     ) -> KindResult:
+        if task.answer is not None:
+            answer = task.answer
+            per_metric = {
+                f"exact_match,{f.name}": [
+                    exact_match_score(f.extract(o), d.target, ignore_case=answer.ignore_case,
+                                      regexes_to_ignore=answer.ignore, strip=False)
+                    for o, d in zip(outcomes, docs, strict=True)
+                ]
+                for f in answer.filters
+            }
+            return KindResult(per_metric[task.metric], {k: _mean(v) for k, v in per_metric.items()}, None, "mean")
         em = [exact_match_score(o, d.target) for o, d in zip(outcomes, docs, strict=True)]
         f1 = [token_f1_score(o, d.target) for o, d in zip(outcomes, docs, strict=True)]
         per_item = em if task.metric == "exact_match" else f1
@@ -234,8 +254,9 @@ class Perplexity(TaskKind):
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
         batch_size: int, advance: Advance | None = None,
     ) -> list[Any]:
-        # Rows are windows of up to 2048 tokens whose every position is scored: one window per batch
-        # keeps the (float32) logits at 2048 x vocab, and a 2048-token row is no faster batched on CPU.
+        # Rows are windows of the model's full context (8,192 tokens for SmolLM2), as lm-evaluation-harness
+        # cuts them, every position scored: one window per batch (a long row is no faster batched on CPU),
+        # and the scorer projects it to the vocabulary a chunk of positions at a time.
         return rolling_loglikelihood(model, tokenizer, [d.text for d in docs], batch_size=max(1, batch_size // 8),
                                      advance=advance)
 
@@ -262,10 +283,37 @@ class Perplexity(TaskKind):
         return KindResult(nll, metrics, weights, how)
 
 
+class LmEval(TaskKind):
+    """A task of lm-evaluation-harness's library: lm-eval builds the requests, filters and per-document metrics,
+    tuneguard's engine answers the requests (``lm_eval_bridge``), and the per-document values are paired."""
+
+    metrics = ()
+    lower_is_better = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+    def higher_is_better(self, metric: str) -> bool:
+        """lm-eval names a metric ``metric,filter``; its perplexities are better lower."""
+        return metric.split(",")[0] not in self.lower_is_better
+
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        return task.external.score(model, tokenizer, docs, batch_size, advance)
+
+    def setup(self, task: Task, tokenizer: PreTrainedTokenizerBase) -> str:
+        return task.external.setup(tokenizer)
+
+    def result(
+        self, task: Task, docs: Sequence[Doc], outcomes: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+    ) -> KindResult:
+        return KindResult(*task.external.result(task.metric, outcomes))
+
+
 KINDS: dict[str, TaskKind] = {
     "multiple_choice": MultipleChoice(),
     "classification": Classification(),
     "loglikelihood": Loglikelihood(),
     "generation": Generation(),
     "perplexity": Perplexity(),
+    "lm_eval": LmEval(),
 }

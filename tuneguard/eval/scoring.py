@@ -4,8 +4,8 @@ Multiple-choice items share their context: the context and every choice are pack
 with a block mask (each choice sees the context and itself, never the other choices) and position
 ids that restart after the context for each choice. One forward pass then scores all choices, which
 is exact and about ``n_choices`` times cheaper than re-running the context per choice. Logits are
-computed only at the positions that predict a scored token (``logits_to_keep``) and reduced batch by
-batch, so memory does not grow with the vocabulary, the task or the number of items.
+computed only at the positions that predict a scored token, a chunk of positions at a time, so memory
+does not grow with the vocabulary, the window length, the task or the number of items.
 
 The functions take any causal LM, including a ``PeftModel`` with its adapter on or under
 ``disable_adapter()``: the caller picks which.
@@ -14,18 +14,23 @@ The functions take any causal LM, including a ``PeftModel`` with its adapter on 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from tuneguard.errors import TuneguardError
 from tuneguard.progress import Advance
 
 DEFAULT_MAX_LENGTH = 2048
+"""The context length when neither the model's config nor its tokenizer gives one (lm-evaluation-harness's)."""
+LOGIT_CHUNK = 512
+"""Positions projected to the vocabulary at once: 100 MB of float32 logits for a 49k vocabulary."""
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,22 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def max_model_length(model: torch.nn.Module) -> int:
+def max_model_length(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+    """The model's context length, resolved as lm-evaluation-harness's HF model resolves it.
+
+    The (text) config's ``n_positions``, ``max_position_embeddings`` or ``n_ctx``, else the tokenizer's
+    ``model_max_length`` unless that is transformers' "unset" value, else :data:`DEFAULT_MAX_LENGTH`;
+    rolling perplexity windows are this long, so the two agree page by page.
+    """
     config = _base(model).config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    config = getattr(config, "text_config", None) or config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != VERY_LARGE_INTEGER:
+        return int(limit)
     return DEFAULT_MAX_LENGTH
 
 
@@ -118,8 +133,8 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     return ctx, whole[len(ctx):]
 
 
-def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int) -> list[_Row]:
-    """Group requests by identical context into rows of at most ``max_length`` tokens."""
+def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, share: bool = True) -> list[_Row]:
+    """Group requests by identical context (``share``; else one row each) into rows of at most ``max_length`` tokens."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx:
@@ -128,9 +143,10 @@ def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
             raise ValueError(f"request {i} has an empty continuation")
         if len(cont) > max_length:
             raise ValueError(f"request {i}: the continuation ({len(cont)} tokens) is longer than max_length={max_length}")
-        groups.setdefault(tuple(ctx), []).append(i)
+        groups.setdefault(tuple(ctx) if share else (i,), []).append(i)
     rows: list[_Row] = []
-    for ctx, members in groups.items():
+    for members in groups.values():
+        ctx = requests[members[0]][0]
         row: _Row | None = None
         for i in members:
             cont = list(requests[i][1])
@@ -159,13 +175,39 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
 
 
-def _forward_kept(
-    model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """Logits ``(n_kept, vocab)`` at the ``keep`` positions of packed rows.
+def _identity(rows: torch.Tensor) -> torch.Tensor:
+    return rows
 
-    ``seg`` is 0 for context, ``j + 1`` for the inputs of continuation ``j`` and -1 for padding: a
-    token attends causally to the context and to its own segment.
+
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The causal LM's body and its projection to the vocabulary, when its logits are just ``head(body(x))``.
+
+    Scoring then projects the hidden states a chunk at a time, so a perplexity window of the model's
+    full context never holds its ``length x vocab`` logits at once (1.6 GB in float32 for 8,192 tokens
+    and a 49k vocabulary). A model that changes its logits after the projection (soft-capping,
+    scaling) fails the probe and is scored through its own forward.
+    """
+    base = _base(model)
+    body, head = base.get_decoder(), base.get_output_embeddings()
+    if head is None or body is base:
+        return None
+    probe = torch.arange(8, device=model_device(model))[None]
+    with eval_mode(model):
+        own = base(input_ids=probe, use_cache=False).logits
+        split = head(body(input_ids=probe, use_cache=False)[0])
+    same = own.shape == split.shape and torch.allclose(own.float(), split.float(), rtol=1e-3, atol=1e-3)
+    return (body, head) if same else None
+
+
+def _forward_kept(
+    model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor,
+    parts: tuple[torch.nn.Module, torch.nn.Module] | None,
+) -> tuple[torch.Tensor, Head]:
+    """Rows ``(n_kept, ...)`` at the ``keep`` positions of packed rows, and what makes them logits.
+
+    With ``parts`` (:func:`split_head`) the rows are hidden states and the head projects them; else
+    they are the model's own logits. ``seg`` is 0 for context, ``j + 1`` for the inputs of
+    continuation ``j`` and -1 for padding: a token attends causally to the context and to its own segment.
     """
     batch, _ = ids.shape
     prefix = _virtual_prefix(model, batch)
@@ -190,28 +232,29 @@ def _forward_kept(
         mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed, torch.finfo(dtype).min)
         mask = mask[:, None]
     kwargs: dict = {"attention_mask": mask, "position_ids": pos, "use_cache": False}
+    inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+    if parts is not None:
+        body, head = parts
+        return body(**inputs, **kwargs)[0][keep], head
     if _supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
-    if embeds is None:
-        logits = model(input_ids=ids, **kwargs).logits
-    else:
-        logits = model.base_model(inputs_embeds=embeds, **kwargs).logits
-    return logits[keep] if logits.dim() == 3 else logits
+    logits = (model if embeds is None else model.base_model)(**inputs, **kwargs).logits
+    return (logits[keep] if logits.dim() == 3 else logits), _identity
 
 
 def _target_logprobs(
-    logits: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, chunk: int = 1024
+    rows: torch.Tensor, head: Head, index: torch.Tensor, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each target token and whether it is the argmax, ``chunk`` rows at a time.
+    """Log-probability of each target token and whether it is the argmax, :data:`LOGIT_CHUNK` rows at a time.
 
-    The float32 log-softmax then never holds more than ``chunk x vocab`` values, even for a batch of
-    long perplexity windows.
+    The float32 logits and log-softmax then never hold more than ``LOGIT_CHUNK x vocab`` values, even
+    for a perplexity window of the model's full context.
     """
     logprobs, hits = [], []
-    for lo in range(0, len(index), chunk):
-        rows, targets = logits[index[lo : lo + chunk]].float(), tokens[lo : lo + chunk]
-        logprobs.append(torch.log_softmax(rows, dim=-1).gather(1, targets[:, None]).squeeze(1))
-        hits.append(rows.argmax(dim=-1) == targets)
+    for lo in range(0, len(index), LOGIT_CHUNK):
+        logits, targets = head(rows[index[lo : lo + LOGIT_CHUNK]]).float(), tokens[lo : lo + LOGIT_CHUNK]
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1))
+        hits.append(logits.argmax(dim=-1) == targets)
     return torch.cat(logprobs), torch.cat(hits)
 
 
@@ -221,15 +264,17 @@ def loglikelihood(
     batch_size: int = 8,
     *,
     max_length: int | None = None,
+    share: bool = True,
     advance: Advance | None = None,
 ) -> list[Score]:
-    """Score ``(context_ids, continuation_ids)`` pairs; requests with the same context share one pass.
+    """Score ``(context_ids, continuation_ids)`` pairs; with ``share``, requests with the same context share one pass.
 
     Rows are sorted longest first, so an out-of-memory shows up on the first batch rather than the last.
     """
     max_length = max_length or max_model_length(model)
-    rows = sorted(_pack(requests, max_length), key=len, reverse=True)
+    rows = sorted(_pack(requests, max_length, share), key=len, reverse=True)
     device = model_device(model)
+    parts = split_head(model)
     pad = 0
     logprob = torch.zeros(len(requests), dtype=torch.float64)
     misses = torch.zeros(len(requests), dtype=torch.long)
@@ -266,8 +311,8 @@ def loglikelihood(
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
             keep[t_row, t_pos] = True
             index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[t_row, t_pos]
-            logits = _forward_kept(model, ids.to(device), pos.to(device), seg.to(device), keep.to(device))
-            lp, hit = _target_logprobs(logits, index.to(device), torch.tensor(t_tok, device=device))
+            kept, head = _forward_kept(model, ids.to(device), pos.to(device), seg.to(device), keep.to(device), parts)
+            lp, hit = _target_logprobs(kept, head, index.to(device), torch.tensor(t_tok, device=device))
             req = torch.tensor(t_req)
             logprob.index_add_(0, req, lp.double().cpu())
             misses.index_add_(0, req, (~hit).long().cpu())
@@ -315,8 +360,12 @@ def rolling_loglikelihood(
     context_len: int = 1,
     advance: Advance | None = None,
 ) -> list[RollingScore]:
-    """Summed NLL of each whole text over rolling windows, for token/word/byte perplexities."""
-    max_length = min(max_length or DEFAULT_MAX_LENGTH, max_model_length(model))
+    """Summed NLL of each whole text over rolling windows, for token/word/byte perplexities.
+
+    Windows are the model's full context unless ``max_length`` says otherwise, as lm-evaluation-harness
+    cuts them; each is its own row (sharing the one-token prefix would only force a block mask).
+    """
+    max_length = max_length or max_model_length(model, tokenizer)
     prefix = prefix_token_id(tokenizer)
     requests: list[tuple[list[int], list[int]]] = []
     owner: list[int] = []
@@ -327,7 +376,7 @@ def rolling_loglikelihood(
         for window in rolling_windows(tokens, prefix, max_length, context_len):
             requests.append(window)
             owner.append(i)
-    scores = loglikelihood(model, requests, batch_size, max_length=max_length, advance=advance)
+    scores = loglikelihood(model, requests, batch_size, max_length=max_length, share=False, advance=advance)
     nll = [0.0] * len(texts)
     for i, score in zip(owner, scores, strict=True):
         nll[i] -= score.logprob

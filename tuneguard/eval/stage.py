@@ -19,16 +19,18 @@ from pydantic import ValidationError
 
 from tuneguard.adapters.registry import load_adapter, method_spec
 from tuneguard.adapters.state import frozen_checksum
-from tuneguard.backbones import Backbone, dequantized, load_backbone
+from tuneguard.backbones import Backbone, dequantized, file_sha256, load_backbone
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
+from tuneguard.eval.cache import ScoreCache
 from tuneguard.eval.guards import enforce, run_guards
 from tuneguard.eval.harness import evaluate_tasks, general_text_loss
-from tuneguard.eval.records import TaskResult
-from tuneguard.eval.tasks import Doc, Task, classification_task_from_items, get_tasks
+from tuneguard.eval.records import Doc, Task, TaskResult
+from tuneguard.eval.suites import get_tasks
+from tuneguard.eval.tasks import classification_task_from_items
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.progress import console
-from tuneguard.recipe import ModelConfig, QuantizationConfig, Recipe, load_recipe
+from tuneguard.recipe import LmEvalConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from tuneguard.rundir import RunDir
 from tuneguard.train.loop import TrainResult
 
@@ -45,10 +47,11 @@ def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None
 
 
 def _score(model: torch.nn.Module, backbone: Backbone, tasks: list[Task], recipe: Recipe, adapter_id: str | None,
-           accelerator: Any, limit: int | None, label: str) -> tuple[list[TaskResult], float | None]:
+           accelerator: Any, limit: int | None, label: str,
+           cache: ScoreCache | None = None) -> tuple[list[TaskResult], float | None]:
     results = evaluate_tasks(model, backbone.tokenizer, tasks, limit=limit, batch_size=recipe.eval.batch_size,
                              fingerprint=backbone.fingerprint, adapter_id=adapter_id, accelerator=accelerator,
-                             label=label)
+                             label=label, cache=cache)
     loss = None if backbone.is_encoder else general_text_loss(model, backbone.tokenizer)
     return results, loss
 
@@ -79,18 +82,19 @@ def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: li
                         checksum_at_load=trained.checksum_at_load)
     enforce(guards)
 
-    general = get_tasks(suites if suites is not None else recipe.eval.suites)
+    general = get_tasks(suites if suites is not None else recipe.eval.suites, recipe.eval.lm_eval)
     own = recipe_task(recipe, trained.data, backbone.is_encoder) if recipe.eval.task else None
     tasks = ([own] if own else []) + ([] if backbone.is_encoder else general)
     if not tasks:
         raise TuneguardError("nothing to evaluate: set eval.task or eval.suites in the recipe")
     limit = limit or recipe.eval.limit
+    cache = ScoreCache(run.scores, backbone.fingerprint, file_sha256(run.adapter_weights))
     with dequantized(model) as held:
         if held and main_process:
             console.print(f"4-bit weights decoded once for evaluation ({held / 2**20:.0f} MB)")
         with model.disable_adapter():
-            base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base")
-        tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run.adapter), accelerator, limit, "tuned")
+            base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base", cache)
+        tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run.adapter), accelerator, limit, "tuned", cache)
     original = _score_original(recipe, general, accelerator, limit) if with_original and general else None
     if not main_process:
         return None
@@ -136,17 +140,27 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     return recipe, TrainResult(run.record(), model, backbone, data, accelerator, checksum)
 
 
-def evaluate_base_model(model_source: str, tasks: list[str], limit: int | None, quant: str,
-                        batch_size: int) -> list[TaskResult]:
-    """``tuneguard eval --model``: load a backbone (no adapter) and score tasks or suites on it."""
-    resolved = get_tasks(tasks)
+def load_scoring_backbone(model_source: str, quant: str, dtype: str = "auto") -> Backbone:
+    """A bare causal LM to score general tasks on (``tuneguard eval --model``, lm-eval's ``pretrained=``)."""
     try:
         quantization = QuantizationConfig(method=quant)  # type: ignore[arg-type]
     except ValidationError:
         raise TuneguardError(f"--quant must be one of none, nf4, fp4, int8; got '{quant}'") from None
-    backbone = load_backbone(ModelConfig(source=model_source), quantization)
+    try:
+        model = ModelConfig(source=model_source, dtype=dtype)  # type: ignore[arg-type]
+    except ValidationError:
+        raise TuneguardError(f"dtype must be one of auto, float32, bfloat16, float16; got '{dtype}'") from None
+    backbone = load_backbone(model, quantization)
     if backbone.is_encoder:
         raise TuneguardError(f"'{model_source}' is an encoder: general tasks need a causal language model")
+    return backbone
+
+
+def evaluate_base_model(model_source: str, tasks: list[str], limit: int | None, quant: str,
+                        batch_size: int, lm_eval: LmEvalConfig | None = None) -> list[TaskResult]:
+    """``tuneguard eval --model``: load a backbone (no adapter) and score tasks or suites on it."""
+    resolved = get_tasks(tasks, lm_eval)
+    backbone = load_scoring_backbone(model_source, quant)
     with dequantized(backbone.model):
         return evaluate_tasks(
             backbone.model, backbone.tokenizer, resolved, limit=limit, batch_size=batch_size,

@@ -1,20 +1,20 @@
-"""Tasks are data plus a few declared fields, formatted like lm-evaluation-harness's zero-shot tasks.
+"""Tasks are data plus a few declared fields, formatted like lm-evaluation-harness's tasks.
 
 A task says what kind of scoring it needs and how each item becomes text; how each kind is scored
 and which metrics it yields is declared once per kind (``kinds.py``: ``multiple_choice``,
 ``classification``, ``loglikelihood``, ``generation``, ``perplexity``). Built-in tasks read the subsets
-vendored in ``eval/data`` (see its README for sources and licences); users add their own as a small
-YAML file plus data, without code (:func:`load_task_yaml`).
+vendored in ``eval/data`` (see its README for sources and licences) and are lm-eval's tasks of the same
+names with lm-eval's default shots (zero, GSM8K five), checked item by item against lm-eval's own
+definitions (``tests/test_lm_eval_agreement.py``); users add their own as a small YAML file plus data,
+without code (:func:`load_task_yaml`).
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tuneguard.data.examples import ChoiceItem, format_prompt
 from tuneguard.data.readers import read_rows
 from tuneguard.errors import TuneguardError
+from tuneguard.eval.records import Answer, AnswerFilter, Doc, SpecKind, Task
 
 DATA_DIR = Path(__file__).parent / "data"
-Kind = Literal["multiple_choice", "classification", "loglikelihood", "generation", "perplexity"]
-Text = str | list[int]
 
 
 def _kind_metrics(kind: str) -> tuple[str, ...]:
@@ -37,62 +36,8 @@ def _kind_metrics(kind: str) -> tuple[str, ...]:
     return KINDS[kind].metrics
 
 
-@dataclass
-class Doc:
-    """One item, formatted for the scorer (text, or token ids when it comes from a recipe's own data)."""
-
-    context: Text = ""
-    choices: list[Text] = field(default_factory=list)
-    """Continuations scored after ``context``; the single target for ``loglikelihood`` tasks."""
-    gold: int = 0
-    contexts: list[Text] | None = None
-    """Partial evaluation (WinoGrande): one context per option, each scored on the one continuation in ``choices``."""
-    target: str = ""
-    """Generation: the reference answer."""
-    text: str = ""
-    """Perplexity: the text that is scored."""
-    raw: str | None = None
-    """Perplexity: the text words and bytes are counted on (lm-evaluation-harness counts before detokenizing)."""
-
-    def pairs(self) -> list[tuple[Text, Text]]:
-        """(context, continuation) per option."""
-        if self.contexts is not None:
-            return [(c, self.choices[0]) for c in self.contexts]
-        return [(self.context, c) for c in self.choices]
-
-    def hash(self) -> str:
-        """A short content hash, so two reports can be checked to have scored the same items."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Task:
-    name: str
-    kind: Kind
-    load: Callable[[], list[Doc]]
-    """All items, in the source's original order."""
-    metric: str
-    """The primary metric, whose per-item outcomes go into the result."""
-    delimiter: str = " "
-    """Put between a text context and each text continuation (lm-evaluation-harness's ``target_delimiter``)."""
-    labels: list[str] | None = None
-    """Classification: the label names, in class-index order."""
-    until: list[str] = field(default_factory=lambda: ["\n"])
-    max_new_tokens: int = 32
-    limit: int | None = None
-    """Items a suite takes from this task by default (the first ones)."""
-    norm: bool = True
-    """Also report ``acc_norm`` (multiple choice); off where the options are fixed words such as no/yes."""
-    source: str = ""
-
-    def docs(self, limit: int | None = None) -> list[Doc]:
-        """The first ``limit`` items (and at most the suite's own limit) in the original order."""
-        docs = self.load()
-        caps = [n for n in (limit, self.limit) if n is not None]
-        return docs[: min(caps)] if caps else docs
-
-
-def _jsonl(name: str) -> list[dict[str, Any]]:
+def vendored_rows(name: str) -> list[dict[str, Any]]:
+    """The rows of a vendored JSONL file in ``eval/data``, in order."""
     with (DATA_DIR / name).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -106,27 +51,51 @@ def _arc(name: str) -> Callable[[], list[Doc]]:
                 # Some answer keys are digits ("1"-"4"): look the key up among the item's own labels.
                 gold=row["choices"]["label"].index(row["answerKey"]),
             )
-            for row in _jsonl(name)
+            for row in vendored_rows(name)
         ]
 
     return load
 
 
+def hellaswag_parts(ctx: str) -> tuple[str, str, str]:
+    """``(activity_label, ctx_a, ctx_b)`` of a vendored HellaSwag context ``"activity: ctx_a ctx_b"``.
+
+    lm-evaluation-harness's query is ``activity_label + ": " + ctx_a + " " + ctx_b.capitalize()``, but
+    the vendored text keeps ``ctx_b`` as the dataset has it: the lower-case start of the last sentence
+    (ActivityNet items). It is recovered as the fragment after the last ". " when that fragment starts
+    with a lower-case letter, as every vendored item does. Otherwise ``ctx_b`` is empty and the text is
+    scored as it is: no ". " (one sentence, so ``ctx_a`` and ``ctx_b`` cannot be told apart), or a
+    fragment that starts upper case (an empty ``ctx_b``, as WikiHow items mostly have; the end of
+    ``ctx_a`` cannot be told from a capitalized ``ctx_b``). A ``ctx_b`` that itself holds ". ", or that
+    follows a sentence ending in "?" or "!", is missed the same way.
+    """
+    label, _, body = ctx.partition(": ")
+    cut = body.rfind(". ")
+    if cut < 0 or not body[cut + 2 : cut + 3].islower():
+        return label, body, ""
+    return label, body[: cut + 1], body[cut + 2 :]
+
+
 def _hellaswag() -> list[Doc]:
-    # The vendored text is already pre-processed as lm-evaluation-harness does ("activity: ctx_a ctx_b").
-    return [Doc(context=row["ctx"], choices=list(row["endings"]), gold=int(row["label"])) for row in _jsonl("hellaswag.jsonl")]
+    docs = []
+    for row in vendored_rows("hellaswag.jsonl"):
+        # The vendored text is already pre-processed as lm-evaluation-harness does, except ctx_b's capital.
+        label, ctx_a, ctx_b = hellaswag_parts(row["ctx"])
+        context = f"{label}: {ctx_a} {ctx_b.capitalize()}" if ctx_b else row["ctx"]
+        docs.append(Doc(context=context, choices=list(row["endings"]), gold=int(row["label"])))
+    return docs
 
 
 def _piqa() -> list[Doc]:
     return [
         Doc(context=f"Question: {row['goal']}\nAnswer:", choices=[row["sol1"], row["sol2"]], gold=int(row["label"]))
-        for row in _jsonl("piqa.jsonl")
+        for row in vendored_rows("piqa.jsonl")
     ]
 
 
 def _winogrande() -> list[Doc]:
     docs = []
-    for row in _jsonl("winogrande.jsonl"):
+    for row in vendored_rows("winogrande.jsonl"):
         blank = row["sentence"].index("_")
         docs.append(
             Doc(
@@ -145,16 +114,38 @@ def _boolq() -> list[Doc]:
             choices=["no", "yes"],
             gold=int(str(row["label"]).lower() == "true"),
         )
-        for row in _jsonl("boolq.jsonl")
+        for row in vendored_rows("boolq.jsonl")
     ]
 
 
 def _lambada() -> list[Doc]:
     docs = []
-    for row in _jsonl("lambada_openai.jsonl"):
+    for row in vendored_rows("lambada_openai.jsonl"):
         context, word = row["text"].rsplit(" ", 1)
         docs.append(Doc(context=context, choices=[word]))
     return docs
+
+
+GSM8K_ANSWER = Answer(
+    filters=(
+        AnswerFilter("strict-match", r"#### (\-?[0-9\.\,]+)"),
+        AnswerFilter("flexible-extract", r"(-?[$0-9.,]{2,})|(-?[0-9]+)", select=-1),
+    ),
+    ignore=(",", r"\$", "(?s).*#### ", r"\.$"),
+    ignore_case=True,
+)
+"""lm-evaluation-harness's ``gsm8k`` filters (the final ``#### N``, or the last number) and exact-match rules."""
+
+
+def _gsm8k_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _gsm8k() -> list[Doc]:
+    # lm-eval's gsm8k is 5-shot from the train split; here the same five (the split's first) precede every
+    # question, as lm-eval's "first_n" sampler puts them, so each item's prompt is fixed (eval/data/README.md).
+    shots = "".join(f"{_gsm8k_prompt(row['question'])} {row['answer']}\n\n" for row in vendored_rows("gsm8k_train.jsonl"))
+    return [Doc(context=shots + _gsm8k_prompt(row["question"]), target=row["answer"]) for row in vendored_rows("gsm8k.jsonl")]
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -208,6 +199,8 @@ def _builtin() -> dict[str, Task]:
             Task("boolq", "multiple_choice", _boolq, "acc", source="boolq.jsonl", norm=False),
             Task("lambada_openai", "loglikelihood", _lambada, "acc", source="lambada_openai.jsonl"),
             Task("wikitext", "perplexity", _wikitext, "perplexity", source="wikitext2.txt"),
+            Task("gsm8k", "generation", _gsm8k, "exact_match,strict-match", until=["Question:", "</s>", "<|im_end|>"],
+                 max_new_tokens=256, answer=GSM8K_ANSWER, source="gsm8k.jsonl"),
         )
     }
 
@@ -215,37 +208,18 @@ def _builtin() -> dict[str, Task]:
 TASKS = _builtin()
 SUITES: dict[str, dict[str, int | None]] = {
     # Sized so base + tuned take about five minutes with SmolLM2-135M on a 2-core CPU (eval/data/README.md).
+    # GSM8K generates up to 256 tokens after a 5-shot prompt (about 3 s an item there): 8 items, one
+    # generation batch, say whether the fine-tune broke the worked-answer format, not a small regression.
     "general-small": {
         "arc_easy": 250, "arc_challenge": 250, "hellaswag": 250, "piqa": 250, "winogrande": 250, "boolq": 150,
-        "lambada_openai": 250, "wikitext": 2,
+        "lambada_openai": 250, "wikitext": 2, "gsm8k": 8,
     },
+    # Every vendored item (GSM8K's 100 take about five minutes per model on that CPU).
     "general": dict.fromkeys(TASKS),
     # The quickstart's: knowledge, commonsense, coreference and language modelling in about three minutes
     # for base + tuned on a 2-core CPU without native bf16; too few items to rule out small regressions.
     "general-tiny": {"arc_easy": 80, "hellaswag": 80, "piqa": 80, "winogrande": 80, "lambada_openai": 80},
 }
-
-
-def get_tasks(names: Sequence[str]) -> list[Task]:
-    """Tasks by name, suite name or path to a task YAML, in the given order without duplicates."""
-    out: dict[str, Task] = {}
-    for name in names:
-        if name in SUITES:
-            for task_name, limit in SUITES[name].items():
-                out.setdefault(task_name, replace(TASKS[task_name], limit=limit))
-        elif name in TASKS:
-            out[name] = TASKS[name]
-        elif name.endswith((".yaml", ".yml")):
-            task = load_task_yaml(name)
-            out[task.name] = task
-        else:
-            close = difflib.get_close_matches(name, [*SUITES, *TASKS], n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise TuneguardError(
-                f"unknown task or suite '{name}'{hint} (suites: {', '.join(SUITES)}; tasks: {', '.join(TASKS)}; "
-                "or a path to a task .yaml)"
-            )
-    return list(out.values())
 
 
 def classification_task_from_items(name: str, items: Sequence[ChoiceItem], verbalizers: Sequence[str]) -> Task:
@@ -260,7 +234,7 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Kind
+    kind: SpecKind
     data: str
     """The data file (JSONL, CSV, TSV or Parquet), relative to the YAML file."""
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"

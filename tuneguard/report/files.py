@@ -61,6 +61,7 @@ def build_report(
             "max_regression": limit, "exceeded": [c.task for c in budget_violations(comparisons, limit)],
         },
         "task_metrics": _task_metrics(eval_data),
+        "setups": {r["task"]: r["setup"] for r in eval_data.get("tuned") or [] if r.get("setup")},
         "items": _items(eval_data),
         "curves": {
             "train": [[r["step"], r["loss"]] for r in records if r.get("loss") is not None],

@@ -148,7 +148,7 @@ def run_gate(report_path: str, *, baseline: str | None, margin: float | None, re
 def run_plan(task_names: list[str] | None, margin: float, *, discordance: float | None, pilot: str | None,
              power: float, console: Console) -> int:
     """``tuneguard plan``: items per task for ``power`` at ``margin``, from a pilot report or a stated discordance."""
-    from tuneguard.eval.tasks import get_tasks
+    from tuneguard.eval.suites import get_tasks
 
     if not 0 < power < 1:
         raise TuneguardError(f"--power must be between 0 and 1; got {power:g}")

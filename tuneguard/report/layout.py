@@ -136,6 +136,24 @@ def _plain(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _health_blocks(report: dict[str, Any]) -> list[Block]:
+    """General-text loss, train vs validation, guards and the regression budget, where present."""
+    blocks = []
+    if report.get("general_text_loss"):
+        blocks.append(Block("General-text loss", lines=[_text_loss(report["general_text_loss"])]))
+    if report.get("train_val_gap"):
+        blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
+    if report.get("guards"):
+        blocks.append(Block("Guards", lines=[
+            (f"{'PASS' if g['passed'] else 'FAIL'} {g['name']}: {g.get('detail') or ''}".rstrip(": "),
+             "pass" if g["passed"] else "fail")
+            for g in report["guards"]
+        ]))
+    if report.get("budget"):
+        blocks.append(Block("Regression budget", lines=[_budget(report["budget"])]))
+    return blocks
+
+
 def report_blocks(report: dict[str, Any], *, detail: bool = True, confusion_tables: bool = True) -> list[Block]:
     """Sections in reading order; ``detail`` adds the run summary and every secondary metric (files only).
 
@@ -154,23 +172,15 @@ def report_blocks(report: dict[str, Any], *, detail: bool = True, confusion_tabl
             blocks.append(Block(title, COMPARISON_HEADERS, [comparison_row(c) for c in report[key]]))
         if key == "general" and verdict_lines(report, key_too=detail):
             blocks.append(Block("How verdicts are reached", lines=verdict_lines(report, key_too=detail)))
+    if report.get("setups"):
+        blocks.append(Block("How lm-eval tasks were run", ["task", "setup"],
+                            [[task, setup] for task, setup in report["setups"].items()]))
     per_class = _per_class_rows(report.get("task_metrics") or {})
     if per_class:
         blocks.append(Block(PER_CLASS, ["task", "class", "precision", "recall", "F1"], per_class))
     if confusion_tables:
         blocks += [_confusion_block(*c) for c in confusion_matrices(report)]
-    if report.get("general_text_loss"):
-        blocks.append(Block("General-text loss", lines=[_text_loss(report["general_text_loss"])]))
-    if report.get("train_val_gap"):
-        blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
-    if report.get("guards"):
-        blocks.append(Block("Guards", lines=[
-            (f"{'PASS' if g['passed'] else 'FAIL'} {g['name']}: {g.get('detail') or ''}".rstrip(": "),
-             "pass" if g["passed"] else "fail")
-            for g in report["guards"]
-        ]))
-    if report.get("budget"):
-        blocks.append(Block("Regression budget", lines=[_budget(report["budget"])]))
+    blocks += _health_blocks(report)
     if detail and report.get("task_metrics"):
         blocks.append(Block("All metrics", ["task", "metric", "before", "after"], _metric_rows(report["task_metrics"])))
     return blocks

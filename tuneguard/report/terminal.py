@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +25,10 @@ from tuneguard.report.blocks import (
     verdict_class,
 )
 from tuneguard.report.layout import report_blocks
+
+if TYPE_CHECKING:
+    from tuneguard.data.preview import PreviewRow  # types only: rendering needs no tokenizer library
+    from tuneguard.recipe import DataConfig
 
 STYLES = {"improved": "green", "regressed": "red", "nochange": "dim", "noninferior": "blue",
           "inconclusive": "yellow", "pass": "green", "fail": "red"}
@@ -91,3 +96,16 @@ def print_results(results: list[TaskResult], console: Console | None = None) -> 
         for r in results
     ]
     print_block(Block("Scores", ["task", "metric", "value", "n", "seconds", "other metrics"], rows), console or Console())
+
+
+def print_augmentation_preview(
+    rows: list[PreviewRow], cfg: DataConfig, seed: int, console: Console | None = None
+) -> None:
+    """``tuneguard data preview``: each training row's prompt beside its augmented copies, one line per copy."""
+    title = (f"Training rows and their augmented copies (data.augment {', '.join(cfg.augment_ops)}; "
+             f"augment_prob {cfg.augment_prob}; augment_copies {cfg.augment_copies}; seed {seed})")
+    table: list[list[Cell]] = [
+        [Path(r.where).name, r.original, op, text, r.answer] if k == 0 else ["", "", op, text, ""]
+        for r in rows for k, (op, text) in enumerate(r.copies)
+    ]
+    print_block(Block(title, ["row", "original", "operation", "augmented", "answer"], table), console or Console())
