@@ -15,7 +15,8 @@ from .test_train import make_run
 
 def torchrun(*args: str, cwd: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", *args]
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, "\n".join((done.stderr or done.stdout).strip().splitlines()[-30:])
 
 
 def test_two_process_training_and_eval_equal_single_process(tmp_path: Path, tiny_llama_dir: Path) -> None:
