@@ -366,6 +366,7 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
                       f"data.max_length={recipe.data.max_length}")
         acc.print(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
                   f"peak {record['peak_memory_mb']:.0f} MB)")
+    acc.wait_for_everyone()  # every process evaluates from the files just written (run.json, the adapter's hash)
     if state.diverged:
         raise TuneguardError(f"training diverged at step {state.step}: {state.diverged}; run.json records it and "
                              "evaluation refuses this adapter (lower train.lr, or raise train.warmup_ratio)")
