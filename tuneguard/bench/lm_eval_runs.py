@@ -35,14 +35,11 @@ def _model(spec: dict[str, Any]) -> Any:
     return TuneguardCommandLineLM(pretrained=path, dtype=spec["dtype"], batch_size=spec["batch"])
 
 
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
 def run_lm_eval(spec: dict[str, Any]) -> dict[str, Any]:
     """Every task of the spec evaluated by lm-eval with the runner's model: items/s, per-doc choices and log-likelihoods."""
     from lm_eval.evaluator import evaluate
 
+    from tuneguard.eval.kinds import argmax
     from tuneguard.eval.lm_eval_bridge import load_lm_eval
     from tuneguard.recipe import LmEvalConfig
 
@@ -61,7 +58,7 @@ def run_lm_eval(spec: dict[str, Any]) -> dict[str, Any]:
             samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
             resps = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
             tasks[name] = {"items": len(samples), "seconds": round(elapsed, 3), "requests": sum(map(len, resps)),
-                           "choices": [_argmax(r) for r in resps], "logprobs": [x for r in resps for x in r],
+                           "choices": [argmax(r) for r in resps], "logprobs": [x for r in resps for x in r],
                            "acc": sum(float(s["acc"]) for s in samples) / max(len(samples), 1)}
             n_items, seconds = n_items + len(samples), seconds + elapsed
     return {"items_per_s": round(n_items / seconds, 3), "items": n_items, "seconds": round(seconds, 3), "tasks": tasks,

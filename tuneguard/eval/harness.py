@@ -35,7 +35,7 @@ def task_result(
     value = aggregate(per_item, weights, how)
     metrics[task.metric] = value
     return TaskResult(
-        task=task.name, metric=task.metric, value=value, higher_is_better=kind.higher_is_better(task.metric),
+        task=task.name, metric=task.metric, value=value, higher_is_better=kind.higher_is_better(task),
         n=len(docs), per_item=per_item, weights=weights, aggregate=how, metrics=metrics, fingerprint=fingerprint,
         adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs], setup=kind.setup(task, tokenizer),
     )

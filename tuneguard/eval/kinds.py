@@ -54,9 +54,9 @@ class TaskKind(ABC):
     """The metrics a task of this kind may name as its primary one; the first is the default."""
     lower_is_better: frozenset[str] = frozenset()
 
-    def higher_is_better(self, metric: str) -> bool:
-        """Which way a change in ``metric`` is an improvement, for the base vs tuned verdicts."""
-        return metric not in self.lower_is_better
+    def higher_is_better(self, task: Task) -> bool:
+        """Which way a change in the task's primary metric is an improvement, for the base vs tuned verdicts."""
+        return task.metric not in self.lower_is_better
 
     @abstractmethod
     def score(
@@ -111,13 +111,13 @@ def _option_loglikelihoods(
     return per_doc
 
 
-def _argmax(values: Sequence[float]) -> int:
+def argmax(values: Sequence[float]) -> int:
     """First index of the maximum, as numpy's argmax (lm-evaluation-harness breaks ties this way)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
 def _best(options: Sequence[Score]) -> int:
-    return _argmax([s.logprob for s in options])
+    return argmax([s.logprob for s in options])
 
 
 def _hits(predictions: Sequence[int], docs: Sequence[Doc]) -> list[float]:
@@ -162,7 +162,7 @@ class MultipleChoice(_OptionKind):
         # Partial evaluation (one context per option, one shared continuation) has nothing to normalise.
         if (task.norm or task.metric == "acc_norm") and all(d.contexts is None for d in docs):
             norm = _hits([
-                _argmax([s.logprob / max(_chars(tokenizer, c), 1) for s, c in zip(o, d.choices, strict=True)])
+                argmax([s.logprob / max(_chars(tokenizer, c), 1) for s, c in zip(o, d.choices, strict=True)])
                 for o, d in zip(outcomes, docs, strict=True)
             ], docs)
             metrics["acc_norm"] = _mean(norm)
@@ -288,11 +288,10 @@ class LmEval(TaskKind):
     tuneguard's engine answers the requests (``lm_eval_bridge``), and the per-document values are paired."""
 
     metrics = ()
-    lower_is_better = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 
-    def higher_is_better(self, metric: str) -> bool:
-        """lm-eval names a metric ``metric,filter``; its perplexities are better lower."""
-        return metric.split(",")[0] not in self.lower_is_better
+    def higher_is_better(self, task: Task) -> bool:
+        """As the lm-eval task declares it for its metric."""
+        return task.external.higher_is_better(task.metric)
 
     def score(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, docs: Sequence[Doc],

@@ -175,6 +175,10 @@ class LmEvalTask:
             parts.append(f"system: {self.options.system_instruction!r}")
         return " · ".join(parts)
 
+    def higher_is_better(self, key: str) -> bool:
+        """lm-eval's own declaration for the metric (a perplexity is better lower)."""
+        return bool(self.task.higher_is_better()[_metric(key)])
+
     def config_hash(self) -> str:
         """What the task's scores depend on besides the model: its config, shots, chat settings, lm-eval's version."""
         payload = json.dumps([self.task.dump_config(), self.options.model_dump(), lm_eval.__version__], sort_keys=True,
@@ -208,8 +212,7 @@ class LmEvalTask:
         metrics: dict[str, Any] = {}
         found: tuple[list[float], list[float] | None, Aggregate] | None = None
         for key in self.metric_keys:
-            how = self.task.aggregation()[key.split(",")[0]]
-            per_item, weights, kind = _per_item(getattr(how, "__name__", str(how)), [o[key] for o in outcomes])
+            per_item, weights, kind = _per_item(_aggregation(self.task, key), [o[key] for o in outcomes])
             metrics[key] = aggregate(per_item, weights, kind)
             if key == primary:
                 found = (per_item, weights, kind)
@@ -356,14 +359,22 @@ def metric_key(metric: str, flt: str) -> str:
     return metric if flt == "none" else f"{metric},{flt}"
 
 
+def _metric(key: str) -> str:
+    """The metric of a ``metric`` or ``metric,filter`` key."""
+    return key.split(",")[0]
+
+
+def _aggregation(task: Any, key: str) -> str:
+    """The name of lm-eval's aggregation for the key's metric (``mean``, ``perplexity``, ...)."""
+    how = task.aggregation()[_metric(key)]
+    return getattr(how, "__name__", str(how))
+
+
 def _pairable_metrics(task: Any) -> list[str]:
     """Metric keys whose per-document values tuneguard can aggregate and pair (lm-eval's first one first)."""
     filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
-    return [metric_key(metric, flt) for flt in filters for metric, how in task.aggregation().items()
-            if getattr(how, "__name__", str(how)) in {"mean", *PERPLEXITY_AGGREGATIONS}]
-
-
-
+    return [metric_key(metric, flt) for flt in filters for metric in task.aggregation()
+            if _aggregation(task, metric) in {"mean", *PERPLEXITY_AGGREGATIONS}]
 
 
 @contextlib.contextmanager
