@@ -114,7 +114,8 @@ LAYERS = [
     ("tuneguard.train",),
     ("tuneguard.eval",),
     ("tuneguard.report",),
-    ("tuneguard.run", "tuneguard.cv", "tuneguard.export", "tuneguard.lm_eval_model"),
+    ("tuneguard.run", "tuneguard.cv", "tuneguard.select", "tuneguard.export", "tuneguard.lm_eval_model",
+     "tuneguard.check"),
     ("tuneguard.cli", "tuneguard.bench"),
 ]
 """recipe → backbone → adapter → data → train → eval → report → run → cli/bench: the way data flows."""

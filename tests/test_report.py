@@ -204,6 +204,7 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert [(r["recipe"], r["verdict"]) for r in sst2] == [("sst2-lora", "improved"), ("sst2-ia3", "regressed")]
     assert sst2[1]["adapter_r"] is None
     assert {r["recipe"] for r in list_history(last=1)} == {"sst2-ia3"}
+    assert len(list_history(recipe="sst2-lora", last=1)) == 3  # the newest run *of that recipe*
     assert len(list_history(recipe="sst2-lora")) == 3
 
     out = io.StringIO()
@@ -234,6 +235,8 @@ def test_compare_runs_side_by_side(tmp_path: Path) -> None:
     assert re.search(r"^\| r \| 16 \| 8 \| – \|$", md, re.M)
     assert re.search(r"^\| peak memory \| 3\.80 GB \| 3\.80 GB \| 3\.80 GB \|$", md, re.M)
     assert re.search(r"^\| arc_easy \(acc\) · general \| .*\(-8\.0 pp\) \| .* \| – \|$", md, re.M)
+    assert re.search(r"^\| steps · tokens trained \| 20 · 40,960 \| 20 · 40,960 \| 20 · 40,960 \|$", md, re.M)
+    assert re.search(r"^\| general-text loss \(Δ vs base\) \| 2\.950 \(\+0\.040\) \|", md, re.M)
     assert "https://" not in files[2].read_text()
 
     out = io.StringIO()
@@ -254,3 +257,20 @@ def test_missing_files_are_named(tmp_path: Path, run: tuple[Path, dict[str, Any]
     (run_dir / "recipe.yaml").unlink()
     with pytest.raises(TuneguardError, match="recipe.yaml: file not found"):
         compare_run_dirs([run_dir], None)
+
+
+def test_side_by_side_matches_own_tasks_by_their_items(tmp_path: Path) -> None:
+    """Runs of one recipe under other names share the own-task row; another validation set gets its own."""
+    dirs = []
+    for name, hashes in (("with-replay", "abc"), ("wout-replay", "abc"), ("other-data", "xyz")):
+        run_dir, eval_data = make_run(tmp_path, name, with_general=False)
+        for side in ("base", "tuned", "original"):
+            own = eval_data[side][0]
+            own["task"] = f"{name} (validation)"
+            own["item_hashes"] = [f"{hashes}{i}" for i in range(own["n"])]
+        write_reports(run_dir, _report(run_dir, eval_data))
+        dirs.append(run_dir)
+    rows = compare_run_dirs(dirs, None)["tasks"]
+    assert [r["task"] for r in rows] == ["own task (validation, the same 400 items)", "other-data (validation)"]
+    assert [c is not None for c in rows[0]["cells"]] == [True, True, False]
+    assert [c is not None for c in rows[1]["cells"]] == [False, False, True]

@@ -11,7 +11,7 @@ import pytest
 
 from tuneguard import rundir
 from tuneguard.errors import TuneguardError
-from tuneguard.rundir import RunDir
+from tuneguard.rundir import RunDir, recipe_changes
 
 PACKAGE = Path(rundir.__file__).resolve().parent
 FILES = {rundir.RECIPE, rundir.RUN, rundir.METRICS, rundir.EVAL, rundir.ADAPTER_META, *rundir.REPORTS}
@@ -58,3 +58,16 @@ def test_only_rundir_spells_run_directory_file_names() -> None:
     offenders = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != PACKAGE / "rundir.py"
                  for hit in _offenders(path)]
     assert not offenders, f"spelled outside tuneguard/rundir.py (use RunDir): {', '.join(offenders)}"
+
+
+def test_a_key_an_older_recipe_lacks_counts_as_its_default() -> None:
+    """A checkpoint written before a recipe key existed resumes unless the key is set to something else."""
+    from tuneguard.recipe import recipe_defaults
+
+    stored = {"train": {"lr": 1e-4, "epochs": 1.0}, "adapter": {"r": 8}}
+    same = {"train": {"lr": 1e-4, "epochs": 1.0, "layer_lr_decay": 1.0, "early_stopping_metric": "val_loss"},
+            "adapter": {"r": 8}}
+    assert recipe_changes(stored, same, recipe_defaults()) == []
+    assert recipe_changes(stored, same) == ["train.early_stopping_metric", "train.layer_lr_decay"]
+    other = {**same, "train": {**same["train"], "layer_lr_decay": 0.8}}
+    assert recipe_changes(stored, other, recipe_defaults()) == ["train.layer_lr_decay"]

@@ -12,9 +12,9 @@ from transformers import BertForSequenceClassification, LlamaForCausalLM, PreTra
 from tuneguard.eval import scoring
 from tuneguard.eval.harness import general_text_loss
 from tuneguard.eval.scoring import (
-    classify,
     encode_pair,
     generate_until,
+    head_logits,
     loglikelihood,
     max_model_length,
     rolling_loglikelihood,
@@ -91,6 +91,29 @@ def test_shared_context_batching_equals_one_by_one(tiny_llama, adapter: str) -> 
         assert [s.logprob for s in packed] == pytest.approx(direct, abs=1e-4)
     assert [s.logprob for s in packed] == pytest.approx([s.logprob for s in single], abs=1e-4)
     assert [s.is_greedy for s in packed] == [s.is_greedy for s in single]
+
+
+def test_prefixes_beyond_the_context_are_shared_exactly(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Choices that begin alike (PIQA) and contexts that differ after a common start (WinoGrande) share a row."""
+    model, tok = tiny_llama
+    start = "the movie was great and the acting was wonderful because the"
+    requests = [
+        encode_pair(tok, "question answer", " the movie was great and the acting was wonderful"),
+        encode_pair(tok, "question answer", " the movie was great and the acting was boring"),
+        encode_pair(tok, start + " movie", " was great"),
+        encode_pair(tok, start + " acting", " was great"),
+        encode_pair(tok, "what is two plus two ?", " four"),
+    ]
+    rows = scoring._pack(requests, 64)
+    assert sorted(len(r.requests) for r in rows) == [1, 2, 2]
+    assert all(len(r.prefix) >= scoring.MIN_SHARED for r in rows if len(r.requests) > 1)
+    packed = loglikelihood(model, requests, batch_size=2)
+    assert [s.logprob for s in packed] == pytest.approx([_direct(model, c, k)[0] for c, k in requests], abs=1e-4)
+    assert [s.is_greedy for s in packed] == [_direct(model, c, k)[1] for c, k in requests]
+    monkeypatch.setattr(scoring, "MIN_SHARED", 10_000)  # only a same context shares: the same scores
+    assert sorted(len(r.requests) for r in scoring._pack(requests, 64)) == [1, 1, 1, 2]
+    alone = loglikelihood(model, requests, batch_size=2)
+    assert [s.logprob for s in alone] == pytest.approx([s.logprob for s in packed], abs=1e-4)
 
 
 def test_lora_changes_scores(tiny_llama) -> None:
@@ -195,11 +218,11 @@ def test_generate_until_matches_unbatched_greedy(tiny_llama) -> None:
     assert cut == batched[0][: batched[0].index(stop)]
 
 
-def test_classify_uses_the_head(tiny_bert_dir) -> None:
+def test_head_logits_are_the_heads(tiny_bert_dir) -> None:
     model = BertForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_bert_dir)
     texts = ["the movie was great", "a dull , boring film with nothing to say", "four"]
-    preds = classify(model, tok, texts, batch_size=2)
+    preds = head_logits(model, tok, texts, batch_size=2).argmax(-1).tolist()
     with torch.no_grad():
         expected = [int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts]
     assert preds == expected

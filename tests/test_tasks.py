@@ -17,7 +17,7 @@ from tuneguard.errors import TuneguardError
 from tuneguard.eval.harness import evaluate_tasks, task_result
 from tuneguard.eval.kinds import KINDS
 from tuneguard.eval.records import Doc, SpecKind, Task, aggregate
-from tuneguard.eval.scoring import RollingScore, Score, classify
+from tuneguard.eval.scoring import RollingScore, Score, head_logits
 from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.tasks import (
     DATA_DIR,
@@ -145,9 +145,12 @@ def test_every_kind_yields_the_metrics_it_declares(tokenizer) -> None:
         "loglikelihood": ([Doc("c", ["w"])] * 2, [[_score(-1.0, True)], [_score(-3.0)]]),
         "generation": ([Doc("q", target="Paris"), Doc("q", target="two words")], ["Paris", "two"]),
         "perplexity": ([Doc(text="a b", raw="a  b"), Doc(text="c")], [RollingScore(6.0, 3, 3), RollingScore(2.0, 1, 1)]),
+        # An image classifier's head predicts the class of each image.
+        "image_classification": ([Doc(ref=0, gold=1), Doc(ref=1, gold=0)], [1, 1]),
     }
     # lm_eval's metrics are each lm-eval task's own (tests/test_lm_eval_bridge.py).
-    assert set(KINDS) == {*get_args(SpecKind), "lm_eval"} and set(get_args(SpecKind)) == set(synthetic)
+    assert set(KINDS) == {*get_args(SpecKind), "lm_eval", "image_classification"}
+    assert {*get_args(SpecKind), "image_classification"} == set(synthetic)
     for name, (docs, outcomes) in synthetic.items():
         kind = KINDS[name]
         values = set()
@@ -275,7 +278,7 @@ def test_classification_with_an_encoder_head(tmp_path: Path, tiny_bert_dir: Path
     path = _write(tmp_path, {"name": "enc", "kind": "classification", "context": "{text}", "choices": ["neg", "pos"],
                              "gold_field": "label"}, rows)
     result = evaluate_tasks(model, tok, [str(path)], batch_size=2)[0]
-    preds = classify(model, tok, [r["text"] for r in rows])
+    preds = head_logits(model, tok, [r["text"] for r in rows]).argmax(-1).tolist()
     assert result.per_item == [float(p == r["label"]) for p, r in zip(preds, rows, strict=True)]
 
 

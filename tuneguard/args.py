@@ -16,6 +16,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A number above 0 (``1e-4``): a learning rate of 0 or below trains nothing."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of a training run, shared by ``tuneguard train`` and ``python -m tuneguard.run``."""
     parser.add_argument("recipe", help="recipe YAML file")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -31,6 +32,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+from transformers.utils import cached_file
 
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
@@ -49,14 +52,27 @@ ENCODER_TYPES = {
 }
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an image backbone expects of its input: channels, and the normalization it was trained with."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 @dataclass
 class Backbone:
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None
+    """None for an image backbone."""
     fingerprint: str
     path: str
     """The local directory the weights were loaded from (after GGUF conversion)."""
     is_encoder: bool
+    """A classifier with its own head (a text encoder, or an image backbone), not a language model."""
+    image: ImageSpec | None = None
+    """Set for an image classifier (transformers' ``AutoModelForImageClassification``)."""
 
 
 def file_sha256(path: Path) -> str:
@@ -236,6 +252,27 @@ def keep_bnb_trainable(model: torch.nn.Module) -> int:
 
 ENCODER_HEADS = ("classifier", "score")
 """Sequence-classification heads: trained with the adapter, so never quantized."""
+IMAGE_HEAD = "classifier"
+"""The head of transformers' image classifiers (ResNet, ConvNeXt, ViT, MobileNetV2, ...): replaced and trained."""
+
+
+def is_image_config(config: PretrainedConfig) -> bool:
+    """An image classifier transformers can build (``AutoModelForImageClassification``)."""
+    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and config.model_type not in ENCODER_TYPES
+
+
+def image_spec(source: str, config: PretrainedConfig, revision: str | None) -> ImageSpec:
+    """Channels from the config; mean and std from the backbone's ``preprocessor_config.json`` (what it was
+    pretrained with), or 0.5 where it has none (a randomly initialised backbone)."""
+    channels = int(getattr(config, "num_channels", 3))
+    found = cached_file(source, "preprocessor_config.json", revision=revision,
+                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    settings = json.loads(Path(found).read_text()) if found else {}
+    mean, std = settings.get("image_mean", [0.5] * channels), settings.get("image_std", [0.5] * channels)
+    if len(mean) != channels or len(std) != channels:
+        raise TuneguardError(f"model.source: '{source}': preprocessor_config.json has image_mean/image_std for "
+                             f"{len(mean)} channels, the model has {channels}")
+    return ImageSpec(channels, tuple(map(float, mean)), tuple(map(float, std)))
 
 
 def quantization_config(
@@ -276,12 +313,15 @@ def load_backbone(
     num_labels: int | None = None,
     device: torch.device | None = None,
 ) -> Backbone:
-    """Load the frozen backbone: a causal LM, or a sequence classifier when ``num_labels`` is set on an encoder."""
+    """Load the frozen backbone: a causal LM, a sequence classifier when ``num_labels`` is set on an encoder, or an
+    image classifier (its config names an ``AutoModelForImageClassification`` model)."""
     device = device or torch.device("cpu")
     source, is_hub = resolve_source(cfg)
     config = load_config(source, cfg, is_hub)
     if not is_hub:
         check_weights_dir(Path(source))
+    if is_image_config(config):
+        return _load_image_backbone(source, cfg, quant, config, is_hub, num_labels, device)
     encoder = config.model_type in ENCODER_TYPES
     kwargs = dict(
         use_safetensors=True,  # never unpickle weights
@@ -317,3 +357,36 @@ def load_backbone(
         p.requires_grad_(False)
     keep_bnb_trainable(model)
     return Backbone(model, tokenizer, fingerprint(source, is_hub, cfg.revision, quant), source, encoder)
+
+
+def image_input(cfg: ModelConfig) -> ImageSpec:
+    """What the recipe's image backbone takes, from its config files alone (no weights are loaded)."""
+    source, is_hub = resolve_source(cfg)
+    config = load_config(source, cfg, is_hub)
+    if not is_image_config(config):
+        raise TuneguardError(f"model.source: '{cfg.source}' ({config.model_type}) is not an image classifier; "
+                             "data.kind 'image_classification' needs one (ResNet, ConvNeXt, ViT, MobileNetV2, ...)")
+    return image_spec(source, config, cfg.revision)
+
+
+def _load_image_backbone(source: str, cfg: ModelConfig, quant: QuantizationConfig, config: PretrainedConfig,
+                         is_hub: bool, num_labels: int | None, device: torch.device) -> Backbone:
+    """An image classifier with a fresh ``classifier`` head for the recipe's labels (trained with the adapter)."""
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            source, num_labels=num_labels or 2, ignore_mismatched_sizes=True, use_safetensors=True,
+            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            dtype=torch.float32,  # the pixels' dtype; train.mixed_precision still autocasts
+        )
+    except OSError as exc:
+        if is_hub:
+            raise _hub_error(source, exc) from None
+        raise TuneguardError(f"model.source: cannot load '{source}': {exc}") from None
+    if not isinstance(getattr(model, IMAGE_HEAD, None), torch.nn.Module):
+        raise TuneguardError(f"model.source: '{source}' ({config.model_type}) has no '{IMAGE_HEAD}' head, the one "
+                             "tuneguard replaces and trains for the recipe's labels")
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec = image_spec(source, config, cfg.revision)
+    return Backbone(model, None, fingerprint(source, is_hub, cfg.revision, quant), source, True, spec)

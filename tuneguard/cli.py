@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneguard.args import add_train_arguments, positive_int, with_overrides
+from tuneguard.args import add_train_arguments, positive_float, positive_int, with_overrides
 from tuneguard.errors import TuneguardError, guarded, require_lm_eval
 
 if TYPE_CHECKING:
-    from tuneguard.recipe import LmEvalConfig
+    from tuneguard.recipe import LmEvalConfig, Recipe
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -24,6 +24,25 @@ def _cv(args: argparse.Namespace) -> int:
     from tuneguard.cv import cross_validate
 
     return cross_validate(args)
+
+
+def _select(args: argparse.Namespace) -> int:
+    from tuneguard.select import select_backbones
+
+    return select_backbones(args)
+
+
+def _add_select_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("select", help="rank candidate backbones on the recipe's validation data (untuned, or after "
+                       "a short fine-tune), with their general-suite score, footprint and speed")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
+    p.add_argument("--candidates", nargs="+", required=True, metavar="SOURCE",
+                   help="model sources: bundled:NAME, a local folder, a .gguf file or a hub id")
+    p.add_argument("--steps", type=positive_int, help="also fine-tune each for N steps with the recipe's adapter")
+    p.add_argument("--limit", type=positive_int, help="first N validation items (and items of each general task)")
+    p.add_argument("--out", help="folder for select.json|md and the fine-tune runs (default <output root>/NAME-select)")
+    p.set_defaults(func=_select)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -94,11 +113,37 @@ def _report(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
-    from tuneguard.report.history import list_history
+    from tuneguard.report.history import list_checks, list_history
     from tuneguard.report.terminal import print_history
 
-    print_history(list_history(task=args.task, recipe=args.recipe, last=args.last), console)
+    results = list_history(task=args.task, recipe=args.recipe, last=args.last)
+    checks = list_checks(task=args.task, recipe=args.recipe, last=args.last)
+    if args.plot:
+        from tuneguard.io import atomic_write_bytes
+        from tuneguard.report.monitor import trend_png
+
+        if not results and not checks:
+            raise TuneguardError(f"--plot: nothing to plot: the history has no runs or checks"
+                                 f"{f' of task {args.task!r}' if args.task else ''}")
+        png, drawn, total = trend_png(results, checks)
+        atomic_write_bytes(args.plot, png)
+        console.print(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot}")
+        if len(drawn) < total:
+            console.print(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
+        return 0
+    if results or not checks:
+        print_history(results, console)
+    if checks:
+        from tuneguard.report.monitor import print_checks
+
+        print_checks(checks, console)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from tuneguard.check import check
+
+    return check(Path(args.run), Path(args.data), args.alpha)
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -130,6 +175,31 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lr(args: argparse.Namespace) -> int:
+    from tuneguard.progress import console
+    from tuneguard.recipe import load_recipe
+    from tuneguard.report.lr_range import print_lr_range, write_lr_range
+    from tuneguard.train.lr_range import lr_folder, range_test
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    folder = lr_folder(recipe, args.out)
+    result = range_test(recipe, folder, start=args.start, end=args.end, steps=args.steps).to_dict()
+    print_lr_range(result, console)
+    console.print(f"written: {', '.join(map(str, write_lr_range(folder, result)))}")
+    return 0
+
+
+def _add_lr_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lr", help="learning-rate range test: loss against a growing rate, and a suggested train.lr")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
+    p.add_argument("--start", type=positive_float, default=1e-6, help="first learning rate (default 1e-6)")
+    p.add_argument("--end", type=positive_float, default=1e-1, help="last learning rate (default 1e-1)")
+    p.add_argument("--steps", type=positive_int, default=60, help="optimizer steps, one per rate (default 60)")
+    p.add_argument("--out", help="output folder (default: NAME-lr beside the run directory, e.g. runs/NAME-lr)")
+    p.set_defaults(func=_lr)
+
+
 def _add_cv_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation: one adapter per fold, the mean and spread of every metric")
     p.add_argument("recipe", help="recipe YAML file")
@@ -149,18 +219,53 @@ def _data_preview(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     seed = recipe.train.seed if args.seed is None else args.seed
+    if recipe.data.kind == "image_classification":
+        return _image_preview(args, recipe, seed)
     print_augmentation_preview(augmentation_preview(recipe.data, seed, args.n), recipe.data, seed)
+    return 0
+
+
+def _image_preview(args: argparse.Namespace, recipe: Recipe, seed: int) -> int:
+    from tuneguard.backbones import image_input
+    from tuneguard.data.preview import image_augmentation_preview
+    from tuneguard.report.image_grid import write_image_grid
+
+    out = Path(args.out or f"{Path(args.recipe).stem}-augment-preview.png")
+    rows = image_augmentation_preview(recipe.data, image_input(recipe.model), seed, args.n, args.epochs)
+    write_image_grid(out, rows, f"data.image_augment {', '.join(recipe.data.image_augment)}; seed {seed}")
+    print(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{args.epochs - 1}")
     return 0
 
 
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="inspect a recipe's training data").add_subparsers(dest="data_verb", required=True)
-    p = data.add_parser("preview", help="training rows beside their augmented copies (data.augment); loads no model")
+    p = data.add_parser("preview", help="training rows beside their augmented copies (data.augment; for images "
+                             "a PNG grid, data.image_augment); loads no model")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
     p.add_argument("--n", type=positive_int, default=10, help="training rows to show (default 10)")
     p.add_argument("--seed", type=int, help="the seed to augment with (default: the recipe's train.seed)")
+    p.add_argument("--out", help="images: the PNG grid to write (default RECIPE-augment-preview.png here)")
+    p.add_argument("--epochs", type=positive_int, default=4, help="images: augmented copies shown, one per epoch")
     p.set_defaults(func=_data_preview)
+
+
+def _add_monitoring_parsers(sub: argparse._SubParsersAction) -> None:
+    """``history`` (results and checks over time) and ``check`` (a trained run on new data)."""
+    p = sub.add_parser("history", help="results of past runs, newest first")
+    p.add_argument("--task")
+    p.add_argument("--recipe")
+    p.add_argument("--last", type=positive_int, default=20)
+    p.add_argument("--plot", metavar="OUT.png", help="draw each task's metric over time (runs and checks) to a PNG")
+    p.set_defaults(func=_history)
+
+    p = sub.add_parser("check", help="score a trained run on new data: exit 1 on a significant drop (labelled rows) "
+                       "or drift of its predictions (unlabelled rows)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet rows with the recipe's fields; without the "
+                   "label field: a drift check")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the one-sided tests (default 0.05)")
+    p.set_defaults(func=_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
-    _add_cv_parser(sub)
-    _add_data_parser(sub)
+    for add_verb in (_add_cv_parser, _add_lr_parser, _add_data_parser, _add_select_parser):
+        add_verb(sub)
 
     p = sub.add_parser("export", help="merge a run's adapter into its backbone and save a plain HF model")
     p.add_argument("run", help="run directory")
@@ -205,11 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write comparison.md/html/json into this folder")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("history", help="results of past runs, newest first")
-    p.add_argument("--task")
-    p.add_argument("--recipe")
-    p.add_argument("--last", type=positive_int, default=20)
-    p.set_defaults(func=_history)
+    _add_monitoring_parsers(sub)
 
     p = sub.add_parser("gate", help="a CI gate on a report: exit 0 pass, 1 regressed beyond the margin, 3 undecided")
     p.add_argument("report", help="report.json, or the run directory holding it")
@@ -249,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(lambda: _lm_eval(argv[debug + 1:]), debug=debug)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.verb in ("train", "cv", "data"):
+    if args.verb in ("train", "cv", "data", "lr", "select"):
         args = with_overrides(parser, args, extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -20,7 +20,7 @@ from rich.text import Text
 from tuneguard.data.prepare import checked_overlap, read_split
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
 from tuneguard.progress import console
-from tuneguard.recipe import Recipe, load_recipe
+from tuneguard.recipe import Recipe, load_recipe, recipe_defaults
 from tuneguard.report.cv import print_cv, summarize_folds, write_cv
 from tuneguard.run import reevaluate, run
 from tuneguard.rundir import RunDir, recipe_changes
@@ -47,7 +47,7 @@ class Fold:
 def _evaluates(recipe: Recipe) -> bool:
     """Whether a fold has anything to score: its own task (classification data, as ``eval.stage`` builds it) or
     general suites; otherwise it trains only, and its validation loss is what the folds are compared on."""
-    return (recipe.eval.task and recipe.data.kind == "classification") or bool(recipe.eval.suites)
+    return (recipe.eval.task and recipe.data.kind in ("classification", "image_classification")) or bool(recipe.eval.suites)
 
 
 def plan_folds(args: argparse.Namespace) -> tuple[Recipe, list[Fold]]:
@@ -87,7 +87,7 @@ def fold_state(fold: Fold, overwrite: bool) -> State:
     if overwrite or not run_dir.contents():
         return "new"
     if run_dir.recipe.exists():
-        changed = recipe_changes(run_dir.read_recipe(), fold.recipe.model_dump(mode="json"))
+        changed = recipe_changes(run_dir.read_recipe(), fold.recipe.model_dump(mode="json"), recipe_defaults())
         if changed:
             raise TuneguardError(f"{run_dir.path}: holds fold {fold.index} of another recipe (changed: "
                                  f"{', '.join(changed[:6])}); pass --overwrite to run every fold again (earlier "

@@ -33,6 +33,9 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
     Merging into 4-bit weights would round the adapter away, so the merge always happens on the
     full-precision backbone, which is what a user deploys.
     """
+    if recipe.data.kind == "image_classification":
+        raise TuneguardError("tuneguard export merges language backbones; for an image backbone, load the run's "
+                             "adapter/ with PEFT (PeftModel.from_pretrained) on the same model.source")
     if not method_spec(recipe.adapter).mergeable:  # only prompt tuning: virtual tokens, no weight delta
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
     if out.exists() and not (out / MARKER).exists():

@@ -63,10 +63,13 @@ AUGMENT_OPS = ("synonym", "insert", "swap", "delete", "char_noise")
 (``tuneguard/data/augment.py`` implements them; named here so a recipe is checked before anything loads)."""
 AUGMENT_ALIASES = {"word_dropout": "delete"}
 """Names from before EDA's operations: ``word_dropout`` dropped each word with ``augment_prob``, as ``delete`` does."""
+IMAGE_AUGMENT_OPS = ("rotate", "scale", "hflip", "vflip", "color")
+"""Image augmentation of training images (``tuneguard/data/image_augment.py``): a random rotation, zoom, horizontal
+and vertical flip, and brightness/contrast change, each drawn per image and epoch."""
 
 
 class DataConfig(Section):
-    kind: Literal["classification", "instruction", "text"] = "classification"
+    kind: Literal["classification", "instruction", "text", "image_classification"] = "classification"
     train: str
     validation: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -109,6 +112,18 @@ class DataConfig(Section):
     """The fold this run validates on (0 to folds-1); the other folds train."""
     stratify: bool = False
     """Folds keep each label's share of the rows (classification)."""
+    image_field: str = "image"
+    """image_classification tables: the column holding each image's path (relative to the table)."""
+    image_size: int = Field(32, ge=8, le=1024)
+    """image_classification: every image is resized to this many pixels square (the backbone's input)."""
+    image_augment: list[str] = []
+    """image_classification: transforms applied to training images, drawn anew each epoch (``IMAGE_AUGMENT_OPS``)."""
+    image_rotate_degrees: float = Field(15.0, gt=0, le=180)
+    """``rotate``: the angle is drawn uniformly from [-degrees, +degrees]."""
+    image_scale: tuple[float, float] = (0.85, 1.15)
+    """``scale``: the zoom factor is drawn uniformly from [low, high] (above 1 zooms in)."""
+    image_color: float = Field(0.2, gt=0, lt=1)
+    """``color``: brightness and contrast factors are each drawn uniformly from [1 - color, 1 + color]."""
 
     @field_validator("augment")
     @classmethod
@@ -120,6 +135,33 @@ class DataConfig(Section):
                 raise ValueError(f"unknown operation '{op}'; {hint}choose 'none' alone, or one operation or a list of: "
                                  f"{', '.join(AUGMENT_OPS)} ({', '.join(f'{a} = {b}' for a, b in AUGMENT_ALIASES.items())})")
         return augment
+
+    @field_validator("image_augment")
+    @classmethod
+    def _known_image_ops(cls, ops: list[str]) -> list[str]:
+        for op in ops:
+            if op not in IMAGE_AUGMENT_OPS:
+                close = difflib.get_close_matches(op, IMAGE_AUGMENT_OPS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown image transform '{op}'; {hint}choose from {', '.join(IMAGE_AUGMENT_OPS)}")
+        return ops
+
+    @field_validator("image_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 4:
+            raise ValueError(f"a range [low, high] with 0 < low <= high <= 4, got {list(scale)}")
+        return scale
+
+    def image_problem(self) -> str | None:
+        """Why the image keys and the data kind do not go together, or None."""
+        if self.kind != "image_classification":
+            return "data.image_augment applies to data.kind 'image_classification'" if self.image_augment else None
+        if not self.labels:
+            return "data.labels is required when data.kind is 'image_classification' (class folder names or labels)"
+        if self.augment_ops:
+            return "data.augment is text augmentation; for images use data.image_augment (rotate, scale, hflip, ...)"
+        return None
 
     @property
     def augment_ops(self) -> list[str]:
@@ -140,8 +182,8 @@ class DataConfig(Section):
             return "data.stratify applies to cross-validation folds (data.folds, data.fold)" if self.stratify else None
         if self.fold >= self.folds:
             return f"data.fold must be below data.folds={self.folds} (folds count from 0), got {self.fold}"
-        if self.stratify and self.kind != "classification":
-            return f"data.stratify needs labels: data.kind is '{self.kind}', not 'classification'"
+        if self.stratify and self.kind not in ("classification", "image_classification"):
+            return f"data.stratify needs labels: data.kind is '{self.kind}', not a classification"
         unused = [f"data.{key}" for key in ("validation", "max_val_samples") if getattr(self, key) is not None]
         if unused:
             return (f"data.folds: each fold validates on its own rows of data.train, so {' and '.join(unused)} would "
@@ -151,7 +193,12 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    lr: float = Field(2e-4, gt=0)
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; unset: the adapter method's usual one (``adapters/capabilities.py``), filled in by
+    :class:`Recipe`, so a loaded recipe always holds the rate it trains at."""
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise learning-rate decay: adapter weights in layer i of L train at lr * decay**(L-1-i), the top
+    layer at lr; weights in no layer (a classifier head, virtual tokens) at lr. 1 is off."""
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -168,6 +215,18 @@ class TrainConfig(Section):
     log_every: int = Field(5, ge=1)
     eval_every: int | None = Field(None, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_metric: Literal["val_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"] = "val_loss"
+    """What each validation judges: the validation loss (lower is better), or the task metric scored on the
+    validation rows as the final evaluation scores them (classification only; higher is better). Patience and
+    ``select`` use it."""
+    select: Literal["last", "best_task", "task_within_forgetting"] | None = None
+    """Which adapter the run keeps: the ``last`` step's; the validation with the ``best_task`` metric; or
+    ``task_within_forgetting``: the best task metric among validations whose general-text perplexity rose at most
+    ``forgetting_bound`` percent over the base model. Unset: ``best_task`` with ``early_stopping_patience``, else
+    ``last``."""
+    forgetting_bound: float | None = Field(None, ge=0)
+    """``task_within_forgetting``: the general-text perplexity rise allowed over the base model, in percent
+    (``2.0``: at most 2% higher, i.e. a loss at most ln(1.02) = 0.0198 nats per token higher)."""
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
@@ -180,6 +239,24 @@ class TrainConfig(Section):
         if missing:
             raise ValueError(f"tracker {missing} is not installed (pip install {' '.join(missing)})")
         return trackers
+
+    def selection_problem(self, data: DataConfig) -> str | None:
+        """Why the early-stopping and checkpoint-choice keys do not go together, or None."""
+        metric, rule = self.early_stopping_metric, self.select
+        if metric != "val_loss" and data.kind not in ("classification", "image_classification"):
+            return (f"train.early_stopping_metric '{metric}' needs labels: data.kind is '{data.kind}', not "
+                    "'classification' or 'image_classification' (use 'val_loss')")
+        judged = rule in ("best_task", "task_within_forgetting")
+        key = f"train.select '{rule}'" if judged else f"train.early_stopping_metric '{metric}'"
+        if (metric != "val_loss" or judged) and data.validation is None and data.val_fraction == 0:
+            return f"{key} needs validation rows: set data.validation or data.val_fraction"
+        if (metric != "val_loss" or judged) and self.eval_every is None:
+            return f"{key} is judged at each validation: set train.eval_every"
+        if rule == "task_within_forgetting" and self.forgetting_bound is None:
+            return "train.select 'task_within_forgetting' needs train.forgetting_bound (percent of general-text perplexity)"
+        if rule != "task_within_forgetting" and self.forgetting_bound is not None:
+            return "train.forgetting_bound applies to train.select 'task_within_forgetting' only"
+        return None
 
 
 class LmEvalConfig(Section):
@@ -210,6 +287,10 @@ class EvalConfig(Section):
     """Multiplicity across the general suite: Holm (family-wise error) or Benjamini-Hochberg (FDR)."""
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=100)
+    encoder_baseline: Literal["linear_probe", "random_head"] = "linear_probe"
+    """Encoders (a new classifier head): what "before" is on the recipe's task. ``linear_probe``: the same head
+    trained alone on the frozen backbone (same rows, steps, batch and schedule), with the untrained head shown
+    as chance level; ``random_head``: the untrained head itself."""
 
     @field_validator("suites")
     @classmethod
@@ -261,6 +342,13 @@ class Recipe(Section):
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
+    def _method_default_lr(self) -> Recipe:
+        """The one place an unset ``train.lr`` becomes the method's default (recipe.yaml then records it)."""
+        if self.train.lr is None:
+            self.train.lr = CAPABILITIES[self.adapter.method].lr
+        return self
+
+    @model_validator(mode="after")
     def _check_combinations(self) -> Recipe:
         caps = CAPABILITIES[self.adapter.method]
         if self.adapter.use_dora and not caps.dora:
@@ -277,7 +365,34 @@ class Recipe(Section):
             raise ValueError("data.labels is required when data.kind is 'classification'")
         if problem := self.data.fold_problem():
             raise ValueError(problem)
+        if problem := self.train.selection_problem(self.data):
+            raise ValueError(problem)
+        if problem := self.data.image_problem() or self._image_backbone_problem():
+            raise ValueError(problem)
         return self
+
+    def _image_backbone_problem(self) -> str | None:
+        """What an image backbone cannot do: general suites score language models; no 4-bit convolutions."""
+        if self.data.kind != "image_classification":
+            return None
+        if self.eval.suites:
+            return ("eval.suites: general suites score language models; an image backbone is evaluated on the "
+                    "recipe's own validation images only (eval.suites=[])")
+        if self.quantization.method != "none":
+            return "quantization.method: image backbones are not quantized (bitsandbytes has no convolution layers); use none"
+        if self.adapter.method != "lora":
+            return "adapter.method: image backbones take 'lora' (on their linear and convolution layers)"
+        if self.model.dtype not in ("auto", "float32"):
+            return ("model.dtype: image backbones load in float32, the pixels' dtype (train.mixed_precision "
+                    "still autocasts); use auto or float32")
+        by_layer = {"train.layer_lr_decay": self.train.layer_lr_decay != 1,
+                    "adapter.freeze_layers_below": self.adapter.freeze_layers_below > 0,
+                    "adapter.unfreeze_every": self.adapter.unfreeze_every > 0,
+                    "adapter.layers_to_transform": self.adapter.layers_to_transform is not None}
+        if used := [key for key, on in by_layer.items() if on]:
+            return (f"{used[0]}: layer-wise settings count transformer layers; an image backbone's stages number "
+                    "their blocks each from 0, so there is no single layer depth to apply it to")
+        return None
 
     def run_dir(self, recipe_path: Path | None = None) -> Path:
         name = self.output.name or (recipe_path.stem if recipe_path else "run")
@@ -295,6 +410,7 @@ ALIASES = {
     "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
     "sequence_len": "max_length", "max_seq_length": "max_length", "lr_scheduler": "scheduler",
     "lora_target_modules": "target_modules", "base_model": "source", "model_name_or_path": "source",
+    "layer_decay": "layer_lr_decay",
 }
 
 
@@ -363,7 +479,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Data paths in a recipe are relative to the recipe file; make them absolute and check them."""
+    """Data paths in a recipe are relative to the recipe file; make them absolute and check them. A
+    ``model.source`` folder beside the recipe is taken from there too (else the current directory, or the hub)."""
+    source = Path(recipe.model.source).expanduser()
+    if not source.is_absolute() and (base / source).is_dir():
+        recipe.model.source = str((base / source).resolve())
     for attr in ("train", "validation", "replay"):
         value = getattr(recipe.data, attr)
         if value is None or value.startswith("bundled:"):
@@ -374,7 +494,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             path = next((c for c in candidates if c.exists()), candidates[0])
         if not path.exists():
             raise TuneguardError(f"data.{attr}: file not found: {value} (looked in {path.parent})")
-        if path.is_dir():
+        if path.is_dir() and not (recipe.data.kind == "image_classification" and attr != "replay"):
             raise TuneguardError(f"data.{attr}: {path} is a directory; name a JSONL, CSV, TSV or Parquet file")
         setattr(recipe.data, attr, str(path.resolve()))
     return recipe
@@ -413,6 +533,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         except ValidationError:
             raise TuneguardError(f"{path}: the file name cannot name a run folder; set output.name") from None
     return resolve_paths(recipe, path.parent)
+
+
+def recipe_defaults() -> dict[str, Any]:
+    """Every key at its default: what a recipe written before a key existed ran with (resume, reused runs)."""
+    return Recipe.model_construct(data=DataConfig.model_construct(train="")).model_dump(mode="json")
 
 
 def dump_recipe(recipe: Recipe) -> str:

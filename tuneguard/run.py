@@ -14,6 +14,7 @@ from pathlib import Path
 from tuneguard.args import add_train_arguments, with_overrides
 from tuneguard.errors import TuneguardError, guarded
 from tuneguard.eval.stage import Evaluation, load_run, score_run
+from tuneguard.eval.validation import validation_scorer
 from tuneguard.eval.verdicts import check_budget
 from tuneguard.progress import console, quiet_libraries
 from tuneguard.recipe import Recipe, load_recipe
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = recipe.run_dir(Path(args.recipe))
     resume = args.resume or bool(args.resume_changed)
     with claim_run_dir(run_dir, "overwrite" if args.overwrite else "resume" if resume else "new"):
-        result = train(recipe, run_dir, resume=resume, resume_changed=args.resume_changed)
+        result = train(recipe, run_dir, resume=resume, resume_changed=args.resume_changed, scorer=validation_scorer)
         try:
             if args.no_eval or not (recipe.eval.task or recipe.eval.suites):
                 return 0

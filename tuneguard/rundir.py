@@ -31,7 +31,7 @@ RECIPE, RUN, METRICS = "recipe.yaml", "run.json", "metrics.jsonl"
 CHECKPOINTS, LOCK, ADAPTER, EVAL = "checkpoints", ".tuneguard.lock", "adapter", "eval.json"
 TRAIN_STATE, CHECKPOINT_RECIPE = "train_state.json", "recipe.json"
 ADAPTER_META, MERGED, ADAPTER_WEIGHTS = "tuneguard.json", "merged", "adapter_model.safetensors"
-SCORES = "scores"
+SCORES, CHECKS = "scores", "checks"
 REPORTS = ("report.json", "report.md", "report.html")
 _HELD: dict[Path, int] = {}
 """Run directories this process holds, with the fd that holds each lock."""
@@ -61,13 +61,20 @@ def _require(path: Path) -> None:
         raise TuneguardError(f"{path}: file not found (is {path.parent} a finished run directory?)")
 
 
-def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested recipe dicts."""
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None,
+                   prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested recipe dicts.
+
+    A key ``old`` lacks takes its value from ``defaults`` (``tuneguard.recipe.recipe_defaults``): a recipe
+    stored before the key existed ran as its default does, so a run can be resumed across versions.
+    """
+    defaults = defaults or {}
     changed = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += recipe_changes(a, b, f"{prefix}{key}.")
+            below = defaults.get(key)
+            changed += recipe_changes(a, b, below if isinstance(below, dict) else None, f"{prefix}{key}.")
         elif a != b:
             changed.append(f"{prefix}{key}")
     return changed
@@ -202,6 +209,25 @@ class RunDir:
 
     def write_eval(self, data: dict[str, Any]) -> None:
         atomic_write_json(self.eval_json, data)
+
+    def read_eval(self) -> dict[str, Any]:
+        """eval.json: base and tuned task results with per-item outcomes (``tuneguard check`` compares with them)."""
+        return read_json(self.eval_json)
+
+    @property
+    def checks(self) -> Path:
+        """``tuneguard check`` results, one ``check-YYYYmmdd-HHMMSS.json`` per check (UTC)."""
+        return self.path / CHECKS
+
+    def write_check(self, record: dict[str, Any]) -> Path:
+        """A check's result, atomically, under a new name (a second check in the same second gets ``-2``)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        path, n = self.checks / f"check-{stamp}.json", 1
+        while path.exists():
+            n += 1
+            path = self.checks / f"check-{stamp}-{n}.json"
+        atomic_write_json(path, record)
+        return path
 
     def write_reports(self, report: dict[str, Any], markdown: str, html: str) -> list[Path]:
         """report.json and its two renderings, each atomically; returns their paths."""
@@ -406,12 +432,14 @@ class RunDir:
 
     # ----------------------------------------------------------------------------- resuming
 
-    def check_resume(self, checkpoint: Path, recipe_view: dict[str, Any], allowed: list[str]) -> None:
-        """Refuse to resume with a training recipe other than the checkpoint's, unless every change is named."""
+    def check_resume(self, checkpoint: Path, recipe_view: dict[str, Any], allowed: list[str],
+                     defaults: dict[str, Any] | None = None) -> None:
+        """Refuse to resume with a training recipe other than the checkpoint's, unless every change is named
+        (keys the checkpoint's recipe lacks count as their ``defaults``)."""
         stored = checkpoint / CHECKPOINT_RECIPE
         if not stored.exists():
             return  # a checkpoint from before recipes were stored with it
-        changed = recipe_changes(json.loads(stored.read_text()), recipe_view)
+        changed = recipe_changes(json.loads(stored.read_text()), recipe_view, defaults)
         unnamed = [k for k in changed if k not in allowed]
         if unnamed:
             raise TuneguardError(

@@ -1,4 +1,4 @@
-"""What each adapter method can do, as plain data with no imports.
+"""What each adapter method can do, and the learning rate it usually trains at, as plain data with no imports.
 
 The recipe validates with it before torch or PEFT load, and the run-directory reader leaves ``r``
 blank with it, so both stay out of import cycles with ``tuneguard.adapters.registry`` (which builds
@@ -22,17 +22,47 @@ class Capabilities:
     """False where ``adapter.r`` means nothing, so reports leave it blank."""
     dora: bool = False
     """Whether ``adapter.use_dora`` applies."""
+    lr: float = 2e-4
+    """The ``train.lr`` (AdamW) a recipe that gives none trains at: published practice for the method."""
+    lr_range: tuple[float, float] = (1e-4, 5e-4)
+    """The usual range of published rates; a recipe more than ``LR_WARN_FACTOR`` outside it gets a warning."""
 
 
+# Learning rates (README "Learning rate" has the table):
+# - LoRA (DoRA, rsLoRA alike): Hu et al. 2021 (LoRA) train GPT-2 at 2e-4 and RoBERTa at 4e-4 to 5e-4; Dettmers
+#   et al. 2023 (QLoRA) use 2e-4 up to 13B parameters and 1e-4 above; Schulman et al. 2025 ("LoRA Without
+#   Regret", Thinking Machines) find LoRA's best rate about 10x full fine-tuning's (1e-5 to 5e-5).
+# - IA3: Liu et al. 2022 (T-Few) train the scales at 3e-3; they start at 1 and need large steps.
+# - LoHa, LoKr: Yeh et al. 2024 (LyCORIS) compare them with LoRA under the same hyperparameters and publish no
+#   rate of their own, so they start at LoRA's; the range reaches higher (smaller effective updates).
+# - AdaLoRA: Zhang et al. 2023 train DeBERTaV3 on GLUE at 5e-4 to about 1e-3; its singular values start at
+#   zero and its budget prunes early, so LoRA's 2e-4 barely moves it in a short run (README, adapter table).
+# - Prompt tuning: Lester et al. 2021 use 0.3 (Adafactor); PEFT's causal-LM prompt-tuning guide uses 3e-2
+#   (AdamW): virtual-token embeddings move far from where they start.
 CAPABILITIES: dict[str, Capabilities] = {
     "lora": Capabilities(dora=True),
-    "ia3": Capabilities(has_rank=False),
-    "loha": Capabilities(four_bit=False),
-    "lokr": Capabilities(four_bit=False),
-    "adalora": Capabilities(),
-    "prompt_tuning": Capabilities(mergeable=False, packable=False, has_rank=False),
+    "ia3": Capabilities(has_rank=False, lr=3e-3, lr_range=(1e-3, 1e-2)),
+    "loha": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
+    "lokr": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
+    "adalora": Capabilities(lr=5e-4, lr_range=(2e-4, 2e-3)),
+    "prompt_tuning": Capabilities(mergeable=False, packable=False, has_rank=False, lr=3e-2, lr_range=(1e-2, 3e-1)),
 }
 """One entry per recipe ``adapter.method``."""
+
+LR_WARN_FACTOR = 10.0
+"""How far outside a method's usual range ``train.lr`` may go before the run starts with a warning."""
+
+
+def lr_warning(method: str, lr: float) -> str | None:
+    """One line when ``lr`` is far outside the method's usual range (a typo, or another method's rate, such as
+    IA3's on LoRA); None inside it. A warning, not an error: a range test may well point there."""
+    caps = CAPABILITIES[method]
+    low, high = caps.lr_range
+    if low / LR_WARN_FACTOR <= lr <= high * LR_WARN_FACTOR:
+        return None
+    way = "above" if lr > high else "below"
+    return (f"train.lr={lr:g} is more than {LR_WARN_FACTOR:g}x {way} the usual range for adapter.method "
+            f"'{method}' ({low:g} to {high:g}; its default is {caps.lr:g}); `tuneguard lr RECIPE` measures one")
 
 
 def reports_rank(method: str | None) -> bool:

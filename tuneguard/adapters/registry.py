@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from tuneguard.adapters.capabilities import CAPABILITIES, Capabilities
 from tuneguard.adapters.freezing import layer_index
+from tuneguard.backbones import IMAGE_HEAD
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import AdapterConfig
 from tuneguard.weights import check_adapter
@@ -43,12 +44,14 @@ FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer, or a dense 2-D convolution (image backbones; PEFT's LoRA has a Conv2d layer, and a
+    convolution is a linear map of its receptive field). Depthwise/grouped convolutions are left out."""
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
-    return isinstance(module, torch.nn.Linear)
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1)
 
 
 def linear_module_names(model: PreTrainedModel) -> dict[str, str]:
-    """Full name -> 'attention' | 'mlp' for every linear layer outside the output head and pooler."""
+    """Full name -> 'attention' | 'mlp' for every linear (or dense conv) layer outside the output head and pooler."""
     kinds: dict[str, str] = {}
     for full, module in model.named_modules():
         parts = full.split(".")
@@ -288,12 +291,15 @@ def peft_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType,
 
 
 def apply_adapter(
-    model: PreTrainedModel, cfg: AdapterConfig, *, is_encoder: bool, total_steps: int
+    model: PreTrainedModel, cfg: AdapterConfig, *, is_encoder: bool, total_steps: int, image: bool = False
 ) -> PeftModel:
     """Wrap the frozen backbone with the recipe's adapter; only adapter (and new head) weights train."""
     spec = method_spec(cfg)
-    task_type = TaskType.SEQ_CLS if is_encoder else TaskType.CAUSAL_LM
+    # PEFT has no image task type: an image classifier's new head is named as trained and saved with the adapter.
+    task_type = None if image else TaskType.SEQ_CLS if is_encoder else TaskType.CAUSAL_LM
     config = spec.build_config(cfg, model, task_type, total_steps)
+    if image:
+        config.modules_to_save = [IMAGE_HEAD]
     try:
         peft_model = get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tuneguard.backbones import ImageSpec
 from tuneguard.data.examples import (
     MAX_NAMED_PROBLEMS,
     ChoiceItem,
@@ -20,6 +21,7 @@ from tuneguard.data.examples import (
     label_index,
 )
 from tuneguard.data.folds import fold_split
+from tuneguard.data.images import ImageExample, ImageItems, ImagePipeline, build_images, image_rows
 from tuneguard.data.packing import Packed, pack
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
@@ -31,20 +33,22 @@ BUNDLED_REPLAY = {"wiki": Path(__file__).resolve().parent / "replay" / "wiki_pas
 
 @dataclass
 class Prepared:
-    train: list[Packed] | list[Example]
-    """Packed rows for decoders; single examples (with class labels) for encoder classifiers."""
-    val: list[Packed] | list[Example]
+    train: list[Packed] | list[Example] | list[ImageExample]
+    """Packed rows for decoders; single examples (with class labels) for encoder classifiers; decoded images."""
+    val: list[Packed] | list[Example] | list[ImageExample]
     val_items: list[ChoiceItem]
     """Classification: one scoring item per validation row (context + verbalized labels, and the prompt)."""
     val_examples: list[Example]
     verbalizers: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
+    images: ImageItems | None = None
+    """Image classification: the validation images, for the recipe's own task."""
 
 
 def split_rows(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     """A seeded split of the training file when no validation file is given."""
     if cfg.validation:
-        return rows, read_rows(cfg.validation, cfg.format, header=cfg.header, columns=cfg.columns)
+        return rows, data_rows(cfg.validation, cfg)
     if cfg.val_fraction == 0:
         return rows, []
     order = list(range(len(rows)))
@@ -61,11 +65,18 @@ def sample_rows(rows: list[Row], n: int | None, seed: int) -> list[Row]:
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
+def data_rows(path: str, cfg: DataConfig) -> list[Row]:
+    """The rows of a data file, or for images of a class-folder tree or a table of image paths."""
+    if cfg.kind == "image_classification":
+        return image_rows(path, cfg)
+    return read_rows(path, cfg.format, header=cfg.header, columns=cfg.columns)
+
+
 def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     """The training and validation rows of a run, before tokenizing (cheap: ``tuneguard cv`` checks every fold
     with it before a model loads). Under ``data.folds`` the sample of ``max_train_samples`` is drawn before
     folding, so the folds cover the sample and each trains on (k-1)/k of it."""
-    rows = read_rows(cfg.train, cfg.format, header=cfg.header, columns=cfg.columns)
+    rows = data_rows(cfg.train, cfg)
     if cfg.folds is not None:
         return fold_split(sample_rows(rows, cfg.max_train_samples, seed), cfg, seed)
     train_rows, val_rows = split_rows(rows, cfg, seed)
@@ -118,10 +129,37 @@ def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
     return [rows[rng.randrange(len(rows))] for _ in range(want)]
 
 
+def prepare_images(cfg: DataConfig, spec: ImageSpec, seed: int) -> Prepared:
+    """Image classification: decoded training and validation images (augmented later, per training batch)."""
+    train_rows, val_rows = read_split(cfg, seed)
+    bad_train, bad_val = Problems(), Problems()
+    pipeline = ImagePipeline(spec, cfg, seed)
+    train = build_images(train_rows, cfg, pipeline, "training", bad_train)
+    val = build_images(val_rows, cfg, pipeline, "validation", bad_val)
+    overlap = checked_overlap(train_rows, val_rows, cfg)
+    random.Random(seed + 3).shuffle(train)
+    stats = {
+        "train_rows": len(train_rows), "val_rows": len(val_rows), "train_examples": len(train),
+        "image_size": cfg.image_size, "image_augment": list(cfg.image_augment),
+        "bad_train_rows": bad_train.total, "bad_val_rows": bad_val.total,
+        "bad_rows_named": bad_train.named + bad_val.named, "overlap_val_rows": len(overlap),
+    }
+    return Prepared(train, val, [], [], label_index(cfg)[1], stats, ImageItems(val))
+
+
 def prepare_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, is_encoder: bool, seed: int, packable: bool = True
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None, *, is_encoder: bool, seed: int, packable: bool = True,
+    image: ImageSpec | None = None,
 ) -> Prepared:
-    """``packable=False`` for adapters that prepend tokens to a row (prompt tuning): one document per row."""
+    """``packable=False`` for adapters that prepend tokens to a row (prompt tuning): one document per row.
+    ``image``: the backbone is an image classifier (what its input must look like)."""
+    if (image is not None) != (cfg.kind == "image_classification"):
+        raise TuneguardError(f"data.kind '{cfg.kind}' does not fit this backbone: "
+                             + ("it is an image classifier" if image is not None else
+                                "image data needs an image classifier (ResNet, ConvNeXt, ViT, ...)"))
+    if image is not None:
+        return prepare_images(cfg, image, seed)
+    assert tokenizer is not None
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
     train_rows, val_rows = read_split(cfg, seed)

@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from tuneguard.backbones import ImageSpec
 from tuneguard.data.augment import Copy, augmented_copies
-from tuneguard.data.examples import class_index, format_prompt, instruction_messages, label_index
+from tuneguard.data.examples import Problems, class_index, format_prompt, instruction_messages, label_index
+from tuneguard.data.images import ImagePipeline, build_images
 from tuneguard.data.prepare import read_split
 from tuneguard.data.readers import Row
 from tuneguard.errors import TuneguardError
@@ -65,3 +69,29 @@ def augmentation_preview(cfg: DataConfig, seed: int, n: int) -> list[PreviewRow]
         raise TuneguardError(f"data.text_field: no usable training row has text in the field '{cfg.text_field}', the "
                              "one augmentation changes")
     return out
+
+
+@dataclass(frozen=True)
+class ImagePreview:
+    where: str
+    answer: str
+    images: torch.Tensor
+    """(1 + epochs, C, H, W) in [0, 1]: the image as validation sees it, then as each training epoch sees it."""
+
+
+def image_augmentation_preview(cfg: DataConfig, spec: ImageSpec, seed: int, n: int, epochs: int) -> list[ImagePreview]:
+    """The first ``n`` usable training images (in file order) beside their augmented copies in epochs 0 to
+    ``epochs`` - 1, drawn by the pipeline training uses (so with this seed, exactly what training sees)."""
+    if not cfg.image_augment:
+        raise TuneguardError("data.image_augment is empty: training images are used as they are; set it to preview "
+                             "copies, e.g. data.image_augment=[rotate,scale,color]")
+    train_rows, _ = read_split(cfg, seed)
+    lenient = cfg.model_copy(update={"max_bad_fraction": 1.0})  # a preview shows the good rows, training counts bad ones
+    examples = build_images(train_rows[: n * 4], lenient, ImagePipeline(spec, cfg, seed), "training", Problems())[:n]
+    if not examples:
+        raise TuneguardError(f"{cfg.train}: none of the first training rows has a readable image")
+    _, verbalizers = label_index(cfg)
+    unscaled = ImagePipeline(ImageSpec(spec.channels, (0.0,) * spec.channels, (1.0,) * spec.channels), cfg, seed)
+    return [ImagePreview(e.where, verbalizers[e.label], torch.cat(
+        [unscaled.batch([e])["pixel_values"], *(unscaled.batch([e], epoch)["pixel_values"] for epoch in range(epochs))]))
+        for e in examples]

@@ -28,21 +28,32 @@ class Guard:
         return asdict(self)
 
 
-def _probe_logits(model: PeftModel, ids: torch.Tensor) -> torch.Tensor:
+def _probe_logits(model: PeftModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(**inputs).logits.float()
+
+
+def _probe(model: PeftModel, tokenizer) -> tuple[dict[str, torch.Tensor], str]:
+    """The probe input: a sentence, or for an image backbone (no tokenizer) a fixed seeded noise image."""
+    device = next(model.parameters()).device
+    if tokenizer is not None:
+        return {"input_ids": torch.tensor([tokenizer(PROBE)["input_ids"]], device=device)}, "a probe sentence"
+    config = model.get_base_model().config
+    size = config.image_size if isinstance(getattr(config, "image_size", None), int) else 64
+    shape = (1, getattr(config, "num_channels", 3), size, size)
+    return {"pixel_values": torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)}, "a probe image"
 
 
 def adapter_changes_outputs(model: PeftModel, tokenizer) -> Guard:
-    ids = torch.tensor([tokenizer(PROBE)["input_ids"]], device=next(model.parameters()).device)
+    inputs, what = _probe(model, tokenizer)
     was_training = model.training
     model.eval()
-    tuned = _probe_logits(model, ids)
+    tuned = _probe_logits(model, inputs)
     with model.disable_adapter():
-        base = _probe_logits(model, ids)
+        base = _probe_logits(model, inputs)
     model.train(was_training)
     diff = float((tuned[..., -base.shape[-2] :, :] - base).abs().max())
-    return Guard("adapter applied", diff > 1e-5, f"max |logit(tuned) - logit(base)| = {diff:.4g} on a probe sentence")
+    return Guard("adapter applied", diff > 1e-5, f"max |logit(tuned) - logit(base)| = {diff:.4g} on {what}")
 
 
 def adapter_weight_delta(model: PeftModel) -> Guard:

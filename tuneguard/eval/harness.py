@@ -64,10 +64,12 @@ def evaluate_tasks(
     accelerator: Any = None,
     label: str = "",
     cache: ScoreCache | None = None,
+    show: bool = True,
 ) -> list[TaskResult]:
     """Score tasks (objects, names, suites or YAML paths) on the first ``limit`` items of each.
 
-    Each task shows a live line (items/s, ETA) and logs its time, prefixed by ``label`` ("base", "tuned").
+    Each task shows a live line (items/s, ETA) and logs its time, prefixed by ``label`` ("base", "tuned"),
+    unless ``show`` is off (a validation inside training, under the training's own progress bar).
 
     With a ``cache``, a task already scored on this backbone, adapter and adapter state (on when
     ``adapter_id`` is given) is taken from it instead of scored again.
@@ -87,13 +89,13 @@ def evaluate_tasks(
         kept = cache.get(key) if cache is not None and key is not None else None
         name = f"{label} · {task.name}" if label else task.name
         if kept is not None:
-            if rank == 0:
+            if rank == 0 and show:
                 console.print(f"{name}: {len(docs)} items, scored before on this backbone and adapter (scores/)")
             results.append(kept)
             continue
         mine = list(range(rank, len(docs), world))
         start = time.perf_counter()
-        with phase(name, len(mine), enabled=rank == 0) as advance:
+        with phase(name, len(mine), enabled=show and rank == 0) as advance:
             local = KINDS[task.kind].score(model, tokenizer, task, [docs[i] for i in mine], batch_size, advance)
         outcomes = _gather(accelerator, list(zip(mine, local, strict=True)))
         results.append(

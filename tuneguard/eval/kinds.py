@@ -24,11 +24,13 @@ from tuneguard.eval.metrics.functional import exact_match_score, token_f1_score
 from tuneguard.eval.records import Aggregate, Doc, Task, Text, aggregate
 from tuneguard.eval.scoring import (
     Score,
-    classify,
     encode_pair,
+    eval_mode,
     generate_until,
+    head_logits,
     loglikelihood,
     max_model_length,
+    model_device,
     prefix_token_id,
     rolling_loglikelihood,
 )
@@ -146,7 +148,8 @@ class _OptionKind(TaskKind):
             return _option_loglikelihoods(model, tokenizer, task, docs, batch_size, advance)
         if not self.by_head or not all(isinstance(d.context, str) for d in docs):
             raise TuneguardError(f"task '{task.name}': a model with a classification head can only score text classification tasks")
-        return classify(model, tokenizer, [str(d.context) for d in docs], batch_size=batch_size, advance=advance)
+        texts = [str(d.context) for d in docs]
+        return head_logits(model, tokenizer, texts, batch_size=batch_size, advance=advance).argmax(-1).tolist()
 
 
 class MultipleChoice(_OptionKind):
@@ -185,6 +188,27 @@ class Classification(_OptionKind):
         metrics: dict[str, Any] = {"acc": _mean(per_item)}
         metrics.update(classification_metrics(predictions, [d.gold for d in docs], task.labels or []))
         return KindResult(per_item, metrics, None, "mean")
+
+
+class ImageClassification(Classification):
+    """A recipe's validation images (``Task.external``: :class:`~tuneguard.data.images.ImageItems`), each scored
+    by the image classifier's head, never augmented; the metrics are text classification's."""
+
+    def score(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, task: Task, docs: Sequence[Doc],
+        batch_size: int, advance: Advance | None = None,
+    ) -> list[Any]:
+        examples = task.external.examples
+        device = model_device(model)
+        preds: list[int] = []
+        with eval_mode(model):
+            for start in range(0, len(docs), batch_size):
+                rows = [examples[d.ref] for d in docs[start : start + batch_size]]
+                pixels = rows[0].pipeline.batch(rows)["pixel_values"].to(device)
+                preds += model(pixel_values=pixels).logits.argmax(dim=-1).tolist()
+                if advance:
+                    advance(start + len(rows), len(docs))
+        return preds
 
 
 class Loglikelihood(_OptionKind):
@@ -311,6 +335,7 @@ class LmEval(TaskKind):
 KINDS: dict[str, TaskKind] = {
     "multiple_choice": MultipleChoice(),
     "classification": Classification(),
+    "image_classification": ImageClassification(),
     "loglikelihood": Loglikelihood(),
     "generation": Generation(),
     "perplexity": Perplexity(),

@@ -16,8 +16,9 @@ from typing import Any, Literal
 Aggregate = Literal["mean", "perplexity", "bits_per_byte"]
 SpecKind = Literal["multiple_choice", "classification", "loglikelihood", "generation", "perplexity"]
 """The kinds a user task YAML may declare."""
-Kind = Literal[SpecKind, "lm_eval"]
-"""Also ``lm_eval``: a task of lm-evaluation-harness's library, scored through its own definition."""
+Kind = Literal[SpecKind, "lm_eval", "image_classification"]
+"""Also ``lm_eval``: a task of lm-evaluation-harness's library, scored through its own definition; and
+``image_classification``: a recipe's validation images, scored by the image classifier's head."""
 Text = str | list[int]
 
 

@@ -1,10 +1,11 @@
 """The scoring engine every task reduces to: log-likelihoods, rolling perplexity, greedy generation.
 
-Multiple-choice items share their context: the context and every choice are packed into one row
-with a block mask (each choice sees the context and itself, never the other choices) and position
-ids that restart after the context for each choice. One forward pass then scores all choices, which
-is exact and about ``n_choices`` times cheaper than re-running the context per choice. Logits are
-computed only at the positions that predict a scored token, a chunk of positions at a time, so memory
+Requests share what they feed the model in common: the context and every choice are packed into one
+row with a block mask (each choice sees the shared prefix and itself, never the other choices) and
+position ids that continue the prefix for each choice. One forward pass then scores all choices, which
+is exact and about ``n_choices`` times cheaper than re-running the context per choice; the prefix
+extends past the context where choices begin alike, and covers the start of differing contexts
+(WinoGrande's partial scoring). Logits are computed only at the positions that predict a scored token, a chunk of positions at a time, so memory
 does not grow with the vocabulary, the window length, the task or the number of items.
 
 The functions take any causal LM, including a ``PeftModel`` with its adapter on or under
@@ -54,15 +55,21 @@ class RollingScore:
 
 @dataclass
 class _Row:
-    """One packed sequence: a context, then the inputs of each continuation scored against it."""
+    """One packed sequence: a token prefix its requests share, then each request's remaining inputs.
 
-    context: list[int]
+    A request feeds the model its context and continuation but the continuation's last token (which
+    is predicted, never fed back in). Requests share the longest prefix of what they feed: a whole
+    context (ARC, HellaSwag), and beyond it the words before the choices first differ (PIQA's
+    near-identical solutions) or before the option (WinoGrande's partial scoring, whose contexts differ).
+    """
+
+    prefix: list[int]
     requests: list[int] = field(default_factory=list)
+    fed: list[list[int]] = field(default_factory=list)
     continuations: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        # A continuation's last token is predicted but never fed back in.
-        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+        return len(self.prefix) + sum(len(f) - len(self.prefix) for f in self.fed)
 
 
 @contextmanager
@@ -133,9 +140,30 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     return ctx, whole[len(ctx):]
 
 
+MIN_SHARED = 8
+"""Tokens two rows must save by sharing a prefix before they become one (a block mask costs a few tokens' work)."""
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _merged(a: _Row, b: _Row) -> _Row:
+    """``a`` and ``b`` as one row over the prefix common to all their members."""
+    common = _common_length(a.prefix, b.prefix)
+    return _Row(a.prefix[:common], a.requests + b.requests, a.fed + b.fed, a.continuations + b.continuations)
+
+
 def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, share: bool = True) -> list[_Row]:
-    """Group requests by identical context (``share``; else one row each) into rows of at most ``max_length`` tokens."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Rows of at most ``max_length`` tokens; with ``share``, requests that start alike share a prefix.
+
+    Requests with the same context form one row (its prefix reaches into the choices where they begin
+    alike). Rows in the order of their contexts then join their neighbour when the prefix common to
+    both saves at least :data:`MIN_SHARED` tokens, which puts WinoGrande's two contexts, equal up to
+    the option, in one row and leaves unrelated items apart.
+    """
+    singles: list[_Row] = []
     for i, (ctx, cont) in enumerate(requests):
         if not ctx:
             raise ValueError(f"request {i} has an empty context; start it with prefix_token_id(tokenizer)")
@@ -143,20 +171,27 @@ def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
             raise ValueError(f"request {i} has an empty continuation")
         if len(cont) > max_length:
             raise ValueError(f"request {i}: the continuation ({len(cont)} tokens) is longer than max_length={max_length}")
-        groups.setdefault(tuple(ctx) if share else (i,), []).append(i)
+        # Too long: drop the oldest context tokens, as lm-evaluation-harness does.
+        fed = [*ctx, *cont][-(max_length + 1):-1]
+        singles.append(_Row(list(fed), [i], [fed], [list(cont)]))
+    if not share:
+        return singles
     rows: list[_Row] = []
-    for members in groups.values():
-        ctx = requests[members[0]][0]
-        row: _Row | None = None
-        for i in members:
-            cont = list(requests[i][1])
-            if row is None or len(row) + len(cont) - 1 > max_length:
-                # Too long: drop the oldest context tokens, as lm-evaluation-harness does.
-                row = _Row(list(ctx[-(max_length - len(cont) + 1):]))
-                rows.append(row)
-            row.requests.append(i)
-            row.continuations.append(cont)
-    return rows
+    for i in sorted(range(len(requests)), key=lambda i: (tuple(requests[i][0]), i)):
+        same_context = rows and tuple(requests[rows[-1].requests[-1]][0]) == tuple(requests[i][0])
+        joined = _merged(rows[-1], singles[i]) if same_context else None
+        if joined is not None and len(joined) <= max_length:
+            rows[-1] = joined
+        else:
+            rows.append(singles[i])
+    packed: list[_Row] = []
+    for row in rows:
+        joined = _merged(packed[-1], row) if packed else None
+        if joined is not None and len(joined) <= max_length and len(packed[-1]) + len(row) - len(joined) >= MIN_SHARED:
+            packed[-1] = joined
+        else:
+            packed.append(row)
+    return packed
 
 
 def _virtual_prefix(model: torch.nn.Module, batch_size: int) -> torch.Tensor | None:
@@ -290,24 +325,24 @@ def loglikelihood(
             t_tok: list[int] = []
             t_req: list[int] = []
             for b, row in enumerate(batch):
-                n_ctx = len(row.context)
-                ids[b, :n_ctx] = torch.tensor(row.context)
-                pos[b, :n_ctx] = torch.arange(n_ctx)
-                seg[b, :n_ctx] = 0
-                offset = n_ctx
-                for j, (req, cont) in enumerate(zip(row.requests, row.continuations, strict=True)):
-                    fed = cont[:-1]
-                    ids[b, offset : offset + len(fed)] = torch.tensor(fed, dtype=torch.long)
-                    pos[b, offset : offset + len(fed)] = torch.arange(n_ctx, n_ctx + len(fed))
-                    seg[b, offset : offset + len(fed)] = j + 1
-                    # Token t of the continuation is predicted at the context's last position (t = 0)
-                    # or at the position of token t - 1.
-                    positions = [n_ctx - 1, *range(offset, offset + len(fed))]
+                shared = len(row.prefix)
+                ids[b, :shared] = torch.tensor(row.prefix, dtype=torch.long)
+                pos[b, :shared] = torch.arange(shared)
+                seg[b, :shared] = 0
+                offset = shared
+                for j, (req, fed, cont) in enumerate(zip(row.requests, row.fed, row.continuations, strict=True)):
+                    tail = fed[shared:]
+                    ids[b, offset : offset + len(tail)] = torch.tensor(tail, dtype=torch.long)
+                    pos[b, offset : offset + len(tail)] = torch.arange(shared, len(fed))
+                    seg[b, offset : offset + len(tail)] = j + 1
+                    # Continuation token t is predicted at input position len(fed) - len(cont) + t: in the
+                    # shared prefix, or in this request's own tail.
+                    first = len(fed) - len(cont)
                     t_row += [b] * len(cont)
-                    t_pos += positions
+                    t_pos += [q if q < shared else offset + q - shared for q in range(first, len(fed))]
                     t_tok += cont
                     t_req += [req] * len(cont)
-                    offset += len(fed)
+                    offset += len(tail)
             keep = torch.zeros((len(batch), width), dtype=torch.bool)
             keep[t_row, t_pos] = True
             index = (keep.flatten().cumsum(0) - 1).view(keep.shape)[t_row, t_pos]
@@ -424,7 +459,7 @@ def generate_until(
     return out
 
 
-def classify(
+def head_logits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -432,9 +467,10 @@ def classify(
     batch_size: int = 16,
     max_length: int = 512,
     advance: Advance | None = None,
-) -> list[int]:
-    """Predicted class indices from a sequence-classification head (encoders such as BERT or MiniLM)."""
-    preds: list[int] = []
+) -> torch.Tensor:
+    """Class logits (``len(texts)`` x classes, float32) from a sequence-classification head (encoders such as
+    BERT or MiniLM): their argmax is the prediction, their softmax what a drift check compares."""
+    out: list[torch.Tensor] = []
     device = model_device(model)
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):
@@ -442,7 +478,7 @@ def classify(
                 list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length,
                 return_tensors="pt",
             ).to(device)
-            preds += model(**enc).logits.argmax(dim=-1).tolist()
+            out.append(model(**enc).logits.float().cpu())
             if advance:
                 advance(start + len(enc["input_ids"]), len(texts))
-    return preds
+    return torch.cat(out) if out else torch.zeros(0, 0)

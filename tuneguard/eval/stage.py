@@ -9,12 +9,14 @@ models (a run's backbone and adapter, or a base model alone); writing and printi
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from peft import PeftModel
 from pydantic import ValidationError
 
 from tuneguard.adapters.registry import load_adapter, method_spec
@@ -33,11 +35,16 @@ from tuneguard.progress import console
 from tuneguard.recipe import LmEvalConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from tuneguard.rundir import RunDir
 from tuneguard.train.loop import TrainResult
+from tuneguard.train.probe import fit_probe, swapped_head
 
 
 def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None:
-    """The recipe's own validation data as a task (decoders: verbalized labels; encoders: the head)."""
+    """The recipe's own validation data as a task (decoders: verbalized labels; encoders and images: the head)."""
     name = f"{recipe.output.name or 'task'} (validation)"
+    if data.images is not None and data.images.examples:
+        docs = [Doc(context=e.where, gold=e.label, ref=i) for i, e in enumerate(data.images.examples)]
+        return Task(name, "image_classification", lambda: docs, "acc", labels=list(data.verbalizers),
+                    external=data.images)
     if recipe.data.kind != "classification" or not data.val_items:
         return None
     if is_encoder:
@@ -95,11 +102,17 @@ def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: li
         with model.disable_adapter():
             base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base", cache)
         tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run.adapter), accelerator, limit, "tuned", cache)
+        probe = (linear_probe(model, backbone, own, trained.data, recipe, limit)
+                 if own and backbone.is_encoder and recipe.eval.encoder_baseline == "linear_probe" and main_process
+                 else None)
     original = _score_original(recipe, general, accelerator, limit) if with_original and general else None
     if not main_process:
         return None
 
     general_names = {t.name for t in general}
+    chance = None
+    if probe is not None:  # the probe is "before"; the untrained head is only chance level
+        chance, base = base[0], [probe[0], *base[1:]]
     data = {
         "base": [r.to_dict() for r in base],
         "tuned": [r.to_dict() for r in tuned],
@@ -108,12 +121,65 @@ def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: li
         "guards": [g.to_dict() for g in guards],
         "seconds": round(time.time() - started, 1),
     }
+    if probe is not None and chance is not None:
+        data["baseline"] = probe[1] | {"chance": chance.to_dict()}
     margin, correction = recipe.eval.margin, recipe.eval.correction
     comparisons = compare_results(base, tuned, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
                                   seed=recipe.train.seed, margin=margin, correction=correction)
     original_cmp = (compare_quantization(original, base, general_tasks=general_names, n_boot=recipe.eval.bootstrap,
                                          margin=margin, correction=correction) if original else None)
     return Evaluation(data, comparisons, original_cmp)
+
+
+def linear_probe(model: torch.nn.Module, backbone: Backbone, task: Task, data: Prepared, recipe: Recipe,
+                 limit: int | None) -> tuple[TaskResult, dict[str, Any]]:
+    """An encoder's honest "before": its head trained alone on the frozen backbone (:mod:`tuneguard.train.probe`),
+    scored by the same engine on the same items as base and tuned, so the pairs compare tuned with the probe."""
+    pad_id = None if backbone.tokenizer is None else backbone.tokenizer.pad_token_id  # None: an image backbone
+    probe = fit_probe(model, data.train, recipe, pad_id)
+    disabled = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+    with swapped_head(model, probe.head), disabled:
+        result = evaluate_tasks(model, backbone.tokenizer, [task], limit=limit, batch_size=recipe.eval.batch_size,
+                                fingerprint=backbone.fingerprint, label="linear probe")[0]
+    return result, probe.describe()
+
+
+@dataclass
+class BackboneScore:
+    """A backbone before any fine-tune (``tuneguard select``): the recipe's task, the general suite, its size."""
+
+    task: TaskResult
+    how: str
+    """``zero-shot`` (a decoder's verbalized labels) or ``linear probe`` (an encoder's new head, trained alone)."""
+    probe: dict[str, Any] | None
+    general: list[TaskResult]
+    footprint_bytes: int
+    """Parameters and buffers as loaded, at the recipe's quantization."""
+    rows: list[str]
+    """``file:line`` of each item scored: what pairs candidates whose tokenizers make different items of a row."""
+
+
+def score_backbone(recipe: Recipe, limit: int | None) -> BackboneScore:
+    """The recipe's backbone at its quantization, untuned: a decoder zero-shot on the recipe's validation task and
+    on ``eval.suites``; an encoder by a linear probe, since a new head has no zero-shot meaning (and an encoder
+    no general suite: it has no language-model head)."""
+    labels = recipe.data.labels
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)
+    model = backbone.model
+    data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed)
+    task = recipe_task(recipe, data, backbone.is_encoder)
+    if task is None:
+        raise TuneguardError(f"{recipe.data.validation or recipe.data.train}: no validation rows to score "
+                             "(data.validation, data.val_fraction)")
+    rows = [item.where for item in data.val_items[:limit]]
+    with dequantized(model):
+        if backbone.is_encoder:
+            result, probe = linear_probe(model, backbone, task, data, recipe, limit)
+            return BackboneScore(result, "linear probe", probe, [], model.get_memory_footprint(), rows)
+        scored = evaluate_tasks(model, backbone.tokenizer, [task, *get_tasks(recipe.eval.suites, recipe.eval.lm_eval)],
+                                limit=limit, batch_size=recipe.eval.batch_size, fingerprint=backbone.fingerprint,
+                                label="zero-shot")
+    return BackboneScore(scored[0], "zero-shot", None, scored[1:], model.get_memory_footprint(), rows)
 
 
 def _score_original(recipe: Recipe, tasks: list[Task], accelerator: Any, limit: int | None) -> list[TaskResult]:
@@ -133,7 +199,7 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     checksum = frozen_checksum(backbone.model)
     model = load_adapter(backbone.model, run.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
-                        packable=method_spec(recipe.adapter).packable)
+                        packable=method_spec(recipe.adapter).packable, image=backbone.image)
     # Under torchrun / accelerate launch with several processes, items are split and gathered.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.to(accelerator.device)

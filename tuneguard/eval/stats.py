@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -65,13 +66,13 @@ def tango_z(won: int, lost: int, n: int, d0: float) -> float:
     return diff / math.sqrt(var)
 
 
-def tango_interval(won: int, lost: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
-    """Tango's score interval of ``p_tuned - p_base`` at level ``1 - alpha``: every d0 the test keeps."""
+def score_interval(statistic: Callable[[float], float], est: float, alpha: float = ALPHA) -> tuple[float, float]:
+    """Every difference ``d0`` in [-1, 1] a score test keeps at level ``1 - alpha``, found by root finding;
+    ``statistic(d0)`` must decrease in ``d0``. The interval then excludes 0 exactly when the test rejects."""
     z = z_crit(alpha)
-    est = (won - lost) / n
 
     def bound(target: float, lo: float, hi: float, edge: float) -> float:
-        f = lambda d: tango_z(won, lost, n, d) - target  # noqa: E731
+        f = lambda d: statistic(d) - target  # noqa: E731
         if f(lo) * f(hi) > 0:
             return edge
         return float(brentq(f, lo, hi, xtol=1e-12))
@@ -79,6 +80,11 @@ def tango_interval(won: int, lost: int, n: int, alpha: float = ALPHA) -> tuple[f
     low = bound(z, -1 + _EDGE, est, -1.0) if est > -1 else -1.0
     high = bound(-z, est, 1 - _EDGE, 1.0) if est < 1 else 1.0
     return min(low, est), max(high, est)
+
+
+def tango_interval(won: int, lost: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Tango's score interval of ``p_tuned - p_base`` at level ``1 - alpha``: every d0 the test keeps."""
+    return score_interval(lambda d: tango_z(won, lost, n, d), (won - lost) / n, alpha)
 
 
 def aggregate_rows(
@@ -173,3 +179,43 @@ def binary_sd(won: int, lost: int, n: int) -> float:
     since none observed does not mean none exist."""
     disc = max(won + lost, 1) / n
     return math.sqrt(max(disc - ((won - lost) / n) ** 2, disc / n))
+
+
+def two_sample_z(x1: int, n1: int, x2: int, n2: int, d0: float = 0.0) -> float:
+    """Farrington-Manning score statistic for ``H0: p1 - p2 = d0`` (two independent proportions).
+
+    The variance uses the maximum-likelihood estimates restricted to ``H0`` (their closed form), so at ``d0 = 0``
+    this is the pooled two-proportion z-test (Pearson's chi-square on the 2x2 table is its square); it decreases
+    in ``d0``, which is what lets :func:`two_sample_interval` invert it, as :func:`tango_interval` does for pairs.
+    """
+    p1, p2 = x1 / n1, x2 / n2
+    theta = n2 / n1
+    a = 1 + theta
+    b = -(1 + theta + p1 + theta * p2 + d0 * (theta + 2))
+    c = d0 * d0 + d0 * (2 * p1 + theta + 1) + p1 + theta * p2
+    d = -p1 * d0 * (1 + d0)
+    v = b**3 / (3 * a) ** 3 - b * c / (6 * a * a) + d / (2 * a)
+    u = math.copysign(math.sqrt(max(b * b / (3 * a) ** 2 - c / (3 * a), 0.0)), v)
+    ratio = max(-1.0, min(1.0, v / u**3)) if u else 0.0
+    r1 = min(max(2 * u * math.cos((math.pi + math.acos(ratio)) / 3) - b / (3 * a), 0.0), 1.0)
+    r2 = min(max(r1 - d0, 0.0), 1.0)
+    var = r1 * (1 - r1) / n1 + r2 * (1 - r2) / n2
+    diff = p1 - p2 - d0
+    if var <= 0:
+        return math.copysign(math.inf, diff) if diff else 0.0
+    return diff / math.sqrt(var)
+
+
+def two_sample_interval(x1: int, n1: int, x2: int, n2: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """The score interval of ``p1 - p2`` at level ``1 - alpha``: every d0 :func:`two_sample_z` keeps, so it
+    excludes zero exactly when the pooled z-test rejects at ``alpha`` (two-sided)."""
+    return score_interval(lambda d: two_sample_z(x1, n1, x2, n2, d), x1 / n1 - x2 / n2, alpha)
+
+
+def wilson_interval(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Wilson's score interval of one proportion ``k / n`` (a score check's accuracy, drawn in the history)."""
+    z = z_crit(alpha)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

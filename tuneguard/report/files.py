@@ -14,8 +14,9 @@ from typing import Any
 from tuneguard.eval.verdicts import Comparison, budget_violations, train_val_gap
 from tuneguard.report.blocks import html_block, html_page, md_block
 from tuneguard.report.layout import PER_CLASS, confusion_matrices, report_blocks
-from tuneguard.report.plots import confusion_png, forest_png, loss_curves_png
+from tuneguard.report.plots import confusion_png, forest_png, loss_curves_png, selection_png
 from tuneguard.rundir import RunDir
+from tuneguard.train.selection import metric_key
 
 SCHEMA = 1
 
@@ -47,6 +48,7 @@ def build_report(
     summary = run.summary()
     records = run.read_metrics()
     limit = summary["max_regression"]
+    selection = run.record().get("selection")
     return {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -66,9 +68,31 @@ def build_report(
         "curves": {
             "train": [[r["step"], r["loss"]] for r in records if r.get("loss") is not None],
             "val": [[r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None],
+            **_selection_curves(records, selection),
         },
+        "selection": selection,
         "eval_seconds": eval_data.get("seconds"),
+        "baseline": _baseline(eval_data.get("baseline")),
     }
+
+
+def _baseline(baseline: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An encoder's linear probe (its "before") and the untrained head's score, kept as chance level only."""
+    if not baseline:
+        return None
+    chance = baseline.get("chance") or {}
+    return {k: v for k, v in baseline.items() if k != "chance"} | {
+        "chance": {k: chance.get(k) for k in ("task", "metric", "value", "n", "aggregate")}}
+
+
+def _selection_curves(records: list[dict[str, Any]], selection: dict[str, Any] | None) -> dict[str, list[list[float]]]:
+    """The task metric and the general-text perplexity rise (%) at each validation, the base model at step 0."""
+    if not selection or selection.get("rule", "last") == "last":
+        return {}
+    key = metric_key(selection["metric"])
+    forgetting = [[r["step"], 0.0] for r in records if r.get("base") and "general_loss" in r]
+    forgetting += [[r["step"], r["forgetting_pct"]] for r in records if r.get("forgetting_pct") is not None]
+    return {"task": [[r["step"], r[key]] for r in records if r.get(key) is not None], "forgetting": forgetting}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -90,6 +114,8 @@ def render_html(report: dict[str, Any]) -> str:
     body.append(_img("Cost of quantization (unquantized original → quantized base)",
                      forest_png(_groups(report.get("quantization") or []))))
     body.append(_img("Training and validation loss", loss_curves_png(report["curves"])))
+    body.append(_img("Checkpoint choice: task metric and forgetting per validation",
+                     selection_png(report["curves"], report.get("selection"))))
     return html_page(f"tuneguard report: {name}", "".join(body))
 
 

@@ -1,7 +1,8 @@
 """An SQLite history of runs and their task results, so results can be followed over time.
 
 The database lives at ``$TUNEGUARD_HOME/history.sqlite`` (default ``~/.cache/tuneguard``). One
-row per run in ``runs``, one row per task result in ``results``. Recording the same run again
+row per run in ``runs``, one row per task result in ``results``, one row per ``tuneguard check`` in
+``checks`` (created when missing, so an older database gains it on first use). Recording the same run again
 (same directory, same run.json facts) replaces its rows instead of duplicating them; a new
 training run in the same directory is a new row.
 """
@@ -34,7 +35,16 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (run_id, task)
 );
 CREATE INDEX IF NOT EXISTS results_task ON results(task);
+CREATE TABLE IF NOT EXISTS checks (
+    id INTEGER PRIMARY KEY,
+    created TEXT NOT NULL, run_dir TEXT NOT NULL, recipe TEXT, task TEXT NOT NULL, metric TEXT,
+    kind TEXT NOT NULL, data TEXT, n INTEGER, value REAL, value_low REAL, value_high REAL,
+    delta REAL, ci_low REAL, ci_high REAL, p_value REAL, flagged INTEGER NOT NULL, path TEXT
+);
+CREATE INDEX IF NOT EXISTS checks_task ON checks(task);
 """
+_CHECK_KEYS = ("created", "run_dir", "recipe", "task", "metric", "kind", "data", "n", "value", "value_low",
+               "value_high", "delta", "ci_low", "ci_high", "p_value", "flagged", "path")
 _RESULT_KEYS = ("task", "metric", "aggregate", "is_general", "base", "tuned", "delta", "ci_low", "ci_high",
                 "p_value", "verdict")
 
@@ -107,7 +117,7 @@ def _record(run_dir: Path, report: dict[str, Any], db: Path | None) -> None:
 def list_history(
     *, task: str | None = None, recipe: str | None = None, last: int | None = None, db: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Task results joined with their run, oldest first; ``last`` keeps the most recent N runs."""
+    """Task results joined with their run, oldest first; ``last`` keeps the most recent N runs that match."""
     where, args = [], []
     if task is not None:
         where.append("results.task = ?")
@@ -115,15 +125,64 @@ def list_history(
     if recipe is not None:
         where.append("runs.recipe = ?")
         args.append(recipe)
+    matching = f" WHERE {' AND '.join(where)}" if where else ""
+    joined = "FROM results JOIN runs ON runs.id = results.run_id" + matching
     if last is not None:
-        where.append("runs.id IN (SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT ?)")
-        args.append(last)
+        matching += (" AND " if where else " WHERE ") + (
+            f"runs.id IN (SELECT runs.id {joined} GROUP BY runs.id ORDER BY MAX(runs.created) DESC, runs.id DESC LIMIT ?)")
+        args = [*args, *args, last]
     sql = (
         "SELECT runs.created, runs.run_dir, runs.recipe, runs.model, runs.fingerprint, runs.quantization, "
         "runs.adapter_method, runs.adapter_r, runs.trainable_params, runs.tokens_per_s, runs.peak_memory_mb, "
         f"{', '.join('results.' + k for k in _RESULT_KEYS)} FROM results JOIN runs ON runs.id = results.run_id"
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + " ORDER BY runs.created, runs.id, results.rowid"
+        + matching + " ORDER BY runs.created, runs.id, results.rowid"
     )
     with closing(_connect(db)) as con:
         return [dict(row) | {"is_general": bool(row["is_general"])} for row in con.execute(sql, args)]
+
+
+def _check_row(check: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A check's headline numbers: its accuracy (with Wilson's interval) and its most significant test."""
+    accuracy, drift = check.get("accuracy"), check.get("drift")
+    tests = (accuracy or drift or {}).get("tests") or []
+    lead = min(tests, key=lambda t: t["p_adjusted"], default={})
+    return {
+        "created": check["created"], "run_dir": check["run_dir"], "recipe": check.get("run"), "task": check["task"],
+        "metric": accuracy["metric"] if accuracy else None, "kind": "accuracy" if accuracy else "drift",
+        "data": check.get("data"), "n": check.get("rows"), "value": accuracy["fresh"] if accuracy else None,
+        "value_low": accuracy["fresh_ci"][0] if accuracy else None,
+        "value_high": accuracy["fresh_ci"][1] if accuracy else None,
+        "delta": lead.get("delta"), "ci_low": lead.get("ci_low"), "ci_high": lead.get("ci_high"),
+        "p_value": lead.get("p_adjusted"), "flagged": int(bool(check.get("flagged"))), "path": str(path),
+    }
+
+
+def record_check(check: dict[str, Any], path: Path, *, db: Path | None = None) -> None:
+    """Store one ``tuneguard check`` (its file is ``path``); a history that cannot be written is a warning."""
+    row = _check_row(check, path)
+    try:
+        with closing(_connect(db)) as con, con:
+            con.execute(f"INSERT INTO checks ({', '.join(_CHECK_KEYS)}) VALUES (?{', ?' * (len(_CHECK_KEYS) - 1)})",
+                        [row[k] for k in _CHECK_KEYS])
+    except (sqlite3.Error, OSError) as exc:
+        print(f"tuneguard: warning: the check was not added to the history ({exc}); its result is in {path}",
+              file=sys.stderr)
+
+
+def list_checks(
+    *, task: str | None = None, recipe: str | None = None, last: int | None = None, db: Path | None = None
+) -> list[dict[str, Any]]:
+    """Recorded checks, oldest first; ``last`` keeps the most recent N that match."""
+    where, args = [], []
+    for column, value in (("task", task), ("recipe", recipe)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    matching = f" WHERE {' AND '.join(where)}" if where else ""
+    if last is not None:  # the most recent N checks that match
+        matching += (" AND " if where else " WHERE ") + (
+            f"id IN (SELECT id FROM checks{matching} ORDER BY created DESC, id DESC LIMIT ?)")
+        args = [*args, *args, last]
+    sql = f"SELECT {', '.join(_CHECK_KEYS)} FROM checks{matching} ORDER BY created, id"
+    with closing(_connect(db)) as con:
+        return [dict(row) | {"flagged": bool(row["flagged"])} for row in con.execute(sql, args)]

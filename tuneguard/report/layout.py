@@ -10,6 +10,7 @@ from tuneguard.report.blocks import (
     Block,
     Cell,
     comparison_row,
+    fmt_value,
     missing,
     summary_rows,
 )
@@ -33,6 +34,13 @@ def _gap(gap: dict[str, Any]) -> Cell:
     if gap.get("overfitting"):
         return (text + " — validation loss is rising above its best: likely overfitting", "fail")
     return text
+
+
+def _selection(selection: dict[str, Any]) -> Cell:
+    """Which validation's adapter was kept, by which rule, and why (run.json's ``selection``)."""
+    text = f"train.select {selection['rule']} on {selection['metric']}: kept {selection['reason']}"
+    forgetting, bound = selection.get("forgetting_pct"), selection.get("forgetting_bound")
+    return (text, "fail") if forgetting is not None and bound is not None and forgetting > bound else text
 
 
 def _budget(budget: dict[str, Any]) -> Cell:
@@ -86,6 +94,18 @@ def verdict_lines(report: dict[str, Any], *, key_too: bool = True) -> list[Cell]
         others = ", ".join(f"{t} {m:g}" for t, m in margins.items() if m != common)
         lines.append(f"margin (regression accepted): {common:g} points" + (f"; {others}" if others else ""))
     return lines + [VERDICT_KEY] if key_too else lines
+
+
+def baseline_lines(baseline: dict[str, Any]) -> list[Cell]:
+    """What an encoder's "before" is: a linear probe with the run's budget; the untrained head as chance level."""
+    chance = baseline.get("chance") or {}
+    return [
+        f"before = a linear probe: the new head trained alone on the frozen backbone, {baseline['steps']:,} steps "
+        f"of {baseline['batch_size']} rows from the same {baseline['train_rows']:,} training rows and schedule, "
+        f"lr {baseline['lr']:g} (final loss {_plain(baseline.get('final_loss'))}, {baseline['seconds']:.1f} s)",
+        f"chance level: {fmt_value(chance.get('value'), chance.get('aggregate') or 'mean')} {chance.get('metric', '')} "
+        "with the untrained random head (not a baseline: no one would ship it)",
+    ]
 
 
 def _three(v: Any) -> str:
@@ -143,6 +163,9 @@ def _health_blocks(report: dict[str, Any]) -> list[Block]:
         blocks.append(Block("General-text loss", lines=[_text_loss(report["general_text_loss"])]))
     if report.get("train_val_gap"):
         blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
+    selection = report.get("selection") or {}
+    if selection.get("rule", "last") != "last":
+        blocks.append(Block("Checkpoint choice", lines=[_selection(selection)]))
     if report.get("guards"):
         blocks.append(Block("Guards", lines=[
             (f"{'PASS' if g['passed'] else 'FAIL'} {g['name']}: {g.get('detail') or ''}".rstrip(": "),
@@ -164,12 +187,14 @@ def report_blocks(report: dict[str, Any], *, detail: bool = True, confusion_tabl
     if detail:
         blocks.append(Block("Run", ["", summary["name"]], [list(r) for r in summary_rows(summary)]))
     for key, title in (
-        ("task", "Task"),
+        ("task", "Task (before = linear probe)" if report.get("baseline") else "Task"),
         ("general", "General suite"),
         ("quantization", "Cost of quantization (unquantized original → quantized base)"),
     ):
         if report.get(key):
             blocks.append(Block(title, COMPARISON_HEADERS, [comparison_row(c) for c in report[key]]))
+        if key == "task" and report.get("baseline"):
+            blocks.append(Block("Baseline", lines=baseline_lines(report["baseline"])))
         if key == "general" and verdict_lines(report, key_too=detail):
             blocks.append(Block("How verdicts are reached", lines=verdict_lines(report, key_too=detail)))
     if report.get("setups"):

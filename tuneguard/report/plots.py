@@ -21,10 +21,15 @@ PALETTE = ["#1a73e8", "#d93025", "#188038", "#e37400", "#9334e6", "#12b5cb", "#b
 """One colour per adapter in the gain-vs-forgetting chart (verdict colours mean something else)."""
 
 
-def _png(fig: Figure) -> str:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG (no software tag, so the same figure gives the same bytes)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def _png(fig: Figure) -> str:
+    return base64.b64encode(png_bytes(fig)).decode("ascii")
 
 
 def _gain(c: dict[str, Any], x: float) -> float:
@@ -141,5 +146,45 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def selection_png(curves: dict[str, list[list[float]]], selection: dict[str, Any] | None) -> str | None:
+    """The task metric per validation above, the general-text perplexity rise below with the allowed bound
+    (shaded past it), the kept step marked on both: why ``train.select`` kept the adapter it kept."""
+    task, forgetting = curves.get("task") or [], curves.get("forgetting") or []
+    if not selection or not task:
+        return None
+    panels = 2 if forgetting else 1
+    fig = Figure(figsize=(7, 2.4 * panels + 0.6))
+    axes = fig.subplots(panels, 1, squeeze=False, sharex=True)[:, 0]
+    kept = selection.get("step")
+    metric = selection["metric"]
+    ax = axes[0]
+    ax.plot(*zip(*task, strict=True), "o-", color="#1a73e8", linewidth=1.2, markersize=4, label=metric)
+    ax.set_ylabel(metric, fontsize=9)
+    curves_to_mark = [(axes[0], dict(map(tuple, task)))]
+    if forgetting:
+        bound = selection.get("forgetting_bound")
+        ax = axes[1]
+        ax.plot(*zip(*forgetting, strict=True), "o-", color="#e37400", linewidth=1.2, markersize=4,
+                label="general-text perplexity vs base")
+        if bound is not None:
+            ax.axhline(bound, color="#d93025", linestyle="--", linewidth=1, label=f"bound +{bound:g}%")
+            top = max(max(v for _, v in forgetting), bound) * 1.15 + 0.1
+            ax.axhspan(bound, top, color="#fce8e6", zorder=0)
+            ax.set_ylim(top=top)
+        ax.axhline(0, color="#202124", linewidth=0.8)
+        ax.set_ylabel("perplexity rise, %", fontsize=9)
+        curves_to_mark.append((ax, dict(map(tuple, forgetting))))
+    for ax, values in curves_to_mark:
+        if kept in values:
+            ax.axvline(kept, color="#188038", linewidth=1, alpha=0.6)
+            ax.plot(kept, values[kept], "*", color="#188038", markersize=14, zorder=4, label=f"kept: step {kept}")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("step (0: base model)", fontsize=9)
     fig.tight_layout()
     return _png(fig)

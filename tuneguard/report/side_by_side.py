@@ -6,6 +6,7 @@ the first rows say what each run was (adapter, rank, quantization) and what it c
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tuneguard.report.blocks import (
 from tuneguard.report.terminal import print_block
 from tuneguard.rundir import RunDir
 
-_CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate")
+_CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate", "n")
 
 
 def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[str, Any]:
@@ -47,8 +48,9 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
         if not run_dir.is_dir():
             raise TuneguardError(f"{run_dir}: not a directory (expected a run directory)")
         directory = RunDir(run_dir)
-        runs.append(directory.summary())
-        reports.append(directory.read_report())
+        summary, report = directory.summary(), directory.read_report()
+        runs.append(summary | {"general_text_loss": report.get("general_text_loss")})
+        reports.append(report)
     labels = [Path(r["run_dir"]).name for r in runs]
     if len(set(labels)) < len(labels):
         labels = [r["run_dir"] for r in runs]
@@ -57,17 +59,43 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
     tasks: dict[tuple[str, str], dict[str, Any]] = {}
     for i, report in enumerate(reports):
         for c in report.get("task", []) + report.get("general", []):
-            row = tasks.setdefault((c["task"], c["metric"]), {
+            row = tasks.setdefault((_row_key(c, report), c["metric"]), {
                 "task": c["task"], "metric": c["metric"], "is_general": c.get("is_general", False),
-                "cells": [None] * len(reports),
+                "cells": [None] * len(reports), "names": [],
             })
             row["cells"][i] = {k: c.get(k) for k in _CELL_KEYS}
+            row["names"].append(c["task"])
+    for row in tasks.values():
+        names = list(dict.fromkeys(row.pop("names")))
+        if len(names) > 1:  # one validation set under each run's own name
+            row["task"] = f"own task (validation, the same {_own_items(row)} items)"
     comparison: dict[str, Any] = {
         "runs": runs, "tasks": sorted(tasks.values(), key=lambda t: t["is_general"]),
     }
     if out_dir is not None:
         comparison["files"] = [str(p) for p in _write(Path(out_dir), comparison)]
     return comparison
+
+
+def _row_key(cell: dict[str, Any], report: dict[str, Any]) -> str:
+    """A general task by name; a recipe's own task (named after its run) by the items it scored, so
+    runs of one recipe under different names share a row, and different validation sets never do."""
+    if cell.get("is_general", False):
+        return cell["task"]
+    for items in report.get("items", []):
+        if items["task"] == cell["task"] and items["metric"] == cell["metric"] and items.get("item_hashes"):
+            return "items:" + hashlib.sha256(" ".join(sorted(items["item_hashes"])).encode()).hexdigest()
+    return cell["task"]
+
+
+def _own_items(row: dict[str, Any]) -> str:
+    return next((str(c["n"]) for c in row["cells"] if c and c.get("n")), "")
+
+
+def _text_loss(run: dict[str, Any]) -> str:
+    """Forgetting at a glance: the tuned model's loss on general text, and its change from the base."""
+    loss = run.get("general_text_loss")
+    return DASH if not loss else f"{loss['tuned']:.3f} ({loss['tuned'] - loss['base']:+.3f})"
 
 
 def _cell(cell: dict[str, Any] | None) -> Cell:
@@ -83,6 +111,8 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
         ("r", lambda r: DASH if r.get("r") is None else str(r["r"])),
         ("quantization", lambda r: r.get("quantization") or DASH),
         ("trainable params", lambda r: fmt_int(r.get("trainable_params"))),
+        ("steps · tokens trained", lambda r: f"{fmt_int(r.get('steps'))} · {fmt_int(r.get('tokens_trained'))}"),
+        ("general-text loss (Δ vs base)", _text_loss),
         ("tokens/s", lambda r: fmt_float(r.get("tokens_per_s"))),
         ("peak memory", lambda r: fmt_memory(r.get("peak_memory_mb"))),
     ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tuneguard.data.images import ImageExample
 from tuneguard.data.packing import collate, collate_classification
 from tuneguard.data.prepare import Prepared
 from tuneguard.recipe import Recipe
@@ -31,12 +32,20 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int
     return batches[rank::world]
 
 
-def _collate(rows: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder rows carry position ids (packing); encoder rows are single examples with a label."""
+def _collate(rows: list[Any], pad_id: int | None, epoch: int | None = None) -> dict[str, torch.Tensor]:
+    """Decoder rows carry position ids (packing); encoder rows are single examples with a label; images carry
+    their pipeline, which augments them when ``epoch`` is given (training batches only)."""
+    if isinstance(rows[0], ImageExample):
+        return rows[0].pipeline.batch(rows, epoch)
     return collate(rows, pad_id) if hasattr(rows[0], "position_ids") else collate_classification(rows, pad_id)
 
 
-def micro_batches(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int,
+def _size(row: Any) -> int:
+    """What a row counts for in ``tokens``: its tokens, or 1 for an image."""
+    return 1 if isinstance(row, ImageExample) else len(row.input_ids)
+
+
+def micro_batches(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int | None,
                   start: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """An endless stream of (collated micro-batch, its real tokens), from micro-batch number ``start``."""
     rows = data.train
@@ -46,11 +55,11 @@ def micro_batches(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id:
         batches = epoch_batches(len(rows), recipe.train.batch_size, recipe.train.seed, epoch, rank, world)
         for idx in batches[index:]:
             chosen = [rows[i] for i in idx]
-            yield _collate(chosen, pad_id), sum(len(r.input_ids) for r in chosen)
+            yield _collate(chosen, pad_id, epoch), sum(_size(r) for r in chosen)
         epoch, index = epoch + 1, 0
 
 
-def eval_batches(rows: list[Any], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(rows: list[Any], batch_size: int, pad_id: int | None) -> Iterator[dict[str, torch.Tensor]]:
     for i in range(0, len(rows), batch_size):
         yield _collate(rows[i : i + batch_size], pad_id)
 

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_json
 from tuneguard.recipe import Recipe
 from tuneguard.rundir import TRAIN_STATE, RunDir
@@ -30,12 +31,18 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     best_val: float | None = None
+    """The best value of ``train.early_stopping_metric`` so far (patience counts from it)."""
     evals_without_improvement: int = 0
     stopped_early: bool = False
     elapsed: float = 0.0
     step_seconds: float = 0.0
     """Time inside optimizer steps only (no loading, validation or checkpointing): the throughput base."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    """Every validation point logged so far (see tuneguard.train.selection)."""
+    base: dict[str, Any] | None = None
+    """The validation scorer on the base model (adapter disabled), measured once before the first step."""
+    selected: dict[str, Any] | None = None
+    """The validation point whose adapter ``best`` holds, under ``train.select``."""
     diverged: str | None = None
     """Why training diverged (see tuneguard.train.divergence), or None."""
 
@@ -77,9 +84,30 @@ def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: RunDir) ->
 
 
 def use_new_lr(scheduler: Any, lr: float) -> None:
-    """The restored optimizer and scheduler carry the checkpoint's lr; a resume that changed it gets the new one."""
+    """The restored optimizer and scheduler carry the checkpoint's lr; a resume that changed it gets the new one.
+
+    Each group keeps its ``lr_scale`` (layer-wise decay, restored with the optimizer's state), so the layers'
+    ratios stay as the run started them.
+    """
     inner: torch.optim.lr_scheduler.LambdaLR = scheduler.scheduler  # inside Accelerate's wrapper
-    inner.base_lrs = [lr] * len(inner.base_lrs)
-    for group, factor in zip(inner.optimizer.param_groups, inner.lr_lambdas, strict=True):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor(inner.last_epoch)
+    groups = inner.optimizer.param_groups
+    inner.base_lrs = [lr * group.get("lr_scale", 1.0) for group in groups]
+    for group, base, factor in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(inner.last_epoch)
+
+
+_KEPT = "the kept adapter and the best value so far were chosen by the old rule"
+NOT_RESUMABLE = {
+    "train.layer_lr_decay": "the optimizer keeps its state in one group per layer, set by the decay",
+    "train.early_stopping_metric": _KEPT, "train.select": _KEPT, "train.forgetting_bound": _KEPT,
+}
+"""Recipe keys ``--resume-changed`` cannot accept, and why."""
+
+
+def refuse_unresumable(resume_changed: list[str]) -> None:
+    """Before anything loads: a named change that a restored optimizer cannot take is one line, not a traceback."""
+    for key in resume_changed:
+        if key in NOT_RESUMABLE:
+            raise TuneguardError(f"--resume-changed {key}: cannot resume with it changed ({NOT_RESUMABLE[key]}); "
+                                 "start again with --overwrite")

@@ -12,6 +12,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from tuneguard.errors import TuneguardError
+
 STUCK_STEPS = 5
 """Consecutive steps at the uniform value that count as stuck (not one noisy step)."""
 STUCK_TOLERANCE = 0.01
@@ -22,6 +24,10 @@ anything (a random tiny test model) starts at the uniform value without having d
 EXPLOSION_FACTOR = 1000.0
 """A gradient norm this many times the median of the steps before it is an explosion."""
 MIN_HISTORY = 5
+
+
+class NonFiniteStep(TuneguardError):
+    """A step whose loss or gradient is not finite, stopped before the update (the range test ends there)."""
 
 
 def non_finite(loss: float, grad_norm: float | None) -> str | None:

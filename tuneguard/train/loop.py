@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from peft import PeftModel
 
-from tuneguard.adapters.freezing import frozen_floor, layer_index
+from tuneguard.adapters.capabilities import lr_warning
+from tuneguard.adapters.freezing import frozen_floor, layer_index, num_layers
 from tuneguard.adapters.registry import MethodSpec, apply_adapter, count_parameters, method_spec
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import Backbone, load_backbone
@@ -32,19 +35,35 @@ from tuneguard.io import atomic_dir
 from tuneguard.numerics import numerics_record, resolve_mixed_precision
 from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.provenance import git_commit, peak_memory, versions
-from tuneguard.recipe import Recipe, dump_recipe
+from tuneguard.recipe import Recipe, dump_recipe, recipe_defaults
 from tuneguard.rundir import Mode, RunDir
 from tuneguard.train.batches import eval_batches, micro_batches, planned_steps, target_count
 from tuneguard.train.checkpoints import (
     TrainState,
     only_trainable_weights,
+    refuse_unresumable,
     restore_checkpoint,
     save_checkpoint,
     use_new_lr,
 )
-from tuneguard.train.divergence import DivergenceWatch, non_finite
+from tuneguard.train.divergence import DivergenceWatch, NonFiniteStep, non_finite
 from tuneguard.train.fastpath import prepare_for_training
 from tuneguard.train.losses import CausalLMLoss, ClassificationLoss
+from tuneguard.train.selection import (
+    forgetting_pct,
+    improves,
+    metric_improves,
+    metric_key,
+    resolved_rule,
+    selection_key,
+    selection_record,
+)
+
+Scorer = Callable[[torch.nn.Module], dict[str, float]]
+"""What a validation measures on the model beyond its loss (the task metric, the general-text loss), by
+evaluation's scoring: train/ computes no metrics, so the caller hands it in (tuneguard.eval.validation)."""
+ScorerFactory = Callable[[Recipe, Backbone, Prepared, Accelerator], Scorer | None]
+"""Builds the run's :data:`Scorer` once the backbone and data are loaded; None when the recipe needs none."""
 
 
 @dataclass
@@ -79,10 +98,17 @@ class Session:
     trainable: int
     total: int
     checksum_at_load: float
+    scorer: Scorer | None = None
 
     @property
-    def pad_id(self) -> int:
-        return self.backbone.tokenizer.pad_token_id
+    def pad_id(self) -> int | None:
+        """None for an image backbone (images are not padded)."""
+        return None if self.backbone.tokenizer is None else self.backbone.tokenizer.pad_token_id
+
+    @property
+    def lr(self) -> float:
+        """``train.lr`` as the schedule has it now (with layer-wise decay: the top layer's rate)."""
+        return self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl line (main process) and the trackers (each process, as Accelerate wants)."""
@@ -94,29 +120,83 @@ class Session:
 # ----------------------------------------------------------------------------------------- setup
 
 
+def _mixed_precision(recipe: Recipe) -> str:
+    """``auto`` by the numerics probe, which times matmuls; on CPU an image backbone's convolutions are another
+    matter (a bf16-autocast backward step of the digits ResNet took 27x as long as fp32 on AVX-512), so there
+    ``auto`` is fp32."""
+    if recipe.train.mixed_precision == "auto" and recipe.data.kind == "image_classification" and not torch.cuda.is_available():
+        return "no"
+    return resolve_mixed_precision(recipe.train.mixed_precision)
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    precision = _mixed_precision(recipe)
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", precision) != precision and not torch.distributed.is_initialized():
+        # One process training twice (a notebook, a test session): Accelerate would keep the first choice.
+        AcceleratorState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # on CPU, Accelerate runs several processes (torchrun) only when told
-        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision),
+        mixed_precision=precision,
         log_with=recipe.train.trackers or None,
         project_dir=str(run_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.freeze_layers_below > 0)],
     )
 
 
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def param_groups(recipe: Recipe, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups, each with its ``lr_scale`` (of ``train.lr``).
+
+    One group; with ``train.layer_lr_decay`` below 1, one per transformer layer, layer i of L scaled by
+    decay**(L-1-i) (the top layer at the full rate), and one for parameters in no layer (a classifier head,
+    virtual tokens) at the full rate. The scale stays in the optimizer's state, so a resume with a changed
+    ``train.lr`` keeps the ratios (``use_new_lr``), and the schedule multiplies every group alike.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = recipe.train.layer_lr_decay
+    if decay == 1:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    depth = num_layers(model)
+    layers: dict[int | None, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        layers.setdefault(layer_index(name), []).append(p)
+    return [{"params": ps, "layer": i, "lr_scale": 1.0 if i is None else decay ** (depth - 1 - i)}
+            for i, ps in sorted(layers.items(), key=lambda item: -1 if item[0] is None else item[0])]
+
+
+def make_optimizer(recipe: Recipe, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     t = recipe.train
+    groups = [{**g, "lr": t.lr * g["lr_scale"]} for g in groups]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     if device.type != "cuda":
         raise TuneguardError(f"train.optimizer '{t.optimizer}' needs a CUDA GPU (bitsandbytes); use 'adamw' on CPU")
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    return cls(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_notes(recipe: Recipe, groups: list[dict[str, Any]], *, warn: bool = True) -> list[str]:
+    """What the run's start says about its learning rate: far outside the method's usual range (unless
+    ``warn`` is off: the range test sweeps far outside it on purpose), and the layer-wise decay's spread."""
+    t = recipe.train
+    notes = [f"warning: {w}"] if warn and (w := lr_warning(recipe.adapter.method, t.lr)) else []
+    if t.layer_lr_decay < 1:
+        layered = [g for g in groups if g.get("layer") is not None]
+        if not layered:
+            notes.append(f"note: train.layer_lr_decay={t.layer_lr_decay:g} has no effect: no trained adapter weight "
+                         "sits in a transformer layer")
+        else:
+            low = layered[0]
+            notes.append(f"note: train.layer_lr_decay={t.layer_lr_decay:g}: layer {low['layer']} trains at "
+                         f"{t.lr * low['lr_scale']:.3g}, rising to {t.lr:g} at layer {layered[-1]['layer']}")
+    return notes
+
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int,
+                   lr_factor: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's warmup and decay, as a factor on every group's lr; ``lr_factor`` replaces it (the range test)."""
     warmup = round(total_steps * recipe.train.warmup_ratio)
     kind = recipe.train.scheduler
 
@@ -128,11 +208,13 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps
         progress = (step - warmup) / max(total_steps - warmup, 1)
         return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor or factor)
 
 
-def setup(recipe: Recipe, run_dir: RunDir) -> Session:
-    """Backbone (frozen, maybe quantized) and data, then the adapter, optimizer and schedule."""
+def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = None, *,
+          lr_factor: Callable[[int], float] | None = None) -> Session:
+    """Backbone (frozen, maybe quantized) and data, then the adapter, optimizer and schedule (``lr_factor``
+    in place of the recipe's schedule: the learning-rate range test)."""
     accelerator = make_accelerator(recipe, run_dir.path)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     labels = recipe.data.labels
@@ -141,15 +223,17 @@ def setup(recipe: Recipe, run_dir: RunDir) -> Session:
     checksum_at_load = frozen_checksum(backbone.model)
     method = method_spec(recipe.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
-                        packable=method.packable)
+                        packable=method.packable, image=backbone.image)
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
+    scorer = make_scorer(recipe, backbone, data, accelerator) if make_scorer else None
     if accelerator.is_main_process:  # only now that the inputs are known to be good
         run_dir.write_recipe(dump_recipe(recipe))
         for line in data_notes(data.stats):
             accelerator.print(f"note: {line}")
 
     set_seed(recipe.train.seed)
-    model = apply_adapter(backbone.model, recipe.adapter, is_encoder=backbone.is_encoder, total_steps=total_steps)
+    model = apply_adapter(backbone.model, recipe.adapter, is_encoder=backbone.is_encoder, total_steps=total_steps,
+                          image=backbone.image is not None)
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
     model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None)
@@ -160,14 +244,22 @@ def setup(recipe: Recipe, run_dir: RunDir) -> Session:
     accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     loss_model = ClassificationLoss(model) if backbone.is_encoder else CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, params, accelerator.device)
-    scheduler = make_scheduler(recipe, optimizer, total_steps)
+    groups = param_groups(recipe, model)
+    for line in lr_notes(recipe, groups, warn=lr_factor is None):
+        accelerator.print(line)
+    optimizer = make_optimizer(recipe, groups, accelerator.device)
+    scheduler = make_scheduler(recipe, optimizer, total_steps, lr_factor)
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
     only_trainable_weights(accelerator, loss_model)
     if accelerator.is_main_process and recipe.train.trackers:
         accelerator.init_trackers(recipe.output.name or "tuneguard", config=_flat(recipe.model_dump(mode="json")))
     return Session(recipe, run_dir, accelerator, backbone, data, method, model, loss_model, params, optimizer,
-                   scheduler, total_steps, trainable, total, checksum_at_load)
+                   scheduler, total_steps, trainable, total, checksum_at_load, scorer)
+
+
+def needs_scorer(recipe: Recipe) -> bool:
+    """Whether validations measure more than the loss: a task metric, or forgetting."""
+    return recipe.train.early_stopping_metric != "val_loss" or recipe.train.select == "task_within_forgetting"
 
 
 def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tuple[TrainState, dict | None]:
@@ -215,7 +307,7 @@ def train_step(s: Session, state: TrainState, micro: tuple[dict[str, torch.Tenso
     # fp16's loss scaler makes some grads inf on purpose (it then skips the step): check the loss only.
     bad = non_finite(step_loss, None if acc.scaler is not None else grad_norm)
     if bad:
-        raise_non_finite(bad, state.step + 1, s.run_dir, s.scheduler.get_last_lr()[0])
+        raise_non_finite(bad, state.step + 1, s.run_dir, s.lr)
     s.optimizer.step()
     s.method.after_step(s.model, state.step)  # AdaLoRA's rank budget reads the grads
     s.scheduler.step()
@@ -240,22 +332,56 @@ def validation_loss(s: Session) -> float | None:
     return float(total[0] / total[1].clamp(min=1))
 
 
-def validate(s: Session, state: TrainState, best: dict | None, progress: TrainProgress) -> dict | None:
-    """Log the validation loss, keep the best adapter so far, and stop early after ``patience`` evaluations
-    without improvement; returns the best adapter state."""
+def measure_base(s: Session, state: TrainState, progress: TrainProgress) -> None:
+    """The scorer on the base model (adapter disabled), once before the first step: forgetting's reference,
+    and the task metric's starting point; logged as step 0."""
+    if s.scorer is None or state.base is not None:
+        return
+    with s.model.disable_adapter():
+        state.base = s.scorer(s.model)
+    s.log({"step": 0, "base": True, **state.base})
+    progress.note("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in state.base.items()))
+
+
+def validation_point(s: Session, state: TrainState) -> dict[str, Any] | None:
+    """The validation loss and, with a scorer, the task metric and general-text loss (rounded as logged, so
+    the choice made from them can be checked against metrics.jsonl); None without validation rows."""
     val = validation_loss(s)
-    if val is None:
+    point: dict[str, Any] = {"step": state.step} | ({} if val is None else {"val_loss": round(val, 6)})
+    if s.scorer is not None:
+        point.update(s.scorer(s.model))
+    if "general_loss" in point and state.base and "general_loss" in state.base:
+        point["forgetting_pct"] = round(forgetting_pct(point["general_loss"], state.base["general_loss"]), 4)
+    return point if len(point) > 1 else None
+
+
+def validate(s: Session, state: TrainState, best: dict | None, progress: TrainProgress) -> dict | None:
+    """Log the validation point, keep the adapter ``train.select`` prefers so far, and stop early after
+    ``patience`` evaluations without improvement of ``train.early_stopping_metric``; returns the kept adapter state."""
+    point = validation_point(s, state)
+    if point is None:
         return best
-    s.log({"step": state.step, "val_loss": round(val, 6)})
-    progress.note(f"step {state.step}: val_loss {val:.4f}")
-    if state.best_val is None or val < state.best_val - 1e-4:
-        state.best_val, state.evals_without_improvement = val, 0
+    s.log(point)
+    state.history.append(point)
+    progress.note(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k != "step"))
+    t = s.recipe.train
+    metric = t.early_stopping_metric
+    value = point.get(metric_key(metric))
+    if value is not None and metric_improves(value, state.best_val, metric):
+        state.best_val, state.evals_without_improvement = value, 0
+    elif value is not None:
+        state.evals_without_improvement += 1
+        if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
+            state.stopped_early = True
+            progress.note(f"early stopping at step {state.step}: no {metric} improvement in "
+                          f"{t.early_stopping_patience} evaluations")
+    rule = resolved_rule(t.select, t.early_stopping_patience)
+    if rule == "last":
+        return best
+    kept = selection_key(state.selected, rule, metric, t.forgetting_bound) if state.selected else None
+    if improves(selection_key(point, rule, metric, t.forgetting_bound), kept):
+        state.selected = point
         return trainable_state(s.model)
-    state.evals_without_improvement += 1
-    patience = s.recipe.train.early_stopping_patience
-    if patience and state.evals_without_improvement >= patience:
-        state.stopped_early = True
-        progress.note(f"early stopping at step {state.step}: no val_loss improvement in {patience} evaluations")
     return best
 
 
@@ -277,36 +403,44 @@ def claim_run_dir(run_dir: Path, mode: Mode) -> AbstractContextManager:
 
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, overwrite: bool = False,
-          resume_changed: list[str] | None = None) -> TrainResult:
+          resume_changed: list[str] | None = None, scorer: ScorerFactory | None = None) -> TrainResult:
     """Train the recipe's adapter into ``run_dir``; the record is also written as run.json.
 
     The directory is locked while training; a directory that holds another run is refused unless
-    ``resume`` (same recipe, or the changed keys named in ``resume_changed``) or ``overwrite``.
+    ``resume`` (same recipe, or the changed keys named in ``resume_changed``) or ``overwrite``. ``scorer``
+    builds what validations measure beyond the loss (tuneguard.eval.validation.validation_scorer).
     """
     mode: Mode = "overwrite" if overwrite else "resume" if resume else "new"
     with claim_run_dir(run_dir, mode):
-        return _train(recipe, RunDir(run_dir), resume, resume_changed or [])
+        return _train(recipe, RunDir(run_dir), resume, resume_changed or [], scorer)
 
 
-def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: list[str]) -> TrainResult:
+def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: list[str],
+           make_scorer: ScorerFactory | None) -> TrainResult:
+    if make_scorer is None and needs_scorer(recipe):
+        raise TuneguardError("a task metric (train.early_stopping_metric) or forgetting (train.select "
+                             "'task_within_forgetting') needs evaluation's scoring: run the recipe with `tuneguard "
+                             "train`, or pass train(..., scorer=tuneguard.eval.validation.validation_scorer)")
     started = time.time()
     quiet_libraries()
     checkpoint = run_dir.latest_checkpoint() if resume_run else None
     if checkpoint is not None:
-        run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed)
+        run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed, recipe_defaults())
+        refuse_unresumable(resume_changed)
     elif resume_run and is_main_process():
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
         run_dir.metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
-    s = setup(recipe, run_dir)
+    s = setup(recipe, run_dir, make_scorer)
     state, best = resume(s, checkpoint, resume_changed)
     t = recipe.train
     stream = micro_batches(s.data, recipe, s.accelerator.process_index, s.accelerator.num_processes, s.pad_id,
                            start=state.step * t.grad_accum)
     progress = TrainProgress(s.total_steps, start=state.step, enabled=s.accelerator.is_main_process)
-    watch = DivergenceWatch(uniform_loss(s.backbone.model.config, s.backbone.is_encoder))
+    watch = divergence_watch(s)
     window_tokens, window_start = 0, time.time()
     s.loss_model.train()
     with progress:
+        measure_base(s, state, progress)
         while state.step < s.total_steps and not state.stopped_early:
             step_start = time.time()
             micro, real_tokens = zip(*(next(stream) for _ in range(t.grad_accum)), strict=True)
@@ -317,9 +451,9 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
             state.tokens += step_tokens
             window_tokens += step_tokens
             rate = window_tokens / max(time.time() - window_start, 1e-9)
-            progress.update(state.step, loss=loss, lr=s.scheduler.get_last_lr()[0], tokens_per_s=rate)
+            progress.update(state.step, loss=loss, lr=s.lr, tokens_per_s=rate)
             if state.step % t.log_every == 0 or state.step == s.total_steps:
-                record = {"step": state.step, "loss": round(loss, 6), "lr": s.scheduler.get_last_lr()[0],
+                record = {"step": state.step, "loss": round(loss, 6), "lr": s.lr,
                           "tokens": state.tokens, "tokens_per_s": round(rate, 2)}
                 s.log(record)
                 progress.log(record)
@@ -341,16 +475,18 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
 
 
 def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
-    """Restore the best adapter (early stopping), write adapter/ and run.json; a diverged run fails after."""
+    """Restore the adapter ``train.select`` kept, write adapter/ and run.json; a diverged run fails after."""
     recipe, acc = s.recipe, s.accelerator
-    if best is not None and recipe.train.early_stopping_patience:
+    restored = best is not None and resolved_rule(recipe.train.select, recipe.train.early_stopping_patience) != "last"
+    if restored:
         named = dict(s.model.named_parameters())
         with torch.no_grad():
             for name, value in best.items():
                 named[name].copy_(value)
     started = time.time()
     final_val = validation_loss(s)
-    if final_val is not None and not (recipe.train.eval_every and state.step % recipe.train.eval_every == 0):
+    # The last step's own validation, unless it was already logged; a restored adapter's is an earlier step's.
+    if final_val is not None and not restored and not (recipe.train.eval_every and state.step % recipe.train.eval_every == 0):
         s.log({"step": state.step, "val_loss": round(final_val, 6)})
     state.elapsed += time.time() - started
     record = run_record(s, state, final_val)
@@ -358,10 +494,11 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
     if acc.is_main_process:
         with atomic_dir(s.run_dir.adapter) as tmp:
             acc.unwrap_model(s.loss_model).model.save_pretrained(str(tmp))
-            s.backbone.tokenizer.save_pretrained(str(tmp))
+            if s.backbone.tokenizer is not None:
+                s.backbone.tokenizer.save_pretrained(str(tmp))
             s.run_dir.write_adapter_meta(tmp, {"fingerprint": s.backbone.fingerprint, "recipe": recipe.output.name})
         s.run_dir.write_record(record)
-        if s.data.stats["truncated_train"]:
+        if s.data.stats.get("truncated_train"):
             acc.print(f"note: {s.data.stats['truncated_train']} training examples were truncated to "
                       f"data.max_length={recipe.data.max_length}")
         acc.print(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
@@ -374,8 +511,10 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
 
 
 def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[str, Any]:
-    """run.json: what was trained, how long it took, and where the numbers came from."""
-    recipe, acc = s.recipe, s.accelerator
+    """run.json: what was trained, how long it took, where the numbers came from, and which validation's
+    adapter was kept."""
+    recipe, acc, t = s.recipe, s.accelerator, s.recipe.train
+    rule = resolved_rule(t.select, t.early_stopping_patience)
     return {
         "recipe": recipe.output.name,
         "fingerprint": s.backbone.fingerprint,
@@ -383,6 +522,7 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
         "adapter_method": recipe.adapter.method,
         "quantization": recipe.quantization.method,
         "seed": recipe.train.seed,
+        "lr": recipe.train.lr,
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "diverged": state.diverged,
@@ -395,6 +535,8 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
         "total_params": s.total,
         "final_train_loss": s.run_dir.last_metric("loss"),
         "final_val_loss": final_val,
+        "selection": selection_record(state.history, state.selected, rule, t.early_stopping_metric,
+                                      t.forgetting_bound, state.step) | {"base": state.base},
         "data": s.data.stats,
         "num_processes": acc.num_processes,
         "device": str(acc.device),
@@ -410,6 +552,11 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
 # ---------------------------------------------------------------------------------------- helpers
 
 
+def divergence_watch(s: Session) -> DivergenceWatch:
+    """The run's divergence rules (a loss back at the uniform guess, an exploding gradient), fresh."""
+    return DivergenceWatch(uniform_loss(s.backbone.model.config, s.backbone.is_encoder))
+
+
 def uniform_loss(config: Any, is_encoder: bool) -> float:
     """The loss of a uniform guess: over the labels for a classifier head, else over the vocabulary."""
     return math.log(max(config.num_labels if is_encoder else config.vocab_size, 2))
@@ -418,7 +565,7 @@ def uniform_loss(config: Any, is_encoder: bool) -> float:
 def raise_non_finite(what: str, step: int, run_dir: RunDir, lr: float) -> None:
     checkpoint = run_dir.latest_checkpoint()
     last = f"the last checkpoint is {checkpoint}" if checkpoint else "there is no checkpoint (train.save_every)"
-    raise TuneguardError(f"step {step}: {what} (lr {lr:g}); stopped before the update, adapter/ not written, "
+    raise NonFiniteStep(f"step {step}: {what} (lr {lr:g}); stopped before the update, adapter/ not written, "
                          f"{last}. Lower train.lr or check the data")
 
 

@@ -144,13 +144,19 @@ class CausalLMLoss(torch.nn.Module):
 
 
 class ClassificationLoss(torch.nn.Module):
-    """Sequence-classification head loss (encoders)."""
+    """Classification head loss: text encoders (``input_ids``, ``attention_mask``) and image backbones
+    (``pixel_values``)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        # The frozen backbone's batch norms: their running statistics are frozen weights too (train mode would
+        # update them, and change the base the adapter is compared with), so they always run in eval mode.
+        self.norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, labels: torch.Tensor, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for norm in self.norms:  # here, not in train(): scoring during training switches the whole model back
+            norm.eval()
+        logits = self.model(**inputs).logits
         n = torch.tensor(labels.numel(), device=labels.device)
         return F.cross_entropy(logits.float(), labels, reduction="sum"), n
