@@ -16,6 +16,8 @@ from transformers import (
     ConvNextForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from tuneguard.adapters.registry import apply_adapter
@@ -141,6 +143,21 @@ def test_image_keys_are_validated(tmp_path: Path, resnet_dir: Path, capsys: pyte
     assert "is a directory" in capsys.readouterr().err
     assert cli_main(["train", str(text), "data.kind=classification", "data.image_augment=[hflip]"]) == 2
     assert "applies to data.kind 'image_classification'" in capsys.readouterr().err
+
+
+def test_a_backbone_built_for_another_size_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """ViT's position embeddings fix its input size: a recipe asking another is refused before training."""
+    save_digits(tmp_path / "digits", per_class=2)
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    path = write_recipe(tmp_path, tmp_path / "vit", {"train": "digits", "image_size": 32}, train={"max_steps": 1})
+    capsys.readouterr()  # transformers' saving progress
+    assert cli_main(["train", str(path), "--no-eval"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuneguard: error: data.image_size=32: the backbone cannot take 32x32 images")
+    assert err.count("\n") == 0 and not (tmp_path / "runs" / "recipe" / "adapter").exists()
+    assert cli_main(["train", str(path), "--no-eval", "--overwrite", "data.image_size=16"]) == 0
 
 
 # -------------------------------------------------------------------------------------------- augmentation

@@ -369,6 +369,25 @@ def image_input(cfg: ModelConfig) -> ImageSpec:
     return image_spec(source, config, cfg.revision)
 
 
+def check_image_size(backbone: Backbone, size: int) -> None:
+    """One forward pass of a blank image at ``data.image_size``: a backbone built for one input size (ViT's
+    position embeddings) refuses another in one line before training, instead of a traceback at its first step."""
+    model, spec = backbone.model, backbone.image
+    if spec is None:
+        return
+    was_training = model.training
+    blank = torch.zeros(1, spec.channels, size, size, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=blank)
+    except (ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneguardError(f"data.image_size={size}: the backbone cannot take {size}x{size} images ({reason}); "
+                             "set data.image_size to the size it was built for") from None
+    finally:
+        model.train(was_training)
+
+
 def _load_image_backbone(source: str, cfg: ModelConfig, quant: QuantizationConfig, config: PretrainedConfig,
                          is_hub: bool, num_labels: int | None, device: torch.device) -> Backbone:
     """An image classifier with a fresh ``classifier`` head for the recipe's labels (trained with the adapter)."""
