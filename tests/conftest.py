@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -47,6 +48,15 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def write_recipe_file(folder: Path, recipe: dict, sections: dict[str, dict]) -> Path:
+    """``folder/recipe.yaml`` from a base recipe with each section of ``sections`` updated over it."""
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from peft.tuners.lora import layer
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -20,6 +19,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from tests.conftest import write_recipe_file
 from tuneguard.adapters.registry import apply_adapter
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import ImageSpec, load_backbone
@@ -70,11 +70,7 @@ def write_recipe(tmp_path: Path, model: Path, data: dict, **sections: dict) -> P
         "eval": {"task": True},
         "output": {"dir": str(tmp_path / "runs" / "{name}")},
     }
-    for key, value in sections.items():
-        recipe.setdefault(key, {}).update(value)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe_file(tmp_path, recipe, sections)
 
 
 def prepared(path: Path, *overrides: str, seed: int = 0) -> Prepared:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate.utils import set_seed
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import write_recipe_file
 from tuneguard.adapters.registry import apply_adapter, load_adapter
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import load_backbone
@@ -41,11 +41,7 @@ def make_run(tmp_path: Path, model_dir: Path, **sections) -> Path:
         "eval": {"task": False},
         "output": {"dir": str(tmp_path / "runs" / "{name}")},
     }
-    for key, value in sections.items():
-        recipe.setdefault(key, {}).update(value)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe_file(tmp_path, recipe, sections)
 
 
 def run_train(path: Path, *overrides: str) -> dict:
