@@ -207,6 +207,6 @@ def test_encoder_early_stopping_on_accuracy_scores_with_its_head(tmp_path: Path,
 def test_training_without_a_scorer_refuses_a_task_metric_before_loading(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = make_run(tmp_path, tiny_llama_dir, train={"eval_every": 2, "early_stopping_metric": "f1_macro"})
     recipe = load_recipe(path)
-    with pytest.raises(TuneguardError, match="needs evaluation's scoring"):
+    with pytest.raises(TuneguardError, match="which this command does not run: use `tuneguard train`"):
         train(recipe, recipe.run_dir(path))
     assert not (tmp_path / "runs/recipe/recipe.yaml").exists()

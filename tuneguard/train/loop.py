@@ -419,9 +419,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, overwrite: boo
 def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: list[str],
            make_scorer: ScorerFactory | None) -> TrainResult:
     if make_scorer is None and needs_scorer(recipe):
-        raise TuneguardError("a task metric (train.early_stopping_metric) or forgetting (train.select "
-                             "'task_within_forgetting') needs evaluation's scoring: run the recipe with `tuneguard "
-                             "train`, or pass train(..., scorer=tuneguard.eval.validation.validation_scorer)")
+        raise TuneguardError("train.early_stopping_metric / train.select 'task_within_forgetting' score the task at "
+                             "each validation, which this command does not run: use `tuneguard train` (or override "
+                             "train.early_stopping_metric=val_loss train.select=null to measure training alone)")
     started = time.time()
     quiet_libraries()
     checkpoint = run_dir.latest_checkpoint() if resume_run else None
