@@ -41,8 +41,6 @@ class TrainState:
     """Every validation point logged so far (see tuneguard.train.selection)."""
     base: dict[str, Any] | None = None
     """The validation scorer on the base model (adapter disabled), measured once before the first step."""
-    selected: dict[str, Any] | None = None
-    """The validation point whose adapter ``best`` holds, under ``train.select``."""
     diverged: str | None = None
     """Why training diverged (see tuneguard.train.divergence), or None."""
 

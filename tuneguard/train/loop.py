@@ -51,11 +51,10 @@ from tuneguard.train.fastpath import prepare_for_training
 from tuneguard.train.losses import CausalLMLoss, ClassificationLoss
 from tuneguard.train.selection import (
     forgetting_pct,
-    improves,
     metric_improves,
     metric_key,
     resolved_rule,
-    selection_key,
+    select_point,
     selection_record,
 )
 
@@ -379,9 +378,7 @@ def validate(s: Session, state: TrainState, best: dict | None, progress: TrainPr
     rule = resolved_rule(t.select, t.early_stopping_patience)
     if rule == "last":
         return best
-    kept = selection_key(state.selected, rule, metric, t.forgetting_bound) if state.selected else None
-    if improves(selection_key(point, rule, metric, t.forgetting_bound), kept):
-        state.selected = point
+    if select_point(state.history, rule, metric, t.forgetting_bound) is point:
         return trainable_state(s.model)
     return best
 
@@ -536,8 +533,10 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
         "total_params": s.total,
         "final_train_loss": s.run_dir.last_metric("loss"),
         "final_val_loss": final_val,
-        "selection": selection_record(state.history, state.selected, rule, t.early_stopping_metric,
-                                      t.forgetting_bound, state.step) | {"base": state.base},
+        "selection": selection_record(state.history, select_point(state.history, rule, t.early_stopping_metric,
+                                                                  t.forgetting_bound),
+                                      rule, t.early_stopping_metric, t.forgetting_bound, state.step)
+        | {"base": state.base},
         "data": s.data.stats,
         "num_processes": acc.num_processes,
         "device": str(acc.device),

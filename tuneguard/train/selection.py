@@ -1,9 +1,10 @@
 """Which validation's adapter a run keeps, and why: pure rules over the validation points it logged.
 
 A point is one metrics.jsonl line of a validation (``step``, ``val_loss``, ``val_<metric>``,
-``general_loss``, ``forgetting_pct``). The loop keeps the best point so far with :func:`improves`
-(so it needs no second copy of the adapter), and :func:`select_point` applies the same rule to a
-whole curve: both give the same step, which a test checks against the logged curve.
+``general_loss``, ``forgetting_pct``). :func:`select_point` applies the rule to the points so far: the
+loop keeps a validation's adapter when that validation is the one chosen (so it holds one adapter copy,
+and the kept point is derived from the logged history, resume included), and a test checks the same
+rule over metrics.jsonl against the adapter saved.
 """
 
 from __future__ import annotations
