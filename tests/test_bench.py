@@ -66,13 +66,17 @@ def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing(tiny_llama_di
 
 
 def test_estimate_recipe_builds_the_adapter_on_meta(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n')
+    """Sized by the widest batch the data makes (rounded up as batches are), not by data.max_length."""
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"row {i} " + "word " * 20}) + "\n" for i in range(4)))
     (tmp_path / "r.yaml").write_text(
         f"model: {{source: {tiny_llama_dir}}}\nquantization: {{method: nf4}}\n"
-        "data: {kind: text, train: t.jsonl, max_length: 64}\ntrain: {batch_size: 2}\n"
+        "data: {kind: text, train: t.jsonl, max_length: 1024, pack: false}\ntrain: {batch_size: 2}\n"
     )
-    est = estimate_recipe(load_recipe(tmp_path / "r.yaml"))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    est = estimate_recipe(recipe)
     assert est.inputs["trainable_params"] > 0 and est.peak_mb == pytest.approx(sum(est.parts.values()), abs=0.5)
+    assert est.inputs["seq"] == 64  # rows of ~25 tokens, padded to a multiple of 64
+    assert estimate_recipe(recipe, seq=1024).parts["activations"] > 10 * est.parts["activations"]
 
 
 def test_bench_rows_are_exactly_seq_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -259,3 +259,43 @@ def test_weights_decoded_once_give_the_same_scores(tiny_llama_dir: Path, compute
     assert held == sum(m.weight.quant_state.shape.numel() for m in four_bit) * torch.finfo(compute).bits // 8
     assert decoded == before
     assert scores() == before and not any(hasattr(m, "decoded_weight") for m in model.modules())
+
+
+def test_batches_padded_to_a_multiple_score_the_same(tiny_llama_dir: Path) -> None:
+    """Decoder batches are widened to a multiple of 64 tokens (steady heap); the padding changes no loss."""
+    from tuneguard.data.packing import Packed, collate
+
+    rows = [Packed(list(range(5, 15)), list(range(5, 15)), list(range(10))),
+            Packed(list(range(7, 31)), list(range(7, 31)), list(range(24)))]
+    tight, wide = collate(rows, 0), collate(rows, 0, multiple=64)
+    assert tight["input_ids"].shape[1] == 24 and wide["input_ids"].shape[1] == 64
+    model = nf4_lora(tiny_llama_dir, compute=torch.float32).eval()
+    with torch.no_grad():
+        loss_a, n_a = CausalLMLoss(model)(**tight)
+        loss_b, n_b = CausalLMLoss(model)(**wide)
+    assert int(n_a) == int(n_b) and float(loss_b) == pytest.approx(float(loss_a), rel=1e-5)
+
+
+def test_freed_blocks_are_reused_without_page_faults() -> None:
+    """After keep_freed_memory, an 8 MB block freed and allocated again comes back from glibc's heap, not as
+    2,048 freshly zero-filled pages each time (glibc's default maps and unmaps it, or trims the heap top)."""
+    import ctypes
+    import resource
+
+    from tuneguard.allocator import keep_freed_memory
+
+    assert keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    size = 8 * 2**20
+
+    def cycle() -> None:
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+
+    cycle()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        cycle()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2048  # one block's pages, for all 20

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from transformers.utils import cached_file
 
+from tuneguard.allocator import keep_freed_memory, trim_heap
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
 from tuneguard.numerics import resolve_dtype
@@ -356,6 +357,9 @@ def load_backbone(
     for p in model.parameters():
         p.requires_grad_(False)
     keep_bnb_trainable(model)
+    if device.type == "cpu":  # what loading freed goes back to the OS; what training or scoring frees is reused
+        trim_heap()
+        keep_freed_memory()
     return Backbone(model, tokenizer, fingerprint(source, is_hub, cfg.revision, quant), source, encoder)
 
 

@@ -90,3 +90,19 @@ def test_base_model_scores_above_chance() -> None:
 
     [arc] = evaluate_base_model("bundled:smollm2-135m-instruct", ["arc_easy"], limit=60, quant="none", batch_size=8)
     assert arc.n == 60 and arc.value > 0.35
+
+
+def test_memory_estimate_is_within_ten_percent_of_a_measured_run(tmp_path: Path) -> None:
+    """The estimator against a real run: the bench's configuration (nf4 SmolLM2, LoRA r16 all-linear, batch
+    2 x 512 packed tokens, the fast path's checkpoint plan), 3 steps in a fresh process, peak RSS from run.json."""
+    from tuneguard.bench import reference
+    from tuneguard.bench.measure import measure_recipe
+    from tuneguard.recipe import dump_recipe
+    from tuneguard.train.memory import estimate_recipe
+
+    recipe, _ = reference.bench_recipe({**reference.TRAIN_DEFAULTS, "steps": 3, "workdir": str(tmp_path)})
+    (tmp_path / "bench.yaml").write_text(dump_recipe(recipe))
+    predicted = estimate_recipe(recipe).peak_mb
+    measured = measure_recipe(tmp_path / "bench.yaml", [], steps=3)
+    assert "error" not in measured, measured
+    assert 0.9 <= predicted / measured["peak_memory_mb"] <= 1.1, (predicted, measured)

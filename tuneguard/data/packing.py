@@ -49,9 +49,10 @@ def pack(examples: list[Example], max_length: int, enabled: bool = True) -> list
     return rows
 
 
-def collate(rows: list[Packed], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding is its own segment (positions from 0, no targets)."""
-    width = max(len(r.input_ids) for r in rows)
+def collate(rows: list[Packed], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest, rounded up to ``multiple``; padding is its own segment (positions from 0,
+    no targets) after every real token, so causal attention never lets a real token see it."""
+    width = -(-max(len(r.input_ids) for r in rows) // multiple) * multiple
     ids, labels, pos = [], [], []
     for r in rows:
         extra = width - len(r.input_ids)

@@ -32,12 +32,21 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int
     return batches[rank::world]
 
 
+PAD_MULTIPLE = 64
+"""Decoder batches are padded to a multiple of this many tokens. Batches of every width from the data's
+lengths leave glibc's heap with freed blocks a little too small for the next, wider batch: with packed
+rows of 297-512 tokens, ``recipes/sst2-qlora.yaml`` grew from 1.95 to 2.44 GB over 12 micro-batches,
+and stayed at 2.09 GB with widths in steps of 64 (tokens/s unchanged within noise)."""
+
+
 def _collate(rows: list[Any], pad_id: int | None, epoch: int | None = None) -> dict[str, torch.Tensor]:
     """Decoder rows carry position ids (packing); encoder rows are single examples with a label; images carry
     their pipeline, which augments them when ``epoch`` is given (training batches only)."""
     if isinstance(rows[0], ImageExample):
         return rows[0].pipeline.batch(rows, epoch)
-    return collate(rows, pad_id) if hasattr(rows[0], "position_ids") else collate_classification(rows, pad_id)
+    if hasattr(rows[0], "position_ids"):
+        return collate(rows, pad_id, PAD_MULTIPLE)
+    return collate_classification(rows, pad_id)
 
 
 def _size(row: Any) -> int:

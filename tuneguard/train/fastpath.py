@@ -12,7 +12,10 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   dequantized from a cached fp32 ``absmax`` (double quantization decoded once per run, not per
   call), and only ``x`` in the compute dtype, the ``r``-wide ``A x`` and the dropped positions
   saved for backward. Same matmuls in the same dtypes: with dropout off, loss and gradients are
-  bit-identical to PEFT's under bf16 autocast.
+  bit-identical to PEFT's under bf16 autocast. All in fp32 (the numerics probe's choice where bf16
+  is emulated), ``B h`` is accumulated into the base output by one ``addmm_`` and the LoRA scale
+  goes on the r-wide products in backward: two full-width passes and a copy of the output fewer a
+  layer, fp32 rounding in another order.
 * **Cheaper dropout, same distribution** (:func:`drop_positions`). ``nn.Dropout`` draws one uniform
   per element. A Bernoulli(p) sequence is exactly a sequence of i.i.d. Geometric(p) gaps between
   its zeros, so drawing ``numel * p`` gaps (torch's ``geometric_``, an inverted float64 uniform)
@@ -46,8 +49,6 @@ gradients. :func:`tuneguard.backbones.keep_bnb_trainable` (applied at load) turn
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import gc
 import math
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tuneguard.adapters.registry import fusable_lora
+from tuneguard.allocator import trim_heap
 from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_trainable
 from tuneguard.recipe import Recipe
 from tuneguard.train.memory import planned_checkpoints
@@ -182,11 +184,14 @@ class _LoraLinearFn(torch.autograd.Function):
         xl, al, bl = _CAST(x, lora_dtype), a.to(lora_dtype), b.to(lora_dtype)
         positions = _positions(x.numel(), p, seed)
         h = F.linear(_dropped(xl, positions), al)
-        low = F.linear(h, bl).mul_(scale)
         ctx.save_for_backward(xl, h, al, bl, None if positions is None else positions.int())
         ctx.base, ctx.scale, ctx.dtypes, ctx.x_dtype = base, scale, dtypes, x.dtype
         ctx.param_dtypes = (a.dtype, b.dtype)
-        return out.to(out_dtype).add_(low)
+        if _all_fp32(dtypes):
+            # One matmul accumulating into the base output: no full-width low-rank product, scaling or add.
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), bl.t(), alpha=scale)
+            return out
+        return out.to(out_dtype).add_(F.linear(h, bl).mul_(scale))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -195,10 +200,15 @@ class _LoraLinearFn(torch.autograd.Function):
         a_dtype, b_dtype = ctx.param_dtypes
         positions = None if positions is None else positions.long()
         grad_base = grad.to(base_dtype)
-        g = (grad_base if lora_dtype == base_dtype else grad.to(lora_dtype)) * ctx.scale
         need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_b = g.flatten(0, -2).t().mm(h.flatten(0, -2)).to(b_dtype) if need_b else None
-        gh = g.matmul(bl)
+        if _all_fp32(ctx.dtypes):  # the scale goes on the r-wide products, not on a full-width copy of grad
+            g = grad_base.flatten(0, -2)
+            grad_b = g.t().mm(h.flatten(0, -2)).mul_(ctx.scale).to(b_dtype) if need_b else None
+            gh = g.mm(bl).mul_(ctx.scale).view(*grad.shape[:-1], -1)
+        else:
+            g = (grad_base if lora_dtype == base_dtype else grad.to(lora_dtype)) * ctx.scale
+            grad_b = g.flatten(0, -2).t().mm(h.flatten(0, -2)).to(b_dtype) if need_b else None
+            gh = g.matmul(bl)
         grad_a = gh.flatten(0, -2).t().mm(_dropped(xl, positions).flatten(0, -2)).to(a_dtype) if need_a else None
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -207,6 +217,14 @@ class _LoraLinearFn(torch.autograd.Function):
                 grad_low.view(-1).index_fill_(0, positions, 0)
             grad_x = grad_base.matmul(ctx.base.weight(base_dtype)).to(ctx.x_dtype).add_(grad_low)
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _all_fp32(dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]) -> bool:
+    """Base, LoRA and output all fp32 (the numerics probe's choice where bf16 is emulated): the low-rank part
+    is accumulated into the base output by one ``addmm_`` and the scale applied to the r-wide products
+    (fewer full-width passes; a different but fp32 rounding). Under bf16 the plain order is kept: there it
+    is bit-identical to PEFT's."""
+    return dtypes[0] == dtypes[1] == dtypes[2] == torch.float32
 
 
 def _compute_dtypes(layer: torch.nn.Module, base: _Base, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -336,14 +354,8 @@ def release_file_backed_weights(model: torch.nn.Module) -> int:
                 tensor.data = tensor.data.clone()
                 copied += tensor.numel() * tensor.element_size()
     gc.collect()  # the loader's reference cycles still hold the file's storages
-    _trim_heap()
+    trim_heap()
     return copied
-
-
-def _trim_heap() -> None:
-    """Give memory the allocator holds but nothing uses back to the OS (glibc keeps freed heap pages)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -374,9 +386,10 @@ def checkpoint_layers(model: torch.nn.Module, n: int) -> int:
 
 
 def prepare_for_training(
-    model: torch.nn.Module, recipe: Recipe, device: torch.device, *, enabled: bool | None = None
+    model: torch.nn.Module, recipe: Recipe, device: torch.device, *, enabled: bool | None = None, seq: int | None = None
 ) -> torch.nn.Module:
-    """Apply the optimizations that are exact for this model and device; returns the model to train."""
+    """Apply the optimizations that are exact for this model and device (``seq``: the longest training row, which
+    the checkpoint plan sizes activations by); returns the model to train."""
     keep_bnb_trainable(model)
     if not fastpath_enabled(enabled):
         return model
@@ -385,5 +398,5 @@ def prepare_for_training(
     fuse_lora_layers(model)
     fuse_gated_mlps(model)
     if not recipe.train.gradient_checkpointing:
-        checkpoint_layers(model, planned_checkpoints(model, recipe, fastpath=True))
+        checkpoint_layers(model, planned_checkpoints(model, recipe, fastpath=True, seq=seq))
     return model

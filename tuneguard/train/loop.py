@@ -49,6 +49,7 @@ from tuneguard.train.checkpoints import (
 from tuneguard.train.divergence import DivergenceWatch, NonFiniteStep, non_finite
 from tuneguard.train.fastpath import prepare_for_training
 from tuneguard.train.losses import CausalLMLoss, ClassificationLoss
+from tuneguard.train.memory import longest_row
 from tuneguard.train.selection import (
     forgetting_pct,
     metric_improves,
@@ -236,7 +237,8 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
                           image=backbone.image is not None)
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
-    model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None)
+    model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None,
+                                 seq=longest_row(data.train))
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -298,6 +300,7 @@ def train_step(s: Session, state: TrainState, micro: tuple[dict[str, torch.Tenso
                 loss = loss + extra / len(micro)
         acc.backward(loss)
         step_loss += float(loss_sum.detach()) / targets * acc.num_processes
+        del loss, loss_sum  # held into the next micro-batch's forward, they kept ~250 MB of its graph alive (measured)
     floor = frozen_floor(state.step, s.recipe.adapter.freeze_layers_below, s.recipe.adapter.unfreeze_every)
     if floor > 0:
         _drop_frozen_grads(s.model, floor)

@@ -6,12 +6,17 @@ checkpoint file while it stays mapped: the fast path releases it) + adapter weig
 AdamW state + the activations kept for backward (per layer and token, from the config's shapes and
 which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x the allocator's
 fragmentation + the largest transient at the loss (one chunk of logits and the head in bf16).
-The bench prints the prediction next to the measured peak, so the model stays honest.
+Activations are sized by the widest batch the training data makes (its longest row, rounded up as
+batches are), not by ``data.max_length``. Encoders and image backbones are small and each keeps
+other tensors, so they are not modelled: one training forward of a random-weight copy at the
+recipe's batch shape is counted instead. The bench prints the prediction next to the measured peak,
+and a test checks it against a measured run, so the model stays honest.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,9 +200,10 @@ def dtype_bytes(recipe: Recipe, device_type: str) -> tuple[int, int]:
 
 def estimate_model(
     model: torch.nn.Module, recipe: Recipe, *, fastpath: bool, checkpointed_layers: int = 0,
-    device_type: str | None = None, weights_file_mb: float = 0.0,
+    device_type: str | None = None, weights_file_mb: float = 0.0, seq: int | None = None,
 ) -> MemoryEstimate:
-    """The estimate for an adapter model built from ``recipe`` (real or on the meta device)."""
+    """The estimate for an adapter model built from ``recipe`` (real or on the meta device); ``seq``: the longest
+    row training will see (batches are padded to their longest row), ``data.max_length`` when not known."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = device_type or next(model.parameters()).device.type
     if device == "meta":
@@ -205,61 +211,166 @@ def estimate_model(
     compute, weight = dtype_bytes(recipe, device)
     return estimate(
         ModelShape.from_config(base.config), adapter_shape(model), quant=recipe.quantization.method,
-        batch=recipe.train.batch_size, seq=recipe.data.max_length, fastpath=fastpath,
+        batch=recipe.train.batch_size, seq=seq or recipe.data.max_length, fastpath=fastpath,
         checkpointed_layers=checkpointed_layers, device_type=device, weights_file_mb=weights_file_mb,
         compute_bytes=compute, weight_bytes=weight,
     )
 
 
-def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int | None = None) -> MemoryEstimate:
-    """The estimate from the recipe alone: the config is read and the adapter built on the meta device.
+def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int | None = None,
+                    seq: int | None = None) -> MemoryEstimate:
+    """The estimate from the recipe and its data, before any weights are loaded.
 
-    ``checkpointed_layers`` None: as training will run it, i.e. every layer under
-    ``train.gradient_checkpointing``, else the fast path's plan for the memory budget (none without it).
+    Decoders: the config is read and the adapter built on the meta device. Encoders and image backbones
+    (small, and each architecture keeps other tensors) are built for real with random weights and run one
+    training forward at the recipe's batch shape (:func:`estimate_by_probe`). ``seq``: the longest
+    training row; None reads the training data. ``checkpointed_layers`` None: as training will run it,
+    i.e. every layer under ``train.gradient_checkpointing``, else the fast path's plan for the memory
+    budget (none without it).
     """
     from transformers import AutoModelForCausalLM
 
     from tuneguard.adapters.registry import apply_adapter
-    from tuneguard.backbones import load_config, resolve_source
+    from tuneguard.backbones import ENCODER_TYPES, is_image_config, load_config, resolve_source
 
     source, is_hub = resolve_source(recipe.model)
     config = load_config(source, recipe.model, is_hub)
+    image = is_image_config(config)
+    encoder = config.model_type in ENCODER_TYPES
+    if seq is None and not image:
+        seq = training_seq(recipe, source, is_encoder=encoder)
+    if encoder or image:
+        return estimate_by_probe(recipe, config, seq)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = apply_adapter(model, recipe.adapter, is_encoder=False, total_steps=100)
     if checkpointed_layers is None:
-        checkpointed_layers = planned_checkpoints(model, recipe, fastpath)
-    quantized = recipe.quantization.method != "none"
-    weights_file = sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) / MB if quantized and not is_hub else 0.0
+        checkpointed_layers = planned_checkpoints(model, recipe, fastpath, seq)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return estimate_model(model, recipe, fastpath=fastpath, checkpointed_layers=checkpointed_layers, device_type=device,
-                          weights_file_mb=weights_file)
+                          weights_file_mb=checkpoint_file_mb(recipe), seq=seq)
 
 
-def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool) -> int:
+def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> int:
+    """The longest row of the recipe's training data as training will tokenize it (tokenizer only)."""
+    from transformers import AutoTokenizer
+
+    from tuneguard.adapters.registry import method_spec
+    from tuneguard.data.prepare import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
+                                              trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare_data(recipe.data, tokenizer, is_encoder=is_encoder, seed=recipe.train.seed,
+                        packable=method_spec(recipe.adapter).packable)
+    return longest_row(data.train) or recipe.data.max_length
+
+
+def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None) -> MemoryEstimate:
+    """Encoders and image backbones: one training forward of the adapter model, random weights, batch of
+    ``train.batch_size`` x ``seq`` tokens (or images of ``data.image_size``), counting every tensor autograd
+    keeps for backward (saved-tensor hooks, each storage once, the weights left out)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from tuneguard.adapters.registry import apply_adapter
+    from tuneguard.backbones import is_image_config
+    from tuneguard.numerics import resolve_dtype
+
+    image = is_image_config(config)
+    config.num_labels = len(recipe.data.labels or []) or 2
+    quant = recipe.quantization.method
+    dtype = torch.float32 if quant != "none" else resolve_dtype(recipe.model.dtype, torch.device("cpu"), "model.dtype")
+    torch.manual_seed(0)
+    model = (AutoModelForImageClassification if image else AutoModelForSequenceClassification).from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    bits = BITS[quant]
+    quantized = {id(m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n}
+    frozen = sum(p.numel() * (bits / 8 * 1.016 if bits and id(p) in quantized else p.element_size())
+                 for p in model.parameters())
+    model = apply_adapter(model, recipe.adapter, is_encoder=True, total_steps=100, image=image).train()
+    batch = recipe.train.batch_size
+    if image:
+        inputs = {"pixel_values": torch.zeros(batch, config.num_channels, recipe.data.image_size, recipe.data.image_size,
+                                              dtype=dtype)}
+    else:
+        seq = seq or recipe.data.max_length
+        inputs = {"input_ids": torch.ones(batch, seq, dtype=torch.long), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits = model(**inputs).logits
+        F.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long), reduction="sum")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cpu = not torch.cuda.is_available()
+    parts = {
+        "runtime": RUNTIME_MB_CPU if cpu else 0.0,
+        "weights": frozen / MB,
+        "weights_file_mapping": 0.0,
+        "adapter_and_optimizer": trainable * ADAM_BYTES / MB,
+        "activations": sum(kept.values()) * (FRAGMENTATION if cpu else 1.0) / MB,
+        "logits": 0.0,
+    }
+    inputs_record = {"quant": quant, "batch": batch, "seq": seq, "fastpath": False, "checkpointed_layers": 0,
+                     "trainable_params": trainable, "device": "cpu" if cpu else "cuda", "probe": "image" if image else "encoder",
+                     "train_peak_mb": round(sum(parts.values()), 1), "peak_at": "training"}
+    return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 1) for k, v in parts.items()}, inputs_record)
+
+
+def longest_row(rows: Sequence[Any]) -> int | None:
+    """The widest batch training builds from these rows (the longest row; a decoder's rounded up to
+    :data:`~tuneguard.train.batches.PAD_MULTIPLE`); None for images."""
+    from tuneguard.train.batches import PAD_MULTIPLE
+
+    longest = max((len(r.input_ids) for r in rows if hasattr(r, "input_ids")), default=None)
+    if longest is None or not hasattr(rows[0], "position_ids"):
+        return longest
+    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def checkpoint_file_mb(recipe: Recipe) -> float:
+    """The local safetensors a quantized backbone is built from: mapped, and resident, while it loads (and for
+    the whole run the usual way); 0 for a hub id (the estimate cannot see its files) or an unquantized one."""
+    from tuneguard.backbones import resolve_source
+
+    source, is_hub = resolve_source(recipe.model)
+    if recipe.quantization.method == "none" or is_hub:
+        return 0.0
+    return sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) / MB
+
+
+def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool, seq: int | None = None) -> int:
     """Decoder layers training will recompute: all with gradient checkpointing, else the fast path's plan."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if recipe.train.gradient_checkpointing:
         return base.config.num_hidden_layers
-    return checkpoint_plan(model, recipe, memory_budget_mb(model, recipe)) if fastpath else 0
+    return checkpoint_plan(model, recipe, memory_budget_mb(model, recipe, seq), seq) if fastpath else 0
 
 
-def memory_budget_mb(model: torch.nn.Module, recipe: Recipe) -> float:
+def memory_budget_mb(model: torch.nn.Module, recipe: Recipe, seq: int | None = None) -> float:
     """``TUNEGUARD_MEMORY_BUDGET_MB``, else the default target: half the predicted peak of the usual way
     (PEFT's layers, no fast path, no checkpointing), or this process's memory plus what is free if less."""
     value = os.environ.get(ENV_BUDGET)
     if value:
         return float(value)
-    usual = estimate_model(model, recipe, fastpath=False).peak_mb
+    usual = estimate_model(model, recipe, fastpath=False, weights_file_mb=checkpoint_file_mb(recipe), seq=seq).peak_mb
     at_hand = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / MB
     return min(TARGET_SHARE * usual, at_hand)
 
 
-def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float) -> int:
+def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float, seq: int | None = None) -> int:
     """The fewest decoder layers to checkpoint for the fast path's predicted peak to fit ``budget_mb``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n_layers = base.config.num_hidden_layers
-    for k in range(n_layers + 1):
-        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k).peak_mb <= budget_mb:
+    for k in range(n_layers + 1):  # checkpoints lower the training peak, never the loading one
+        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k, seq=seq).inputs["train_peak_mb"] <= budget_mb:
             return k
     return n_layers
