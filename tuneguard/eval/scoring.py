@@ -254,9 +254,10 @@ def _forward_kept(
         pos = torch.cat([torch.arange(n_virtual, device=pos.device).expand(batch, -1), pos + n_virtual], dim=1)
         keep = F.pad(keep, (n_virtual, 0), value=False)
     if prefix is None and int(seg.max()) <= 1:
-        # No row shares its context: plain causal attention with right padding is the same mask,
-        # and lets the attention kernel skip materialising it (much faster on long windows).
-        mask = (seg >= 0).long()
+        # No row shares its context: plain causal attention is the same mask for every real token
+        # (padding is on the right, after them), so none is passed and the kernel takes its causal
+        # path without materialising one (much faster on long windows and one-token answers).
+        mask = None
     else:
         length = seg.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
