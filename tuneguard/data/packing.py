@@ -49,10 +49,15 @@ def pack(examples: list[Example], max_length: int, enabled: bool = True) -> list
     return rows
 
 
+def padded_width(longest: int, multiple: int) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``: how wide a batch with that longest row is built."""
+    return -(-longest // multiple) * multiple
+
+
 def collate(rows: list[Packed], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest, rounded up to ``multiple``; padding is its own segment (positions from 0,
     no targets) after every real token, so causal attention never lets a real token see it."""
-    width = -(-max(len(r.input_ids) for r in rows) // multiple) * multiple
+    width = padded_width(max(len(r.input_ids) for r in rows), multiple)
     ids, labels, pos = [], [], []
     for r in rows:
         extra = width - len(r.input_ids)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tuneguard.data.images import ImageExample
-from tuneguard.data.packing import collate, collate_classification
+from tuneguard.data.packing import collate, collate_classification, padded_width
 from tuneguard.data.prepare import Prepared
 from tuneguard.recipe import Recipe
 
@@ -47,6 +47,15 @@ def _collate(rows: list[Any], pad_id: int | None, epoch: int | None = None) -> d
     if hasattr(rows[0], "position_ids"):
         return collate(rows, pad_id, PAD_MULTIPLE)
     return collate_classification(rows, pad_id)
+
+
+def widest_batch(rows: list[Any]) -> int | None:
+    """Tokens per row in the widest batch :func:`_collate` builds from these rows (the longest row, a
+    decoder's rounded up to :data:`PAD_MULTIPLE`); None for images."""
+    longest = max((len(r.input_ids) for r in rows if hasattr(r, "input_ids")), default=None)
+    if longest is None or not hasattr(rows[0], "position_ids"):
+        return longest
+    return padded_width(longest, PAD_MULTIPLE)
 
 
 def _size(row: Any) -> int:

@@ -37,7 +37,7 @@ from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.provenance import git_commit, peak_memory, versions
 from tuneguard.recipe import Recipe, dump_recipe, recipe_defaults
 from tuneguard.rundir import Mode, RunDir
-from tuneguard.train.batches import eval_batches, micro_batches, planned_steps, target_count
+from tuneguard.train.batches import eval_batches, micro_batches, planned_steps, target_count, widest_batch
 from tuneguard.train.checkpoints import (
     TrainState,
     only_trainable_weights,
@@ -49,7 +49,6 @@ from tuneguard.train.checkpoints import (
 from tuneguard.train.divergence import DivergenceWatch, NonFiniteStep, non_finite
 from tuneguard.train.fastpath import prepare_for_training
 from tuneguard.train.losses import CausalLMLoss, ClassificationLoss
-from tuneguard.train.memory import longest_row
 from tuneguard.train.selection import (
     forgetting_pct,
     metric_improves,
@@ -238,7 +237,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
     model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None,
-                                 seq=longest_row(data.train))
+                                 seq=widest_batch(data.train))
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -16,7 +16,6 @@ and a test checks it against a measured run, so the model stays honest.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,7 +239,7 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     if seq is None and not image:
         seq = training_seq(recipe, source, is_encoder=encoder)
     if encoder or image:
-        return estimate_by_probe(recipe, config, seq)
+        return estimate_by_probe(recipe, config, seq, image=image)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = apply_adapter(model, recipe.adapter, is_encoder=False, total_steps=100)
@@ -257,6 +256,7 @@ def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> int:
 
     from tuneguard.adapters.registry import method_spec
     from tuneguard.data.prepare import prepare_data
+    from tuneguard.train.batches import widest_batch
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
                                               trust_remote_code=recipe.model.trust_remote_code)
@@ -264,10 +264,10 @@ def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(recipe.data, tokenizer, is_encoder=is_encoder, seed=recipe.train.seed,
                         packable=method_spec(recipe.adapter).packable)
-    return longest_row(data.train) or recipe.data.max_length
+    return widest_batch(data.train) or recipe.data.max_length
 
 
-def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None) -> MemoryEstimate:
+def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None, *, image: bool) -> MemoryEstimate:
     """Encoders and image backbones: one training forward of the adapter model, random weights, batch of
     ``train.batch_size`` x ``seq`` tokens (or images of ``data.image_size``), counting every tensor autograd
     keeps for backward (saved-tensor hooks, each storage once, the weights left out)."""
@@ -275,10 +275,8 @@ def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None) -> MemoryEst
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     from tuneguard.adapters.registry import apply_adapter
-    from tuneguard.backbones import is_image_config
     from tuneguard.numerics import resolve_dtype
 
-    image = is_image_config(config)
     config.num_labels = len(recipe.data.labels or []) or 2
     quant = recipe.quantization.method
     dtype = torch.float32 if quant != "none" else resolve_dtype(recipe.model.dtype, torch.device("cpu"), "model.dtype")
@@ -323,17 +321,6 @@ def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None) -> MemoryEst
                      "trainable_params": trainable, "device": "cpu" if cpu else "cuda", "probe": "image" if image else "encoder",
                      "train_peak_mb": round(sum(parts.values()), 1), "peak_at": "training"}
     return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 1) for k, v in parts.items()}, inputs_record)
-
-
-def longest_row(rows: Sequence[Any]) -> int | None:
-    """The widest batch training builds from these rows (the longest row; a decoder's rounded up to
-    :data:`~tuneguard.train.batches.PAD_MULTIPLE`); None for images."""
-    from tuneguard.train.batches import PAD_MULTIPLE
-
-    longest = max((len(r.input_ids) for r in rows if hasattr(r, "input_ids")), default=None)
-    if longest is None or not hasattr(rows[0], "position_ids"):
-        return longest
-    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def checkpoint_file_mb(recipe: Recipe) -> float:
