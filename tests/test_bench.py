@@ -10,11 +10,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneguard.bench import measure, reference
+from tuneguard.bench.ceiling import step_flops_per_token
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
 from tuneguard.bench.tables import train_summary
 from tuneguard.cli import build_parser
+from tuneguard.data.packing import Packed
 from tuneguard.recipe import load_recipe
-from tuneguard.train.memory import AdapterShape, ModelShape, estimate, estimate_recipe
+from tuneguard.train.batches import masked_batches
+from tuneguard.train.memory import AdapterShape, ModelShape, estimate, estimate_recipe, mask_bytes_per_token
 
 
 def test_throughput_leaves_out_warmup_and_counts_exact_tokens() -> None:
@@ -46,6 +49,60 @@ def test_train_summary_ratios_and_targets() -> None:
     assert row["trainer_tokens_ratio"] == 1.6 and row["trainer_peak_ratio"] == 0.4 and row["meets_targets"]
     assert row["sft_tokens_ratio"] == 4.0
     assert not train_summary([result("tuneguard", 300, 2000), result("trainer", 250, 5000)])[0]["meets_targets"]
+
+
+@pytest.mark.parametrize("seq", [1, 16])
+def test_ceiling_counts_the_flops_torch_counts_on_a_lora_step(tiny_llama_dir: Path, seq: int) -> None:
+    """The ceiling's FLOPs per token against torch's FLOP counter on a real LoRA step (attention by plain matmuls)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    config = model.config
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.enable_input_require_grads()  # the formula counts the lowest layer's input gradients too
+    ids = torch.randint(3, 300, (4, seq), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+    counted = counter.get_total_flops() / ids.numel()
+    parts = step_flops_per_token(config, seq=seq, r=4)
+    # The counter sees attention over all seq keys (the math path masks, it does not skip); the formula
+    # counts the causal half: forward two products, backward four, over (seq + 1) / 2 keys on average.
+    q = config.num_attention_heads * config.head_dim
+    masked_out = config.num_hidden_layers * 6 * 2 * q * (seq - (seq + 1) / 2)
+    assert counted == pytest.approx(parts["total"] + masked_out, rel=1e-9)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_masked_batches_keep_what_the_estimate_adds(tiny_llama_dir: Path, autocast: bool) -> None:
+    """Packed rows (position_ids restarting) make transformers build a 4-D mask; what autograd then keeps in
+    addition, per token and layer, is what the estimator adds for masked batches."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    shape = ModelShape.from_config(model.config)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def kept_bytes(position_ids: torch.Tensor) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=ids, position_ids=position_ids, use_cache=False)
+        return sum(storages.values())
+
+    one_document = torch.arange(32).expand(2, 32)
+    two_documents = torch.cat([torch.arange(20), torch.arange(12)]).expand(2, 32)
+    extra = kept_bytes(two_documents) - kept_bytes(one_document)
+    assert extra == ids.numel() * shape.layers * mask_bytes_per_token(shape, 32, compute_bytes=2 if autocast else 4)
+    assert masked_batches([Packed([1] * 64, [1] * 64, [*range(40), *range(24)])])
+    assert masked_batches([Packed([1] * 64, [1] * 64, list(range(64))), Packed([1] * 30, [1] * 30, list(range(30)))])
+    assert not masked_batches([Packed([1] * 64, [1] * 64, list(range(64)))] * 2)
 
 
 def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing(tiny_llama_dir: Path) -> None:

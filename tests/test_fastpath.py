@@ -183,6 +183,28 @@ def test_checkpointing_by_budget(tiny_llama_dir: Path) -> None:
     assert checkpoint_plan(model, big, budget_mb=(full + none_kept) / 2) == 1
 
 
+def test_gated_mlp_rebuilds_the_down_input_exactly_in_fp32(tiny_llama_dir: Path) -> None:
+    """The MLP keeps ``gate`` and ``up``, not their product: in fp32 the rebuilt product gives the same bits."""
+    def run(gated: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model = nf4_lora(tiny_llama_dir, dropout=0.3, compute=torch.float32)
+        fastpath.fuse_lora_layers(model)
+        if gated:
+            assert fastpath.fuse_gated_mlps(model) == 2
+        torch.manual_seed(5)
+        return loss_and_grads(model, autocast=False)
+
+    kept: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        loss_a, grads_a = run(False)
+    product_inputs = kept.count(2 * 24 * 128)  # (batch, seq, intermediate) of the tiny Llama
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        loss_b, grads_b = run(True)
+    assert loss_a == loss_b
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert kept.count(2 * 24 * 128) < product_inputs
+
+
 def test_checkpointed_layers_replay_the_same_dropout(tiny_llama_dir: Path) -> None:
     def run(checkpointed: int) -> tuple[float, dict[str, torch.Tensor]]:
         model = nf4_lora(tiny_llama_dir, dropout=0.3)

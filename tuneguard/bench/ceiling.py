@@ -4,8 +4,9 @@ A ratio against the plain Trainer says nothing when both runners sit near what t
 So the bench times the model's own matmul shapes, in the dtype the numerics probe chose, and
 divides: ``ceiling tokens/s = effective FLOP/s / FLOPs per token``. FLOPs per token of a step on a
 frozen base: the forward (every linear, attention's two products, the LM head on every position),
-a backward of the same size for the input gradients, LoRA's own weight gradients, and the forward
-of any layer recomputed by activation checkpointing. Dequantizing 4-bit weights is not a FLOP:
+a backward of the same size for the input gradients (attention's with four products), LoRA's own
+weight gradients, and the forward of any layer recomputed by activation checkpointing (a test checks
+the count against torch's FLOP counter on a real step). Dequantizing 4-bit weights is not a FLOP:
 the gap between a runner and the ceiling is where such work (and the framework's) goes.
 """
 
@@ -17,8 +18,10 @@ import torch
 
 from tuneguard.numerics import matmul_gflops
 
-# Matmuls time the same on any values: a few measured calls per shape are enough.
-SECONDS_PER_SHAPE = 0.2
+# Matmuls time the same on any values: a few short windows per shape, the best one kept (two shared cores
+# are easily disturbed, and a ceiling measured low would flatter every runner's share of it).
+SECONDS_PER_WINDOW = 0.1
+WINDOWS = 5
 
 
 def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0) -> dict[str, float]:
@@ -36,7 +39,7 @@ def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0
     head = 2 * h * config.vocab_size
     parts = {
         "forward": n * layer_forward + head,
-        "input_gradients": n * layer_forward + head,
+        "input_gradients": n * (layer_forward + attention) + head,  # attention's backward: four products, not two
         "lora_weight_gradients": n * lora,
         "recompute": checkpointed * layer_forward,
     }
@@ -52,7 +55,7 @@ def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch
     shapes = {  # (m, k, n): weight of the shape in one layer's forward
         (tokens, h, heads * head_dim): 2, (tokens, h, kv): 2, (tokens, h, f): 2, (tokens, f, h): 1,
     }
-    rates = {shape: matmul_gflops(*shape, dtype, device, SECONDS_PER_SHAPE) for shape in shapes}
+    rates = {shape: matmul_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in shapes}
     flops = {(m, k, n): 2 * m * k * n * count for (m, k, n), count in shapes.items()}
     seconds = sum(flops[s] / (rates[s] * 1e9) for s in shapes)
     return {"gflops": round(sum(flops.values()) / seconds / 1e9, 2),

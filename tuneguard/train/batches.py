@@ -58,6 +58,13 @@ def widest_batch(rows: list[Any]) -> int | None:
     return padded_width(longest, PAD_MULTIPLE)
 
 
+def masked_batches(rows: list[Any]) -> bool:
+    """Whether decoder batches of these rows carry restarting ``position_ids`` (a row with several documents, or
+    padded because it is not already as wide as its batch), for which transformers builds a 4-D attention mask."""
+    width = widest_batch(rows)
+    return any(hasattr(r, "position_ids") and (len(r.input_ids) != width or r.position_ids.count(0) > 1) for r in rows)
+
+
 def _size(row: Any) -> int:
     """What a row counts for in ``tokens``: its tokens, or 1 for an image."""
     return 1 if isinstance(row, ImageExample) else len(row.input_ids)

@@ -37,7 +37,14 @@ from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.provenance import git_commit, peak_memory, versions
 from tuneguard.recipe import Recipe, dump_recipe, recipe_defaults
 from tuneguard.rundir import Mode, RunDir
-from tuneguard.train.batches import eval_batches, micro_batches, planned_steps, target_count, widest_batch
+from tuneguard.train.batches import (
+    eval_batches,
+    masked_batches,
+    micro_batches,
+    planned_steps,
+    target_count,
+    widest_batch,
+)
 from tuneguard.train.checkpoints import (
     TrainState,
     only_trainable_weights,
@@ -237,7 +244,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
     model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None,
-                                 seq=widest_batch(data.train))
+                                 seq=widest_batch(data.train), masked=masked_batches(data.train))
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

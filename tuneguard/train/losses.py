@@ -20,8 +20,10 @@ from peft import PeftModel
 
 from tuneguard.data.examples import IGNORE
 
-CHUNK_BYTES = 16 * 2**20
-"""fp32 logits per chunk: small enough to stay out of the peak, large enough for efficient matmuls."""
+CHUNK_BYTES = 30 * 2**20
+"""fp32 logits per chunk: small enough to stay out of the peak and under glibc's largest mmap threshold (32 MB,
+so chunks reuse heap memory instead of faulting in fresh pages), large enough that the head's matmuls
+run near full speed (the 49k x 576 head: 85-row chunks ~25% slower than 160-row ones, fp32 and bf16)."""
 
 
 def chunk_rows(vocab: int) -> int:

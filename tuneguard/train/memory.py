@@ -111,16 +111,23 @@ def activation_bytes_per_token(
     mlp = 2 * f * c if fastpath else 3 * f * stream  # fast: gate and up; else the activation's input, output, up
     widths = [h] * max(adapter.per_layer - 1, 0) + [f] * min(adapter.per_layer, 1)
     if fastpath and adapter.fused:
-        # One copy per distinct input, A x, and the int32 positions dropout zeroed.
-        adapters = c * (3 * h + f) + c * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
+        # One copy per distinct input but the MLP's (rebuilt from gate and up), A x, and the int32 positions dropout zeroed.
+        adapters = c * 3 * h + c * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
     else:
         # PEFT: per layer, the fp32 dropout noise and the copy of the dropped input, and A x.
         adapters = sum((4 * w if adapter.dropout > 0 else 0) + c * w + c * r for w in widths)
     return norms + attention + mlp + adapters
 
 
+def mask_bytes_per_token(shape: ModelShape, seq: int, compute_bytes: int) -> int:
+    """What a layer keeps besides, per token, when batches carry a 4-D attention mask (position_ids that restart:
+    packed documents, padding): transformers then repeats k and v to every head for SDPA, and each layer keeps
+    its own copy of the mask (``seq`` values per token) in the compute dtype."""
+    return compute_bytes * (2 * (shape.hidden - shape.kv_dim) + seq)
+
+
 def estimate(
-    shape: ModelShape, adapter: AdapterShape, *, quant: str, batch: int, seq: int, fastpath: bool,
+    shape: ModelShape, adapter: AdapterShape, *, quant: str, batch: int, seq: int, fastpath: bool, masked: bool = True,
     checkpointed_layers: int = 0, device_type: str = "cpu", weights_file_mb: float = 0.0, compute_bytes: int = 2,
     weight_bytes: int = 2,
 ) -> MemoryEstimate:
@@ -134,6 +141,8 @@ def estimate(
                                            compute_bytes=compute_bytes, stream_bytes=float_bytes)
     kept = shape.layers - checkpointed_layers
     stream = float_bytes
+    if masked:
+        per_token += mask_bytes_per_token(shape, seq, compute_bytes)
     activations = tokens * (kept * per_token + checkpointed_layers * shape.hidden * stream)
     if checkpointed_layers == shape.layers:
         activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
@@ -154,7 +163,8 @@ def estimate(
     copied = shape.other_params * float_bytes if cpu and fastpath and quantized else 0.0
     load_mb = parts["runtime"] + (weights_file_mb if cpu else 0.0) + (weights + copied) / MB
     train_mb = sum(parts.values())
-    inputs = {"quant": quant, "batch": batch, "seq": seq, "fastpath": fastpath, "checkpointed_layers": checkpointed_layers,
+    inputs = {"quant": quant, "batch": batch, "seq": seq, "masked": masked, "fastpath": fastpath,
+              "checkpointed_layers": checkpointed_layers,
               "compute_bytes": compute_bytes, "weight_bytes": weight_bytes,
               "trainable_params": adapter.trainable_params, "device": device_type,
               "load_peak_mb": round(load_mb, 1), "train_peak_mb": round(train_mb, 1),
@@ -199,10 +209,11 @@ def dtype_bytes(recipe: Recipe, device_type: str) -> tuple[int, int]:
 
 def estimate_model(
     model: torch.nn.Module, recipe: Recipe, *, fastpath: bool, checkpointed_layers: int = 0,
-    device_type: str | None = None, weights_file_mb: float = 0.0, seq: int | None = None,
+    device_type: str | None = None, weights_file_mb: float = 0.0, seq: int | None = None, masked: bool = True,
 ) -> MemoryEstimate:
     """The estimate for an adapter model built from ``recipe`` (real or on the meta device); ``seq``: the longest
-    row training will see (batches are padded to their longest row), ``data.max_length`` when not known."""
+    row training will see (batches are padded to their longest row), ``data.max_length`` when not known;
+    ``masked``: whether batches carry an attention mask (see :func:`tuneguard.train.batches.masked_batches`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = device_type or next(model.parameters()).device.type
     if device == "meta":
@@ -210,20 +221,20 @@ def estimate_model(
     compute, weight = dtype_bytes(recipe, device)
     return estimate(
         ModelShape.from_config(base.config), adapter_shape(model), quant=recipe.quantization.method,
-        batch=recipe.train.batch_size, seq=seq or recipe.data.max_length, fastpath=fastpath,
+        batch=recipe.train.batch_size, seq=seq or recipe.data.max_length, fastpath=fastpath, masked=masked,
         checkpointed_layers=checkpointed_layers, device_type=device, weights_file_mb=weights_file_mb,
         compute_bytes=compute, weight_bytes=weight,
     )
 
 
 def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layers: int | None = None,
-                    seq: int | None = None) -> MemoryEstimate:
+                    seq: int | None = None, masked: bool = True) -> MemoryEstimate:
     """The estimate from the recipe and its data, before any weights are loaded.
 
     Decoders: the config is read and the adapter built on the meta device. Encoders and image backbones
     (small, and each architecture keeps other tensors) are built for real with random weights and run one
     training forward at the recipe's batch shape (:func:`estimate_by_probe`). ``seq``: the longest
-    training row; None reads the training data. ``checkpointed_layers`` None: as training will run it,
+    training row; None reads the training data (and whether its batches need a mask, else ``masked``). ``checkpointed_layers`` None: as training will run it,
     i.e. every layer under ``train.gradient_checkpointing``, else the fast path's plan for the memory
     budget (none without it).
     """
@@ -237,26 +248,27 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     image = is_image_config(config)
     encoder = config.model_type in ENCODER_TYPES
     if seq is None and not image:
-        seq = training_seq(recipe, source, is_encoder=encoder)
+        seq, masked = training_seq(recipe, source, is_encoder=encoder)
     if encoder or image:
         return estimate_by_probe(recipe, config, seq, image=image)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = apply_adapter(model, recipe.adapter, is_encoder=False, total_steps=100)
     if checkpointed_layers is None:
-        checkpointed_layers = planned_checkpoints(model, recipe, fastpath, seq)
+        checkpointed_layers = planned_checkpoints(model, recipe, fastpath, seq, masked)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return estimate_model(model, recipe, fastpath=fastpath, checkpointed_layers=checkpointed_layers, device_type=device,
-                          weights_file_mb=checkpoint_file_mb(recipe), seq=seq)
+                          weights_file_mb=checkpoint_file_mb(recipe), seq=seq, masked=masked)
 
 
-def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> int:
-    """The longest row of the recipe's training data as training will tokenize it (tokenizer only)."""
+def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> tuple[int, bool]:
+    """The longest row of the recipe's training data as training will tokenize it (tokenizer only), and whether
+    its batches carry an attention mask."""
     from transformers import AutoTokenizer
 
     from tuneguard.adapters.registry import method_spec
     from tuneguard.data.prepare import prepare_data
-    from tuneguard.train.batches import widest_batch
+    from tuneguard.train.batches import masked_batches, widest_batch
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=recipe.model.revision,
                                               trust_remote_code=recipe.model.trust_remote_code)
@@ -264,7 +276,7 @@ def training_seq(recipe: Recipe, source: str, *, is_encoder: bool) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(recipe.data, tokenizer, is_encoder=is_encoder, seed=recipe.train.seed,
                         packable=method_spec(recipe.adapter).packable)
-    return widest_batch(data.train) or recipe.data.max_length
+    return widest_batch(data.train) or recipe.data.max_length, masked_batches(data.train)
 
 
 def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None, *, image: bool) -> MemoryEstimate:
@@ -334,30 +346,34 @@ def checkpoint_file_mb(recipe: Recipe) -> float:
     return sum(p.stat().st_size for p in Path(source).glob("*.safetensors")) / MB
 
 
-def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool, seq: int | None = None) -> int:
+def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool, seq: int | None = None,
+                        masked: bool = True) -> int:
     """Decoder layers training will recompute: all with gradient checkpointing, else the fast path's plan."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if recipe.train.gradient_checkpointing:
         return base.config.num_hidden_layers
-    return checkpoint_plan(model, recipe, memory_budget_mb(model, recipe, seq), seq) if fastpath else 0
+    return checkpoint_plan(model, recipe, memory_budget_mb(model, recipe, seq, masked), seq, masked) if fastpath else 0
 
 
-def memory_budget_mb(model: torch.nn.Module, recipe: Recipe, seq: int | None = None) -> float:
+def memory_budget_mb(model: torch.nn.Module, recipe: Recipe, seq: int | None = None, masked: bool = True) -> float:
     """``TUNEGUARD_MEMORY_BUDGET_MB``, else the default target: half the predicted peak of the usual way
     (PEFT's layers, no fast path, no checkpointing), or this process's memory plus what is free if less."""
     value = os.environ.get(ENV_BUDGET)
     if value:
         return float(value)
-    usual = estimate_model(model, recipe, fastpath=False, weights_file_mb=checkpoint_file_mb(recipe), seq=seq).peak_mb
+    usual = estimate_model(model, recipe, fastpath=False, weights_file_mb=checkpoint_file_mb(recipe), seq=seq,
+                           masked=masked).peak_mb
     at_hand = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / MB
     return min(TARGET_SHARE * usual, at_hand)
 
 
-def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float, seq: int | None = None) -> int:
+def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float, seq: int | None = None,
+                    masked: bool = True) -> int:
     """The fewest decoder layers to checkpoint for the fast path's predicted peak to fit ``budget_mb``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n_layers = base.config.num_hidden_layers
     for k in range(n_layers + 1):  # checkpoints lower the training peak, never the loading one
-        if estimate_model(model, recipe, fastpath=True, checkpointed_layers=k, seq=seq).inputs["train_peak_mb"] <= budget_mb:
+        estimate_k = estimate_model(model, recipe, fastpath=True, checkpointed_layers=k, seq=seq, masked=masked)
+        if estimate_k.inputs["train_peak_mb"] <= budget_mb:
             return k
     return n_layers
