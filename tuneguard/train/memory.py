@@ -357,14 +357,17 @@ def planned_checkpoints(model: torch.nn.Module, recipe: Recipe, fastpath: bool, 
 
 def memory_budget_mb(model: torch.nn.Module, recipe: Recipe, seq: int | None = None, masked: bool = True) -> float:
     """``TUNEGUARD_MEMORY_BUDGET_MB``, else the default target: half the predicted peak of the usual way
-    (PEFT's layers, no fast path, no checkpointing), or this process's memory plus what is free if less."""
+    (PEFT's layers, no fast path, no checkpointing) but not below the fast path's loading peak, or this
+    process's memory plus what is free if less."""
     value = os.environ.get(ENV_BUDGET)
     if value:
         return float(value)
-    usual = estimate_model(model, recipe, fastpath=False, weights_file_mb=checkpoint_file_mb(recipe), seq=seq,
-                           masked=masked).peak_mb
+    file_mb = checkpoint_file_mb(recipe)
+    usual = estimate_model(model, recipe, fastpath=False, weights_file_mb=file_mb, seq=seq, masked=masked).peak_mb
+    # Checkpoints cannot lower the loading peak: a training peak below it would cost recomputation for nothing.
+    loading = estimate_model(model, recipe, fastpath=True, weights_file_mb=file_mb, seq=seq, masked=masked).inputs["load_peak_mb"]
     at_hand = (psutil.Process().memory_info().rss + psutil.virtual_memory().available) / MB
-    return min(TARGET_SHARE * usual, at_hand)
+    return min(max(TARGET_SHARE * usual, loading), at_hand)
 
 
 def checkpoint_plan(model: torch.nn.Module, recipe: Recipe, budget_mb: float, seq: int | None = None,
