@@ -8,9 +8,9 @@ which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x th
 fragmentation + the largest transient at the loss (one chunk of logits and the head in bf16).
 Activations are sized by the widest batch the training data makes (its longest row, rounded up as
 batches are), not by ``data.max_length``, and by whether they carry a 4-D attention mask (packed
-or padded rows), which makes every layer keep more (:func:`mask_bytes_per_token`). Encoders and image backbones are small and each keeps
-other tensors, so they are not modelled: one training forward of a random-weight copy at the
-recipe's batch shape is counted instead. The bench prints the prediction next to the measured peak,
+or padded rows), which makes every layer keep more (:func:`mask_bytes_per_token`). Encoders and
+image backbones are small and each keeps other tensors, so they are not modelled: one training
+forward of a random-weight copy at the recipe's batch shape is counted instead. The bench prints the prediction next to the measured peak,
 and a test checks it against a measured run, so the model stays honest.
 """
 
