@@ -59,8 +59,9 @@ def widest_batch(rows: list[Any]) -> int | None:
 
 
 def masked_batches(rows: list[Any]) -> bool:
-    """Whether decoder batches of these rows carry restarting ``position_ids`` (a row with several documents, or
-    padded because it is not already as wide as its batch), for which transformers builds a 4-D attention mask."""
+    """Whether decoder batches of these rows may carry restarting ``position_ids``, for which transformers builds a
+    4-D attention mask: a row with several documents, or one narrower than the widest batch (it is padded
+    unless every row of its batch has its width). False only when every batch is exactly full single documents."""
     width = widest_batch(rows)
     return any(hasattr(r, "position_ids") and (len(r.input_ids) != width or r.position_ids.count(0) > 1) for r in rows)
 

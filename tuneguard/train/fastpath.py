@@ -265,8 +265,10 @@ def _fused_args(layer: torch.nn.Module, x_dtype: torch.dtype, device_type: str) 
     """The fused function's arguments after ``x`` (drawing this call's dropout seed), or None where the layer is
     not fused or its state (several active adapters, merged, disabled) needs PEFT's own forward."""
     base = getattr(layer, "_tuneguard_base", None)
-    active = [n for n in layer.active_adapters if n in layer.lora_A] if base is not None else []
-    if base is None or layer.disable_adapters or layer.merged or len(active) != 1 or layer.lora_variant:
+    if base is None:
+        return None
+    active = [n for n in layer.active_adapters if n in layer.lora_A]
+    if layer.disable_adapters or layer.merged or len(active) != 1 or layer.lora_variant:
         return None
     name = active[0]
     dropout = layer.lora_dropout[name]

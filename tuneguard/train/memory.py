@@ -10,8 +10,9 @@ Activations are sized by the widest batch the training data makes (its longest r
 batches are), not by ``data.max_length``, and by whether they carry a 4-D attention mask (packed
 or padded rows), which makes every layer keep more (:func:`mask_bytes_per_token`). Encoders and
 image backbones are small and each keeps other tensors, so they are not modelled: one training
-forward of a random-weight copy at the recipe's batch shape is counted instead. The bench prints the prediction next to the measured peak,
-and a test checks it against a measured run, so the model stays honest.
+forward of a random-weight copy at the recipe's batch shape is counted instead. The bench prints the
+prediction next to the measured peak, and a test checks it against a measured run, so the model
+stays honest.
 """
 
 from __future__ import annotations
@@ -239,9 +240,9 @@ def estimate_recipe(recipe: Recipe, *, fastpath: bool = True, checkpointed_layer
     Decoders: the config is read and the adapter built on the meta device. Encoders and image backbones
     (small, and each architecture keeps other tensors) are built for real with random weights and run one
     training forward at the recipe's batch shape (:func:`estimate_by_probe`). ``seq``: the longest
-    training row; None reads the training data (and whether its batches need a mask, else ``masked``). ``checkpointed_layers`` None: as training will run it,
-    i.e. every layer under ``train.gradient_checkpointing``, else the fast path's plan for the memory
-    budget (none without it).
+    training row; None reads the training data, and whether its batches carry a mask with it (else
+    ``masked`` says). ``checkpointed_layers`` None: as training will run it, i.e. every layer under
+    ``train.gradient_checkpointing``, else the fast path's plan for the memory budget (none without it).
     """
     from transformers import AutoModelForCausalLM
 
