@@ -159,6 +159,25 @@ def test_layer_freezing_keeps_low_layers_fixed(tmp_path: Path, tiny_llama_dir: P
     assert any(".layers.0." in n for n in trained)
 
 
+@pytest.mark.parametrize("adapter", [{"method": "lora"}, {"method": "lora", "freeze_layers_below": 1, "unfreeze_every": 2}],
+                         ids=["lora", "unfreezing"])
+def test_kept_gradient_buffers_train_the_same(tmp_path: Path, tiny_llama_dir: Path, adapter: dict,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients allocated up front and zeroed in place give bit-identical weights to fresh ones every step
+    (accumulation, weight decay and the unfreezing schedule's skipped layers included)."""
+    import tuneguard.train.loop as loop
+
+    sections = {"adapter": {"r": 4, "alpha": 8, **adapter}, "train": {"max_steps": 4, "grad_accum": 2, "weight_decay": 0.1}}
+    kept = run_train(make_run(tmp_path / "kept", tiny_llama_dir, **sections))
+    monkeypatch.setattr(loop, "keep_grad_buffers", lambda accelerator, params: False)
+    fresh = run_train(make_run(tmp_path / "fresh", tiny_llama_dir, **sections))
+    a = dict(kept.model.named_parameters())
+    b = dict(fresh.model.named_parameters())
+    trained = [n for n, p in b.items() if p.requires_grad]
+    assert trained and all(torch.equal(a[n], b[n]) for n in trained)
+    assert all(p.grad is not None for n, p in a.items() if p.requires_grad and ".layers.1." in n)  # kept for the run
+
+
 def test_epoch_batches_split_processes_and_reshuffle() -> None:
     a = epoch_batches(10, 3, seed=1, epoch=0, rank=0, world=2)
     b = epoch_batches(10, 3, seed=1, epoch=0, rank=1, world=2)

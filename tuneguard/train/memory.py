@@ -8,11 +8,11 @@ which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x th
 fragmentation + the largest transient at the loss (one chunk of logits and the head in bf16).
 Activations are sized by the widest batch the training data makes (its longest row, rounded up as
 batches are), not by ``data.max_length``, and by whether they carry a 4-D attention mask (packed
-or padded rows), which makes every layer keep more (:func:`mask_bytes_per_token`). Encoders and
-image backbones are small and each keeps other tensors, so they are not modelled: one training
-forward of a random-weight copy at the recipe's batch shape is counted instead. The bench prints the
-prediction next to the measured peak, and a test checks it against a measured run, so the model
-stays honest.
+or padded rows), which makes every layer keep more under SDPA (:func:`mask_bytes_per_token`; not
+under the fast path's blocked attention, fp32 on CPU). Encoders and image backbones are small and
+each keeps other tensors, so they are not modelled: one training forward of a random-weight copy at
+the recipe's batch shape is counted instead. The bench prints the prediction next to the measured
+peak, and a test checks it against a measured run, so the model stays honest.
 """
 
 from __future__ import annotations
@@ -143,18 +143,19 @@ def estimate(
     tokens = batch * seq
     float_bytes = 4 if quantized else weight_bytes  # quantized backbones keep their other weights in fp32
     weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
+    cpu = device_type == "cpu"
+    blocked = fastpath and cpu and compute_bytes == 4  # tuneguard.train.attention covers fp32 on CPU
     per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath,
                                            compute_bytes=compute_bytes, stream_bytes=float_bytes)
     kept = shape.layers - checkpointed_layers
     stream = float_bytes
-    if masked:
+    if masked and not blocked:  # blocked attention keeps the one mask every layer shares
         per_token += mask_bytes_per_token(shape, seq, compute_bytes)
     activations = tokens * (kept * per_token + checkpointed_layers * shape.hidden * stream)
     if checkpointed_layers == shape.layers:
         activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
     rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
     logits = rows * shape.vocab * 8 + shape.vocab * shape.hidden * compute_bytes + tokens * shape.hidden * 4
-    cpu = device_type == "cpu"
     parts = {
         "runtime": RUNTIME_MB_CPU if cpu else 0.0,
         "weights": weights / MB,
@@ -170,7 +171,7 @@ def estimate(
     load_mb = parts["runtime"] + (weights_file_mb if cpu else 0.0) + (weights + copied) / MB
     train_mb = sum(parts.values())
     inputs = {"quant": quant, "batch": batch, "seq": seq, "masked": masked, "fastpath": fastpath,
-              "checkpointed_layers": checkpointed_layers,
+              "blocked_attention": blocked, "checkpointed_layers": checkpointed_layers,
               "compute_bytes": compute_bytes, "weight_bytes": weight_bytes,
               "trainable_params": adapter.trainable_params, "device": device_type,
               "load_peak_mb": round(load_mb, 1), "train_peak_mb": round(train_mb, 1),

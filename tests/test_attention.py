@@ -1,0 +1,143 @@
+"""Blocked causal attention computes what SDPA computes, keeps less, and leaves every other call to SDPA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tuneguard.train import attention
+from tuneguard.train.memory import ModelShape, mask_bytes_per_token
+
+BATCH, HEADS, KV_HEADS, SEQ, DIM = 2, 6, 2, 150, 16  # 150: the last block of 64 is partial
+
+
+class Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = HEADS // KV_HEADS
+
+
+def inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, HEADS, SEQ, DIM, generator=g).requires_grad_()
+    k = torch.randn(BATCH, KV_HEADS, SEQ, DIM, generator=g).requires_grad_()
+    v = torch.randn(BATCH, SEQ, KV_HEADS, DIM, generator=g).transpose(1, 2).detach().requires_grad_()  # as a projection's view
+    grad = torch.randn(BATCH, SEQ, HEADS, DIM, generator=g)
+    return q, k, v, grad
+
+
+def packed_mask(lengths: list[list[int]]) -> torch.Tensor:
+    """SDPA's boolean mask for rows of packed documents: causal within each document."""
+    rows = []
+    for row in lengths:
+        doc = torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+        rows.append((doc[:, None] == doc[None, :]) & torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    return torch.stack(rows)[:, None]
+
+
+def run(fn, mask: torch.Tensor | None, **kw: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    q, k, v, grad = inputs()
+    out, _ = fn(Module(), q, k, v, mask, scaling=0.3, **kw)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("mask", [None, packed_mask([[100, 50], [30, 60, 60]]), packed_mask([[150]])[:1]],
+                         ids=["causal", "packed", "broadcast"])
+def test_blocked_attention_matches_sdpa(mask: torch.Tensor | None) -> None:
+    out_a, grads_a = run(sdpa_attention_forward, mask)
+    out_b, grads_b = run(attention.blocked_attention_forward, mask)
+    assert out_b.shape == out_a.shape == (BATCH, SEQ, HEADS, DIM)
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=2e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+
+
+def bidirectional() -> torch.Tensor:
+    return torch.ones(BATCH, 1, SEQ, SEQ, dtype=torch.bool)
+
+
+def empty_row() -> torch.Tensor:
+    mask = packed_mask([[150], [150]])
+    mask[1, 0, 7] = False
+    return mask
+
+
+CASES = {  # (mask, keyword arguments, grad enabled, dtype)
+    "no gradient": (None, {}, False, torch.float32),
+    "bf16": (None, {}, True, torch.bfloat16),
+    "bf16 autocast": (None, {}, True, torch.float32),
+    "dropout": (None, {"dropout": 0.1}, True, torch.float32),
+    "a bidirectional mask": (bidirectional(), {}, True, torch.float32),
+    "a query that sees nothing": (empty_row(), {}, True, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_other_call_goes_to_sdpa(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside its cases the blocked function is SDPA's own, bit for bit; inside them it never calls SDPA."""
+    mask, kw, grad, dtype = CASES[case]
+    calls: list[str] = []
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(case) or sdpa_attention_forward(*a, **k))
+    outputs = []
+    for fn in (sdpa_attention_forward, attention.blocked_attention_forward):
+        q, k, v, _ = (t.detach().to(dtype).requires_grad_() for t in inputs())
+        torch.manual_seed(0)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16 autocast"):
+            outputs.append(fn(Module(), q, k, v, mask, scaling=0.3, **kw)[0].detach())
+    assert calls == [case]  # the blocked function handed the call on
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0, equal_nan=True)
+    run(attention.blocked_attention_forward, packed_mask([[100, 50], [150]]))
+    assert calls == [case]  # and took a call it covers itself
+
+
+def test_a_model_switched_to_it_trains_the_same_and_keeps_less(tiny_llama_dir: Path) -> None:
+    """Loss and LoRA gradients as under SDPA; it keeps what SDPA keeps but the log-sum-exp (not in the estimate),
+    and packed rows make it keep only the one mask all layers share, not SDPA's per-layer copies."""
+
+    def lora(blocked: bool) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        if blocked:
+            assert attention.use_blocked_attention(model)
+        return model
+
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    one_document = torch.arange(32).expand(2, 32)
+    two_documents = torch.cat([torch.arange(20), torch.arange(12)]).expand(2, 32)
+
+    def step(model: torch.nn.Module, position_ids: torch.Tensor) -> tuple[float, list[torch.Tensor], int]:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        return float(loss.detach()), grads, sum(storages.values())
+
+    sdpa, blocked = lora(False), lora(True)
+    assert blocked.config._attn_implementation == attention.NAME and sdpa.config._attn_implementation == "sdpa"
+    assert "tuneguard" not in blocked.config.to_json_string()  # a saved config still says nothing of it
+    shape = ModelShape.from_config(sdpa.config)
+    kept = {}
+    for name, model in (("sdpa", sdpa), ("blocked", blocked)):
+        for docs, position_ids in (("one", one_document), ("two", two_documents)):
+            kept[name, docs] = step(model, position_ids)
+    for docs in ("one", "two"):
+        assert kept["blocked", docs][0] == pytest.approx(kept["sdpa", docs][0], rel=1e-6)
+        for a, b in zip(kept["sdpa", docs][1], kept["blocked", docs][1], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    tokens, layers = ids.numel(), shape.layers
+    assert kept["sdpa", "one"][2] - kept["blocked", "one"][2] == tokens * layers * 4 * shape.heads  # SDPA's fp32 log-sum-exp
+    assert kept["sdpa", "two"][2] - kept["sdpa", "one"][2] == tokens * layers * mask_bytes_per_token(shape, 32, 4)
+    assert kept["blocked", "two"][2] - kept["blocked", "one"][2] == ids.shape[0] * 32 * 32  # the one boolean mask
