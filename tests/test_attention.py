@@ -48,8 +48,9 @@ def run(fn, mask: torch.Tensor | None, **kw: object) -> tuple[torch.Tensor, list
 
 @pytest.mark.parametrize("mask", [None, packed_mask([[100, 50], [30, 60, 60]]), packed_mask([[150]])[:1]],
                          ids=["causal", "packed", "broadcast"])
-def test_blocked_attention_matches_sdpa(mask: torch.Tensor | None) -> None:
+def test_blocked_attention_matches_sdpa(mask: torch.Tensor | None, monkeypatch: pytest.MonkeyPatch) -> None:
     out_a, grads_a = run(sdpa_attention_forward, mask)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", None)  # the blocked path itself, not a hand-off
     out_b, grads_b = run(attention.blocked_attention_forward, mask)
     assert out_b.shape == out_a.shape == (BATCH, SEQ, HEADS, DIM)
     torch.testing.assert_close(out_b, out_a, rtol=0, atol=2e-6)
