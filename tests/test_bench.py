@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import tuneguard
 from tuneguard.bench import measure, reference
 from tuneguard.bench.ceiling import step_flops_per_token
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
@@ -49,6 +51,8 @@ def test_train_summary_ratios_and_targets() -> None:
     assert row["trainer_tokens_ratio"] == 1.6 and row["trainer_peak_ratio"] == 0.4 and row["meets_targets"]
     assert row["sft_tokens_ratio"] == 4.0
     assert not train_summary([result("tuneguard", 300, 2000), result("trainer", 250, 5000)])[0]["meets_targets"]
+    alone = train_summary([result("trainer", 250, 5000)])[0]  # references alone: no ratios, no verdict
+    assert alone["tokens_per_s"] is None and "trainer_tokens_ratio" not in alone and "meets_targets" not in alone
 
 
 @pytest.mark.parametrize("seq", [1, 16])
@@ -186,5 +190,8 @@ def test_isolated_training_run(tiny_llama_dir: Path, runner: str) -> None:
     assert "error" not in out, out.get("error")
     assert out["tokens_per_s"] > 0 and out["measured_tokens"] == 2 * 2 * 32 and out["peak_memory_mb"] > 100
     assert out["trainable_params"] > 0 and out["environment"]["versions"]["torch"] == torch.__version__
+    # tuneguard runs with its own OpenMP waiting; a reference with the runtime's defaults, as its users get it
+    ours = runner == "tuneguard" or "GOMP_SPINCOUNT" not in tuneguard.OPENMP_SET
+    assert out["environment"]["gomp_spincount"] == (os.environ["GOMP_SPINCOUNT"] if ours else None)
     if runner == "tuneguard":
         assert out["adapter_mb"] > 0 and out["predicted_peak_mb"] > 0

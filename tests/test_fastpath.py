@@ -321,3 +321,28 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     for _ in range(20):
         cycle()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2048  # one block's pages, for all 20
+
+
+def test_last_result_is_reused_only_for_the_same_unchanged_tensor() -> None:
+    import gc
+    import weakref
+
+    from tuneguard.train.reuse import LastResult
+
+    calls: list[int] = []
+    last: LastResult[int] = LastResult()
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    x = torch.zeros(3)
+    assert last(x, "a", compute) == 1 and last(x, "a", compute) == 1  # same tensor, same key: once
+    assert last(x, "b", compute) == 2  # another key
+    x.add_(1)
+    assert last(x, "b", compute) == 3  # changed in place
+    assert last(x.clone(), "b", compute) == 4  # equal values, another tensor
+    ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert ref() is None  # the cache does not keep the tensor alive

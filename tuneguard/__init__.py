@@ -5,9 +5,17 @@ __version__ = "0.1.0"
 import logging as _logging
 import os as _os
 
-# Idle OpenMP threads spin by default; with any other busy process on a small CPU that slows torch
-# several-fold (measured 8x on 2 cores). Passive waiting costs nothing measurable when alone.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+"""How torch's idle OpenMP threads wait, read once when torch loads (so set here, before it; a value already in
+the environment wins). libgomp's default spins ~3 ms before sleeping: with another busy process on a 2-core CPU
+that cost up to 8x. Sleeping at once (passive) costs a futex wake-up per parallel op: 13% of a fp32 LoRA step's
+time on 2 cores, alone. A ~20 us spin (libgomp's ``GOMP_SPINCOUNT``; other OpenMP runtimes read the policy)
+bridges the gaps between consecutive ops and gives up before a competing process loses much."""
+
+OPENMP_SET = [k for k in OPENMP_DEFAULTS if k not in _os.environ] if _os.environ.get("TUNEGUARD_OPENMP") != "library" else []
+"""The variables tuneguard set (not the user); ``TUNEGUARD_OPENMP=library`` leaves the runtime's own defaults, as the
+bench's reference runs (plain Trainer, TRL, lm-eval) get them."""
+_os.environ.update({k: OPENMP_DEFAULTS[k] for k in OPENMP_SET})
 
 # bitsandbytes warns at import time that an optional hub-hosted CPU kernel is missing; its built-in
 # path is what runs here, so the warning is noise for every tuneguard command.

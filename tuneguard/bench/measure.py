@@ -47,6 +47,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "git_commit": git_commit(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -89,7 +90,17 @@ def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> float:
 # ---------------------------------------------------------------------------------------- runner
 
 
-def run_isolated(spec: dict[str, Any], *, timeout: float = 1800, env: dict[str, str] | None = None) -> dict[str, Any]:
+def runner_environment(runner: str) -> dict[str, str]:
+    """The environment a runner's process starts with: tuneguard's own OpenMP waiting for tuneguard, the libraries'
+    defaults for a reference (a user of plain Trainer, TRL or lm-eval sets none); variables the user set pass to all."""
+    if runner == "tuneguard":
+        return dict(os.environ)
+    import tuneguard
+
+    return {**{k: v for k, v in os.environ.items() if k not in tuneguard.OPENMP_SET}, "TUNEGUARD_OPENMP": "library"}
+
+
+def run_isolated(spec: dict[str, Any], *, timeout: float = 1800) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its record (with ``error`` on failure)."""
     with tempfile.TemporaryDirectory(prefix="tuneguard-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -99,7 +110,7 @@ def run_isolated(spec: dict[str, Any], *, timeout: float = 1800, env: dict[str, 
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "tuneguard.bench.reference", str(spec_path), str(out_path)],
-                capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                capture_output=True, text=True, timeout=timeout, env=runner_environment(spec["runner"]),
             )
         except subprocess.TimeoutExpired:
             return {"spec": spec, "error": f"timed out after {timeout:.0f} s"}

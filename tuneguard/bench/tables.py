@@ -55,7 +55,7 @@ def train_summary(results: list[dict[str, Any]], ceilings: dict[str, dict[str, A
                     row[f"{name}_ceiling_share"] = round(run["tokens_per_s"] / ceiling["tokens_per_s"], 3)
         for ref in REFERENCES:
             theirs = runners.get(ref)
-            if theirs is None or "error" in theirs or "error" in ours:
+            if not ours or theirs is None or "error" in theirs or "error" in ours:
                 continue
             row[f"{ref}_tokens_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
             row[f"{ref}_peak_ratio"] = round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3)

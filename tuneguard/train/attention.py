@@ -18,13 +18,14 @@ before.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from tuneguard.train.reuse import LastResult
 
 NAME = "tuneguard_blocked"
 BLOCK = 64
@@ -99,7 +100,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         return grad_q.mul_(ctx.scale).view(batch, -1, seq, dim), grad_k.view(shape), grad_v.view(shape), None, None
 
 
-_LAST_MASK: list[tuple[weakref.ref, int, int, bool]] = []
+_CHECKED_MASK: LastResult[bool] = LastResult()
 
 
 def _usable(mask: torch.Tensor | None, seq: int) -> bool:
@@ -107,16 +108,10 @@ def _usable(mask: torch.Tensor | None, seq: int) -> bool:
     see a later key and always let it see some key. Checked once per mask (every layer gets the same tensor)."""
     if mask is None:
         return True
-    if _LAST_MASK:
-        ref, version, checked_seq, usable = _LAST_MASK[0]
-        if ref() is mask and version == mask._version and checked_seq == seq:
-            return usable
-    usable = (
+    return _CHECKED_MASK(mask, seq, lambda: (
         mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and tuple(mask.shape[2:]) == (seq, seq)
         and not bool(mask.triu(1).any()) and bool(mask.any(-1).all())
-    )
-    _LAST_MASK[:] = [(weakref.ref(mask), mask._version, seq, usable)]
-    return usable
+    ))
 
 
 def blocked_attention_forward(

@@ -62,7 +62,6 @@ import functools
 import gc
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +75,7 @@ from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_traina
 from tuneguard.recipe import Recipe
 from tuneguard.train.attention import use_blocked_attention
 from tuneguard.train.memory import planned_checkpoints
+from tuneguard.train.reuse import LastResult
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
 
@@ -128,28 +128,13 @@ def _positions(numel: int, p: float, seed: int | None) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------- fused LoRA
 
 
-class _SharedCast:
-    """The last ``x -> x.to(dtype)`` cast, reused while ``x`` is the same, unmodified tensor.
-
-    q/k/v (and gate/up) read the same hidden states; one cast instead of three also means one
-    saved copy for backward instead of three.
-    """
-
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, int, torch.dtype, torch.Tensor] | None = None
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if x.dtype == dtype:
-            return x
-        entry = self._entry
-        if entry is not None and entry[0]() is x and entry[1] == x._version and entry[2] == dtype:
-            return entry[3]
-        cast = x.to(dtype)
-        self._entry = (weakref.ref(x), x._version, dtype, cast)
-        return cast
+_SHARED_CAST: LastResult[torch.Tensor] = LastResult()
 
 
-_CAST = _SharedCast()
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, the same copy while ``x`` is the same tensor: q/k/v (and gate/up) read the same hidden
+    states, so one cast instead of three, and one saved copy for backward instead of three."""
+    return x if x.dtype == dtype else _SHARED_CAST(x, dtype, lambda: x.to(dtype))
 
 
 @dataclass
@@ -189,8 +174,8 @@ def _lora_forward(
     needs: ``A x``, the factors in the LoRA dtype and the dropped positions (int32)."""
     base_dtype, lora_dtype, out_dtype = dtypes
     bias = base.layer.bias
-    out = F.linear(_CAST(x, base_dtype), base.weight(base_dtype), None if bias is None else bias.to(base_dtype))
-    xl, al, bl = _CAST(x, lora_dtype), a.to(lora_dtype), b.to(lora_dtype)
+    out = F.linear(_cast(x, base_dtype), base.weight(base_dtype), None if bias is None else bias.to(base_dtype))
+    xl, al, bl = _cast(x, lora_dtype), a.to(lora_dtype), b.to(lora_dtype)
     positions = _positions(x.numel(), p, seed)
     h = F.linear(_dropped(xl, positions), al)
     ctx.base, ctx.scale, ctx.dtypes, ctx.x_dtype = base, scale, dtypes, x.dtype

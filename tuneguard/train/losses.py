@@ -11,7 +11,6 @@ loss's gradient in the same pass (see :class:`_ChunkedCrossEntropy`).
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from tuneguard.data.examples import IGNORE
+from tuneguard.train.reuse import LastResult
 
 CHUNK_BYTES = 30 * 2**20
 """fp32 logits per chunk: small enough to stay out of the peak and under glibc's largest mmap threshold (32 MB,
@@ -37,7 +37,7 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-_LAST_CAST: list[tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = []
+_HEAD_CAST: LastResult[torch.Tensor] = LastResult()
 
 
 def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -45,15 +45,7 @@ def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     The copy would be alive at the loss anyway (that is where the peak is), so keeping it costs no peak memory.
     """
-    if weight.dtype == dtype:
-        return weight
-    if _LAST_CAST:
-        ref, version, cached_dtype, cast = _LAST_CAST[0]
-        if ref() is weight and version == weight._version and cached_dtype == dtype:
-            return cast
-    cast = weight.detach().to(dtype)
-    _LAST_CAST[:] = [(weakref.ref(weight), weight._version, dtype, cast)]
-    return cast
+    return weight if weight.dtype == dtype else _HEAD_CAST(weight, dtype, lambda: weight.detach().to(dtype))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
