@@ -8,7 +8,7 @@ import os as _os
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
 """How torch's idle OpenMP threads wait, read once when torch loads (so set here, before it; a value already in
 the environment wins). libgomp's default spins ~3 ms before sleeping: with another busy process on a 2-core CPU
-that cost up to 8x. Sleeping at once (passive) costs a futex wake-up per parallel op: 13% of a fp32 LoRA step's
+that cost up to 8x. Sleeping at once (passive) costs a futex wake-up per parallel op: 7-17% of a fp32 LoRA step's
 time on 2 cores, alone. A ~20 us spin (libgomp's ``GOMP_SPINCOUNT``; other OpenMP runtimes read the policy)
 bridges the gaps between consecutive ops and gives up before a competing process loses much."""
 
