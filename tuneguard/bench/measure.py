@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+import tuneguard
 from tuneguard.errors import TuneguardError
 from tuneguard.numerics import cpu_model, numerics_record
 from tuneguard.provenance import git_commit, versions
@@ -95,8 +96,6 @@ def runner_environment(runner: str) -> dict[str, str]:
     defaults for a reference (a user of plain Trainer, TRL or lm-eval sets none); variables the user set pass to all."""
     if runner == "tuneguard":
         return dict(os.environ)
-    import tuneguard
-
     return {**{k: v for k, v in os.environ.items() if k not in tuneguard.OPENMP_SET}, "TUNEGUARD_OPENMP": "library"}
 
 
