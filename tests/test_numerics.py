@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tuneguard import numerics
 from tuneguard.numerics import Probe
 
-AVX2 = Probe("cpu", "AMD EPYC 7B13", "AVX2", {"float32": 72.0, "bfloat16": 1.2, "float16": 1.5})
-AMX = Probe("cpu", "Intel Xeon", "AVX512", {"float32": 110.0, "bfloat16": 475.0, "float16": 134.0})
-ZEN4 = Probe("cpu", "AMD EPYC 9B14", "AVX512", {"float32": 150.0, "bfloat16": 160.0, "float16": 20.0})
+AVX2 = Probe("cpu", "AMD EPYC 7B13", "AVX2", {"float32": 72.0, "bfloat16": 1.2, "float16": 1.5}, {"default": 72.0, "onednn": 84.0})
+AMX = Probe("cpu", "Intel Xeon", "AVX512", {"float32": 110.0, "bfloat16": 475.0, "float16": 134.0}, {"default": 110.0, "onednn": 108.0})
+ZEN4 = Probe("cpu", "AMD EPYC 9B14", "AVX512", {"float32": 150.0, "bfloat16": 160.0, "float16": 20.0}, {"default": 150.0, "onednn": 0.0})
 
 
 @pytest.fixture()
@@ -28,13 +29,15 @@ def fake_probe(monkeypatch: pytest.MonkeyPatch, tmp_path):
 
         monkeypatch.setattr(numerics, "measure", fake_measure)
         monkeypatch.setattr(numerics, "_cache_key", lambda device: f"fake-{result.device_name}")
-        numerics.probe.cache_clear()
-        numerics._warn.cache_clear()
+        clear()
         return measured
 
+    def clear() -> None:
+        for cached in (numerics.probe, numerics._warn, numerics._use_onednn):
+            cached.cache_clear()
+
     yield use
-    numerics.probe.cache_clear()
-    numerics._warn.cache_clear()
+    clear()
 
 
 @pytest.mark.parametrize(("result", "dtype", "mixed"), [(AVX2, torch.float32, "no"), (AMX, torch.bfloat16, "bf16"),
@@ -81,3 +84,36 @@ def test_real_probe_measures_every_candidate() -> None:
     assert result.gflops["float32"] > 0
     assert result.choice in {"float32", "bfloat16"}
     assert result.capability == torch.backends.cpu.get_cpu_capability()
+    assert result.linear_gflops["default"] > 0 and result.linear_kernel in {"default", "onednn"}
+
+
+@pytest.mark.parametrize(("result", "kernel"), [(AVX2, "onednn"), (AMX, "default"), (ZEN4, "default")])
+def test_linear_kernel_follows_the_measurement(fake_probe, monkeypatch: pytest.MonkeyPatch, result: Probe, kernel: str) -> None:
+    """oneDNN where it measured faster (and exists), and only where autograd records nothing."""
+    fake_probe(result)
+    assert result.linear_kernel == kernel and numerics.numerics_record("cpu")["linear_kernel"] == kernel
+    calls: list[int] = []
+    real = numerics._onednn_linear
+    monkeypatch.setattr(numerics, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(3, 5, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        numerics.linear(x, w)
+    assert len(calls) == (kernel == "onednn")
+    calls.clear()
+    numerics.linear(x.requires_grad_(), w).sum().backward()  # autograd must see it: F.linear
+    numerics.linear(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        numerics.linear(x, w)
+    assert calls == [] and x.grad is not None
+
+
+def test_onednn_linear_computes_f_linear() -> None:
+    """The kernel the probe may pick gives F.linear's values (fp32 rounding in another order), for the layouts used."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 37, 96, generator=gen), torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen)
+    g = torch.randn(2, 37, 64, generator=gen)
+    pairs = [(numerics._onednn_linear(x, w, b), F.linear(x, w, b)), (numerics._onednn_linear(g, w.t()), g @ w),
+             (numerics._onednn_linear(x[:, ::2], w), F.linear(x[:, ::2], w))]
+    for got, want in pairs:
+        assert got.shape == want.shape
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())

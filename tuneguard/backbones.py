@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,7 +37,7 @@ from transformers.utils import cached_file
 from tuneguard.allocator import keep_freed_memory, trim_heap
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
-from tuneguard.numerics import resolve_dtype
+from tuneguard.numerics import linear, resolve_dtype
 from tuneguard.progress import phase
 from tuneguard.recipe import ModelConfig, QuantizationConfig
 from tuneguard.weights import check_gguf, check_weights_dir
@@ -198,7 +197,7 @@ def _plain_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' 4-bit forward (cast to the compute dtype, linear, cast back) with the weight decoded already."""
     weight = layer.decoded_weight
     bias = None if layer.bias is None else layer.bias.to(weight.dtype)
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    return linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tuneguard.numerics import matmul_gflops
+from tuneguard.numerics import linear_gflops
 
 # Matmuls time the same on any values: a few short windows per shape, the best one kept (two shared cores
 # are easily disturbed, and a ceiling measured low would flatter every runner's share of it).
@@ -47,7 +47,8 @@ def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0
 
 
 def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """GFLOP/s of the step's big matmuls at their real shapes, weighted by how many FLOPs each carries."""
+    """GFLOP/s of the step's big matmuls at their real shapes, through the kernel tuneguard's layers use
+    (:func:`tuneguard.numerics.linear`), weighted by how many FLOPs each carries."""
     h, f = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
@@ -55,7 +56,7 @@ def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch
     shapes = {  # (m, k, n): weight of the shape in one layer's forward
         (tokens, h, heads * head_dim): 2, (tokens, h, kv): 2, (tokens, h, f): 2, (tokens, f, h): 1,
     }
-    rates = {shape: matmul_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in shapes}
+    rates = {shape: linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in shapes}
     flops = {(m, k, n): 2 * m * k * n * count for (m, k, n), count in shapes.items()}
     seconds = sum(flops[s] / (rates[s] * 1e9) for s in shapes)
     return {"gflops": round(sum(flops.values()) / seconds / 1e9, 2),

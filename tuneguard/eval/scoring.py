@@ -25,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from tuneguard.errors import TuneguardError
+from tuneguard.numerics import linear
 from tuneguard.progress import Advance
 
 DEFAULT_MAX_LENGTH = 2048
@@ -210,6 +211,14 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
 
 
+def _projection(head: torch.nn.Module) -> Head:
+    """A plain ``nn.Linear`` head through :func:`tuneguard.numerics.linear` (the probe's fp32 kernel: the
+    49k-row head is the largest matmul of a small model's scoring); any other head as it is."""
+    if type(head) is not torch.nn.Linear:
+        return head
+    return lambda rows: linear(rows, head.weight, head.bias)
+
+
 def _identity(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
@@ -271,7 +280,7 @@ def _forward_kept(
     inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
     if parts is not None:
         body, head = parts
-        return body(**inputs, **kwargs)[0][keep], head
+        return body(**inputs, **kwargs)[0][keep], _projection(head)
     if _supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     logits = (model if embeds is None else model.base_model)(**inputs, **kwargs).logits

@@ -15,7 +15,8 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   bit-identical to PEFT's under bf16 autocast. All in fp32 (the numerics probe's choice where bf16
   is emulated), ``B h`` is accumulated into the base output by one ``addmm_`` and the LoRA scale
   goes on the r-wide products in backward: two full-width passes and a copy of the output fewer a
-  layer, fp32 rounding in another order.
+  layer, fp32 rounding in another order. The frozen weight's two products (forward and input gradient) go
+  through :func:`tuneguard.numerics.linear`: oneDNN's fp32 kernel where the probe measured it faster than MKL.
 * **Cheaper dropout, same distribution** (:func:`drop_positions`). ``nn.Dropout`` draws one uniform
   per element. A Bernoulli(p) sequence is exactly a sequence of i.i.d. Geometric(p) gaps between
   its zeros, so drawing ``numel * p`` gaps (torch's ``geometric_``, an inverted float64 uniform)
@@ -38,6 +39,8 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   repeating k and v, probabilities recomputed in backward (flash attention's trade); packed rows use the
   one mask every layer shares instead of a float copy per layer. fp32 rounding in another order (outputs
   within 1e-6 of SDPA's); every other call (no gradient, bf16, dropout, a KV cache...) is SDPA's.
+* **RMSNorm's backward in contiguous passes** (:mod:`tuneguard.train.norms`): the same forward, bit for bit;
+  autograd's backward of transformers' RMSNorm reads a zero-stride gradient that CPU kernels do not vectorize.
 * **No file-backed weights.** Weights transformers left as views of the mmapped checkpoint keep
   the whole file resident (and counted in RSS) for the life of the run; they are copied into
   ordinary memory, the mapping goes, and the allocator returns the loader's garbage to the OS.
@@ -72,9 +75,11 @@ from torch.utils.checkpoint import checkpoint
 from tuneguard.adapters.registry import fusable_lora
 from tuneguard.allocator import trim_heap
 from tuneguard.backbones import decoded_absmax, dequantize_4bit, keep_bnb_trainable
+from tuneguard.numerics import linear
 from tuneguard.recipe import Recipe
 from tuneguard.train.attention import use_blocked_attention
 from tuneguard.train.memory import planned_checkpoints
+from tuneguard.train.norms import fuse_rms_norms
 from tuneguard.train.reuse import LastResult
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
@@ -174,7 +179,7 @@ def _lora_forward(
     needs: ``A x``, the factors in the LoRA dtype and the dropped positions (int32)."""
     base_dtype, lora_dtype, out_dtype = dtypes
     bias = base.layer.bias
-    out = F.linear(_cast(x, base_dtype), base.weight(base_dtype), None if bias is None else bias.to(base_dtype))
+    out = linear(_cast(x, base_dtype), base.weight(base_dtype), None if bias is None else bias.to(base_dtype))
     xl, al, bl = _cast(x, lora_dtype), a.to(lora_dtype), b.to(lora_dtype)
     positions = _positions(x.numel(), p, seed)
     h = F.linear(_dropped(xl, positions), al)
@@ -212,7 +217,7 @@ def _lora_backward(
         grad_low = gh.matmul(al)
         if positions is not None:
             grad_low.view(-1).index_fill_(0, positions, 0)
-        grad_x = grad_base.matmul(ctx.base.weight(base_dtype)).to(ctx.x_dtype).add_(grad_low)
+        grad_x = linear(grad_base, ctx.base.weight(base_dtype).t()).to(ctx.x_dtype).add_(grad_low)
     return grad_x, grad_a, grad_b
 
 
@@ -472,6 +477,7 @@ def prepare_for_training(
         use_blocked_attention(model)
     fuse_lora_layers(model)
     fuse_gated_mlps(model)
+    fuse_rms_norms(model)
     if not recipe.train.gradient_checkpointing:
         checkpoint_layers(model, planned_checkpoints(model, recipe, fastpath=True, seq=seq, masked=masked))
     return model

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from tuneguard.data.examples import IGNORE
+from tuneguard.numerics import linear
 from tuneguard.train.reuse import LastResult
 
 CHUNK_BYTES = 30 * 2**20
@@ -69,7 +70,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows].to(dtype)
             t = targets[start : start + rows, None]
-            logits = F.linear(h, w).float()
+            logits = linear(h, w).float()
             picked = logits.gather(1, t)
             shift = logits.amax(dim=-1, keepdim=True)
             sums = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True)
@@ -81,7 +82,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 del logits, probs
                 if grad_h is not None:
-                    grad_h[start : start + rows] = g.mm(w)
+                    grad_h[start : start + rows] = linear(g, w.t())
                 if grad_w is not None:
                     grad_w.add_(g.t().mm(h))
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
