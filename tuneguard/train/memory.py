@@ -155,7 +155,8 @@ def estimate(
     if checkpointed_layers == shape.layers:
         activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
     rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
-    logits = rows * shape.vocab * 8 + shape.vocab * shape.hidden * compute_bytes + tokens * shape.hidden * 4
+    head_copy = shape.vocab * shape.hidden * compute_bytes if compute_bytes != float_bytes else 0  # the head cast to compute
+    logits = rows * shape.vocab * 8 + head_copy + tokens * shape.hidden * 4
     parts = {
         "runtime": RUNTIME_MB_CPU if cpu else 0.0,
         "weights": weights / MB,
