@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tuneguard.train.norms import _is_rms_norm, fuse_rms_norms
+from tuneguard.train.fastpath import fuse_rms_norms
+from tuneguard.train.norms import is_rms_norm
 
 
 def grads(norm: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -69,9 +70,9 @@ def test_only_norms_that_compute_the_same_forward() -> None:
     odd = OnePlus(32)
     with torch.no_grad():
         odd.weight.uniform_(0.5, 1.5)
-    assert not _is_rms_norm(odd)
-    assert not _is_rms_norm(torch.nn.LayerNorm(32))
-    assert _is_rms_norm(LlamaRMSNorm(32))
+    assert not is_rms_norm(odd)
+    assert not is_rms_norm(torch.nn.LayerNorm(32))
+    assert is_rms_norm(LlamaRMSNorm(32))
 
 
 def test_every_norm_of_a_llama(tiny_llama_dir: Path) -> None:

@@ -57,7 +57,8 @@ class Probe:
     capability: str
     gflops: dict[str, float]
     linear_gflops: dict[str, float]
-    """fp32 ``x @ W.T`` at the probe shape by kernel: ``default`` (``F.linear``) and ``onednn`` (0: unavailable)."""
+    """fp32 ``x @ W.T`` at the probe shape by kernel on CPU: ``default`` (``F.linear``) and ``onednn`` (0: unavailable);
+    empty on other devices, where ``F.linear`` is the only kernel."""
 
     def speed(self, dtype: str) -> float:
         """Throughput relative to fp32 (below 1: slower)."""
@@ -160,7 +161,7 @@ def measure(device: torch.device) -> Probe:
             gflops[name] = round(matmul_gflops(m, k, n, getattr(torch, name), device), 2)
         except RuntimeError:  # a dtype the device has no kernel for counts as unusable
             gflops[name] = 0.0
-    kernels = {"default": F.linear, "onednn": _onednn_linear} if device.type == "cpu" else {"default": F.linear}
+    kernels = {"default": F.linear, "onednn": _onednn_linear} if device.type == "cpu" else {}  # a choice on CPU only
     linear_rates = dict.fromkeys(kernels, 0.0)
     for _ in range(KERNEL_ROUNDS):
         for name, kernel in kernels.items():

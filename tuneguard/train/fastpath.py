@@ -65,6 +65,7 @@ import functools
 import gc
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +80,7 @@ from tuneguard.numerics import linear
 from tuneguard.recipe import Recipe
 from tuneguard.train.attention import use_blocked_attention
 from tuneguard.train.memory import planned_checkpoints
-from tuneguard.train.norms import fuse_rms_norms
+from tuneguard.train.norms import is_rms_norm, rms_norm_forward
 from tuneguard.train.reuse import LastResult
 
 ENV_FLAG = "TUNEGUARD_FASTPATH"
@@ -287,20 +288,31 @@ def _fused_forward(layer: torch.nn.Module, original: Any, x: torch.Tensor, *args
     return _LoraLinearFn.apply(x, *fused)
 
 
+def _reroute(model: torch.nn.Module, matches: Callable[[torch.nn.Module], bool],
+             forward: Callable[[torch.nn.Module], Callable[..., torch.Tensor]]) -> int:
+    """Give every module that ``matches`` (and was not rerouted before) the forward ``forward(module)`` returns;
+    returns how many."""
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "_tuneguard_fused") and matches(module):
+            module.forward = forward(module)
+            module._tuneguard_fused = True
+            count += 1
+    return count
+
+
+def _fused_lora(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    layer._tuneguard_base = _Base(layer.get_base_layer())
+    return functools.partial(_fused_forward, layer, layer.forward)
+
+
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Route every fusable LoRA layer through :class:`_LoraLinearFn`; returns how many were fused.
 
     Anything the fused function does not cover (several active adapters, merged or disabled
     adapters, extra forward arguments) still goes through PEFT's own forward, call by call.
     """
-    count = 0
-    for module in model.modules():
-        if fusable_lora(module) and not hasattr(module, "_tuneguard_fused"):
-            module._tuneguard_base = _Base(module.get_base_layer())
-            module.forward = functools.partial(_fused_forward, module, module.forward)
-            module._tuneguard_fused = True
-            count += 1
-    return count
+    return _reroute(model, fusable_lora, _fused_lora)
 
 
 def _rebuild_gated(
@@ -402,13 +414,12 @@ def _is_gated_mlp(module: torch.nn.Module) -> bool:
 
 def fuse_gated_mlps(model: torch.nn.Module) -> int:
     """Route gated MLPs through :class:`_GatedProduct`; returns how many."""
-    count = 0
-    for module in model.modules():
-        if not hasattr(module, "_tuneguard_fused") and _is_gated_mlp(module):
-            module.forward = functools.partial(_gated_mlp_forward, module)
-            module._tuneguard_fused = True
-            count += 1
-    return count
+    return _reroute(model, _is_gated_mlp, lambda mlp: functools.partial(_gated_mlp_forward, mlp))
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Route every RMSNorm that computes :mod:`tuneguard.train.norms`' forward through it; returns how many."""
+    return _reroute(model, is_rms_norm, lambda norm: functools.partial(rms_norm_forward, norm, norm.forward))
 
 
 # --------------------------------------------------------------------------------- bnb and memory

@@ -12,7 +12,6 @@ autograd's, tests/test_norms.py); the weight's gradient, where it is trained, is
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -49,13 +48,14 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def _rms_norm_forward(norm: torch.nn.Module, original: Any, x: torch.Tensor) -> torch.Tensor:
+def rms_norm_forward(norm: torch.nn.Module, original: Any, x: torch.Tensor) -> torch.Tensor:
+    """The norm's forward once :func:`tuneguard.train.fastpath.fuse_rms_norms` routes it here (``original``: its own)."""
     if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
         return original(x)  # evaluation and generation: transformers' own forward
     return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
 
 
-def _is_rms_norm(module: torch.nn.Module) -> bool:
+def is_rms_norm(module: torch.nn.Module) -> bool:
     """Whether the module computes exactly :func:`_normalize`, checked on a small input, not by name
     (Gemma's ``(1 + weight)`` norm and LayerNorm do not)."""
     weight = getattr(module, "weight", None)
@@ -68,14 +68,3 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
             return torch.equal(module(x), _normalize(x, weight, eps)[0])
         except (RuntimeError, TypeError, ValueError):
             return False
-
-
-def fuse_rms_norms(model: torch.nn.Module) -> int:
-    """Route every RMSNorm that matches :class:`_RMSNorm`'s forward through it while gradients are wanted; returns how many."""
-    count = 0
-    for module in model.modules():
-        if not hasattr(module, "_tuneguard_fused") and _is_rms_norm(module):
-            module.forward = functools.partial(_rms_norm_forward, module, module.forward)
-            module._tuneguard_fused = True
-            count += 1
-    return count
