@@ -97,7 +97,7 @@ class FixedDropout(torch.nn.Module):
 
 def fixed_positions(numel: int, p: float) -> torch.Tensor:
     """The same dropped positions for every layer with this many inputs."""
-    return fastpath.drop_positions(numel, p, torch.Generator().manual_seed(numel))
+    return fastpath.drop_positions(numel, p, numel)
 
 
 def test_same_dropout_mask_gives_same_loss_and_gradients(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +116,7 @@ def test_same_dropout_mask_gives_same_loss_and_gradients(tiny_llama_dir: Path, m
 
 def test_dropout_positions_follow_the_bernoulli_law() -> None:
     n, p = 2_000_000, 0.05
-    positions = fastpath.drop_positions(n, p, torch.Generator().manual_seed(1))
+    positions = fastpath.drop_positions(n, p, 1)
     assert torch.all(positions[1:] > positions[:-1]) and int(positions[0]) >= 0 and int(positions[-1]) < n
     # P(dropped) = p: within 5 standard deviations of n draws.
     assert abs(positions.numel() / n - p) < 5 * math.sqrt(p * (1 - p) / n)
@@ -130,12 +130,12 @@ def test_dropout_positions_follow_the_bernoulli_law() -> None:
         expected = (1 - p) ** k * p
         assert abs(float((gaps == k).double().mean()) - expected) < 5 * math.sqrt(expected / gaps.numel())
     # A seed gives the same positions (backward redraws them); another seed gives others.
-    again = fastpath.drop_positions(n, p, torch.Generator().manual_seed(1))
+    again = fastpath.drop_positions(n, p, 1)
     assert torch.equal(positions, again)
-    assert not torch.equal(positions[:100], fastpath.drop_positions(n, p, torch.Generator().manual_seed(2))[:100])
-    assert fastpath.drop_positions(n, 0.0).numel() == 0
+    assert not torch.equal(positions[:100], fastpath.drop_positions(n, p, 2)[:100])
+    assert fastpath.drop_positions(n, 0.0, 0).numel() == 0
     with pytest.raises(ValueError):
-        fastpath.drop_positions(n, 1.0)
+        fastpath.drop_positions(n, 1.0, 0)
 
 
 def test_fused_dropout_drops_at_the_rate_of_peft(tiny_llama_dir: Path) -> None:
@@ -145,8 +145,8 @@ def test_fused_dropout_drops_at_the_rate_of_peft(tiny_llama_dir: Path) -> None:
     calls: list[int] = []
     original = fastpath.drop_positions
 
-    def spy(numel: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        out = original(numel, p, generator)
+    def spy(numel: int, p: float, seed: int) -> torch.Tensor:
+        out = original(numel, p, seed)
         calls.append(out.numel() / numel)
         return out
 
