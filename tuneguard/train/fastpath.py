@@ -32,7 +32,7 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   the gradients move by less than half of the plain path's own bf16 deviation from fp32. In fp32 it
   keeps fp32 (exact). Where ``down`` is a fused LoRA layer, the product (``down``'s LoRA input, as
   wide as the MLP) is not kept as well: backward rebuilds it from ``gate`` and ``up`` (bit for bit in
-  fp32). That is a sixth of what a layer keeps, which on the bench configuration in fp32 lets 5 more
+  fp32), and ``down``'s dropout zeroes it in place rather than in a copy, as nothing else reads it. That is a sixth of what a layer keeps, which on the bench configuration in fp32 lets 5 more
   of its 30 layers skip recomputation under the same peak target.
 * **Blocked causal attention** (:mod:`tuneguard.train.attention`), on CPU in fp32 without autocast: each block
   of 64 queries attends with two batched matmuls and one softmax to the keys it can see, GQA without
