@@ -32,8 +32,9 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   the gradients move by less than half of the plain path's own bf16 deviation from fp32. In fp32 it
   keeps fp32 (exact). Where ``down`` is a fused LoRA layer, the product (``down``'s LoRA input, as
   wide as the MLP) is not kept as well: backward rebuilds it from ``gate`` and ``up`` (bit for bit in
-  fp32), and ``down``'s dropout zeroes it in place rather than in a copy, as nothing else reads it. That is a sixth of what a layer keeps, which on the bench configuration in fp32 lets 5 more
-  of its 30 layers skip recomputation under the same peak target.
+  fp32), and ``down``'s dropout zeroes it in place rather than in a copy, as nothing else reads it.
+  That is a sixth of what a layer keeps, which on the bench configuration in fp32 lets 5 more of its
+  30 layers skip recomputation under the same peak target.
 * **Blocked causal attention** (:mod:`tuneguard.train.attention`), on CPU in fp32 without autocast: each block
   of 64 queries attends with two batched matmuls and one softmax to the keys it can see, GQA without
   repeating k and v, probabilities recomputed in backward (flash attention's trade); packed rows use the
@@ -104,8 +105,8 @@ def drop_positions(numel: int, p: float, seed: int) -> torch.Tensor:
     inversion of a float64 uniform, ``ceil(log(1 - u) / log(1 - p))``, as torch's ``geometric_`` does it (the
     same 53-bit resolution as its CPU ``bernoulli_``, for ``numel * p`` draws instead of ``numel``). The
     uniforms come from numpy's PCG64 seeded with ``seed`` (itself drawn from torch's generator, so
-    ``torch.manual_seed`` still fixes everything): 115 us for a 576 x 1024 input's gaps where torch's
-    mt19937 ``geometric_`` took 340 (AVX2 kernels, 2-core EPYC).
+    ``torch.manual_seed`` still fixes everything): a 576 x 1024 input's positions in 255-320 us right
+    after a matmul, as in a step, where torch's mt19937 ``geometric_`` took 433-449 (AVX2 kernels, 2-core EPYC).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
