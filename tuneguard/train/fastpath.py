@@ -121,7 +121,7 @@ def drop_positions(numel: int, p: float, seed: int) -> torch.Tensor:
         positions = np.cumsum(np.maximum(gaps, 1, out=gaps).astype(np.int64)) + (start - 1)  # u = 0 would give 0
         found.append(positions)
         start = int(positions[-1]) + 1
-    positions = np.concatenate(found) if len(found) > 1 else found[0]
+    positions = np.concatenate(found)
     return torch.from_numpy(positions[: int(np.searchsorted(positions, numel))])
 
 
