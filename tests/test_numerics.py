@@ -11,9 +11,14 @@ import torch.nn.functional as F
 from tuneguard import numerics
 from tuneguard.numerics import Probe
 
-AVX2 = Probe("cpu", "AMD EPYC 7B13", "AVX2", {"float32": 72.0, "bfloat16": 1.2, "float16": 1.5}, {"default": 72.0, "onednn": 84.0})
-AMX = Probe("cpu", "Intel Xeon", "AVX512", {"float32": 110.0, "bfloat16": 475.0, "float16": 134.0}, {"default": 110.0, "onednn": 108.0})
-ZEN4 = Probe("cpu", "AMD EPYC 9B14", "AVX512", {"float32": 150.0, "bfloat16": 160.0, "float16": 20.0}, {"default": 150.0, "onednn": 0.0})
+AVX2 = Probe("cpu", "AMD EPYC 7B13", "AVX2", {"float32": 72.0, "bfloat16": 1.2, "float16": 1.5},
+             {"layer": {"default": 72.0, "onednn": 84.0}, "head": {"default": 70.0, "onednn": 125.0}})
+AMX = Probe("cpu", "Intel Xeon", "AVX512", {"float32": 110.0, "bfloat16": 475.0, "float16": 134.0},
+            {"layer": {"default": 110.0, "onednn": 108.0}, "head": {"default": 110.0, "onednn": 104.0}})
+ZEN4 = Probe("cpu", "AMD EPYC 9B14", "AVX512", {"float32": 150.0, "bfloat16": 160.0, "float16": 20.0},
+             {"layer": {"default": 150.0, "onednn": 0.0}, "head": {"default": 150.0, "onednn": 0.0}})
+ZEN3 = Probe("cpu", "AMD EPYC", "AVX2", {"float32": 112.0, "bfloat16": 1.2, "float16": 1.3},
+             {"layer": {"default": 118.5, "onednn": 120.4}, "head": {"default": 71.0, "onednn": 126.0}})
 
 
 @pytest.fixture()
@@ -84,21 +89,27 @@ def test_real_probe_measures_every_candidate() -> None:
     assert result.gflops["float32"] > 0
     assert result.choice in {"float32", "bfloat16"}
     assert result.capability == torch.backends.cpu.get_cpu_capability()
-    assert result.linear_gflops["default"] > 0 and result.linear_kernel in {"default", "onednn"}
+    assert set(result.linear_gflops) == {"layer", "head"}
+    assert all(rates["default"] > 0 for rates in result.linear_gflops.values())
+    assert set(result.linear_kernel.values()) <= {"default", "onednn"}
 
 
-@pytest.mark.parametrize(("result", "kernel"), [(AVX2, "onednn"), (AMX, "default"), (ZEN4, "default")])
-def test_linear_kernel_follows_the_measurement(fake_probe, monkeypatch: pytest.MonkeyPatch, result: Probe, kernel: str) -> None:
-    """oneDNN where it measured faster (and exists), and only where autograd records nothing."""
+@pytest.mark.parametrize(("result", "layer", "head"), [(AVX2, "onednn", "onednn"), (AMX, "default", "default"),
+                                                       (ZEN4, "default", "default"), (ZEN3, "default", "onednn")])
+def test_linear_kernel_follows_the_measurement(fake_probe, monkeypatch: pytest.MonkeyPatch, result: Probe, layer: str,
+                                               head: str) -> None:
+    """oneDNN where it measured faster (and exists) for a layer of that width, and only where autograd records nothing."""
     fake_probe(result)
-    assert result.linear_kernel == kernel and numerics.numerics_record("cpu")["linear_kernel"] == kernel
+    assert result.linear_kernel == {"layer": layer, "head": head} == numerics.numerics_record("cpu")["linear_kernel"]
     calls: list[int] = []
     real = numerics._onednn_linear
     monkeypatch.setattr(numerics, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
-    x, w = torch.randn(3, 5, 8), torch.randn(4, 8)
+    x, w, vocab = torch.randn(3, 5, 8), torch.randn(4, 8), torch.randn(numerics.HEAD_WIDTH, 8)
     with torch.no_grad():
         numerics.linear(x, w)
-    assert len(calls) == (kernel == "onednn")
+        assert len(calls) == (layer == "onednn")
+        numerics.linear(x, vocab)
+    assert len(calls) == (layer == "onednn") + (head == "onednn")
     calls.clear()
     numerics.linear(x.requires_grad_(), w).sum().backward()  # autograd must see it: F.linear
     numerics.linear(x.bfloat16(), w.bfloat16())

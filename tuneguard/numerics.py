@@ -7,12 +7,13 @@ cached per machine (CPU model, torch build, kernel-selection variables, threads)
 ``auto`` (model weights, 4-bit compute, mixed precision, evaluation) resolves from it. A dtype
 forced by a recipe or flag that the probe found emulated gets one warning naming the slowdown.
 
-The same probe picks the kernel of fp32 linear layers on CPU (:func:`linear`): torch's ``F.linear``
-calls MKL, and on the 2-core EPYC tuneguard is built on, oneDNN's kernel (in the same torch build)
-ran SmolLM2's layer shapes 10-15% faster with AVX2 kernels (best of three 0.1 s windows, the two
-alternated) and its LM head's 1.3-1.8x; with AVX-512 2.6x (336 vs 131 GFLOP/s: MKL does not use
-AVX-512 on AMD). Where it measures faster here, the fast path's frozen-weight products, the chunked
-loss and evaluation's decoded layers use it; elsewhere (slower, missing, bf16, autocast, anything
+The same probe picks the kernel of fp32 linear layers on CPU (:func:`linear`), separately for a
+model's layers and for its vocabulary head: torch's ``F.linear`` calls MKL, and the same torch build
+ships oneDNN, which ran SmolLM2's layer shapes 10-15% faster on a Zen 4 EPYC with AVX2 kernels and
+2.6x with AVX-512 (MKL does not use AVX-512 on AMD), but no faster than MKL on a real Zen 3 (AVX2),
+where it ran the LM head's forward (160 positions against 49,152 rows) 1.8x faster (126 vs 71
+GFLOP/s). Where it measures faster here, the fast path's frozen-weight products, the chunked loss and
+evaluation's decoded layers and head use it; elsewhere (slower, missing, bf16, autocast, anything
 autograd must see) ``F.linear`` runs.
 """
 
@@ -37,6 +38,10 @@ from tuneguard.progress import console
 CANDIDATES = ("float32", "bfloat16", "float16")
 PROBE_SHAPE = (256, 576, 1536)
 """(m, k, n): SmolLM2's hidden width against its MLP width, a few hundred tokens at a time."""
+HEAD_SHAPE = (160, 576, 32768)
+"""(m, k, n): an LM head's chunk, a few hundred positions against a vocabulary (the kernels rank differently there)."""
+HEAD_WIDTH = 8192
+"""A linear layer with at least this many outputs is a vocabulary head, for the kernel choice."""
 FASTER = 1.1
 """A low-precision dtype is chosen only when it beats fp32 by this factor: precision is not spent for less."""
 EMULATED = 0.5
@@ -46,6 +51,8 @@ KERNEL_FASTER = 1.05
 KERNEL_ROUNDS = 6
 """Timings of each kernel, alternated (best of each kept): two shared cores drift within a second."""
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+PROBE_VERSION = "2"
+"""Part of the cache key: raised when the probe measures something new, so older cached results are measured again."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,10 @@ class Probe:
     device_name: str
     capability: str
     gflops: dict[str, float]
-    linear_gflops: dict[str, float]
-    """fp32 ``x @ W.T`` at the probe shape by kernel on CPU: ``default`` (``F.linear``) and ``onednn`` (0: unavailable);
-    empty on other devices, where ``F.linear`` is the only kernel."""
+    linear_gflops: dict[str, dict[str, float]]
+    """fp32 ``x @ W.T`` on CPU, for ``layer`` (the probe shape) and ``head`` (:data:`HEAD_SHAPE`), by kernel:
+    ``default`` (``F.linear``) and ``onednn`` (0: unavailable); empty on other devices, where ``F.linear`` is the
+    only kernel."""
 
     def speed(self, dtype: str) -> float:
         """Throughput relative to fp32 (below 1: slower)."""
@@ -73,10 +81,12 @@ class Probe:
         return dtype != "float32" and self.speed(dtype) < EMULATED
 
     @property
-    def linear_kernel(self) -> str:
-        """The fp32 linear kernel :func:`linear` uses: ``onednn`` where it measured clearly faster."""
-        rates = self.linear_gflops
-        return "onednn" if rates.get("onednn", 0.0) >= KERNEL_FASTER * rates.get("default", 0.0) > 0 else "default"
+    def linear_kernel(self) -> dict[str, str]:
+        """The fp32 linear kernel :func:`linear` uses for layers and for heads: ``onednn`` where it measured clearly faster."""
+        def pick(rates: dict[str, float]) -> str:
+            return "onednn" if rates.get("onednn", 0.0) >= KERNEL_FASTER * rates.get("default", 0.0) > 0 else "default"
+
+        return {role: pick(self.linear_gflops.get(role, {})) for role in ("layer", "head")}
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "chosen": self.choice, "linear_kernel": self.linear_kernel}
@@ -147,7 +157,7 @@ def linear_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.devi
 
 
 def _cache_key(device: torch.device) -> str:
-    parts = [device.type, device_name(device), cpu_capability(), torch.__version__, str(torch.get_num_threads()),
+    parts = [PROBE_VERSION, device.type, device_name(device), cpu_capability(), torch.__version__, str(torch.get_num_threads()),
              *(os.environ.get(v, "") for v in KERNEL_VARIABLES)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
@@ -162,14 +172,15 @@ def measure(device: torch.device) -> Probe:
         except RuntimeError:  # a dtype the device has no kernel for counts as unusable
             gflops[name] = 0.0
     kernels = {"default": F.linear, "onednn": _onednn_linear} if device.type == "cpu" else {}  # a choice on CPU only
-    linear_rates = dict.fromkeys(kernels, 0.0)
+    linear_rates = {role: dict.fromkeys(kernels, 0.0) for role in ("layer", "head")} if kernels else {}
     for _ in range(KERNEL_ROUNDS):
-        for name, kernel in kernels.items():
-            try:
-                rate = linear_gflops(m, k, n, torch.float32, device, kernel=kernel)
-            except (RuntimeError, AttributeError, NotImplementedError):  # a torch build without oneDNN
-                rate = 0.0
-            linear_rates[name] = max(linear_rates[name], round(rate, 2))
+        for role, shape in (("layer", PROBE_SHAPE), ("head", HEAD_SHAPE)):
+            for name, kernel in kernels.items():
+                try:
+                    rate = linear_gflops(*shape, torch.float32, device, kernel=kernel)
+                except (RuntimeError, AttributeError, NotImplementedError):  # a torch build without oneDNN
+                    rate = 0.0
+                linear_rates[role][name] = max(linear_rates[role][name], round(rate, 2))
     return Probe(str(device.type), device_name(device), cpu_capability() if device.type == "cpu" else "", gflops, linear_rates)
 
 
@@ -227,19 +238,20 @@ def resolve_mixed_precision(name: str, device: torch.device | str | None = None)
 
 
 @cache
-def _use_onednn() -> bool:
-    return probe("cpu").linear_kernel == "onednn"
+def _use_onednn(role: str) -> bool:
+    return probe("cpu").linear_kernel[role] == "onednn"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, by oneDNN's kernel where the probe measured it faster for fp32 on this CPU.
+    """``F.linear(x, weight, bias)``, by oneDNN's kernel where the probe measured it faster for fp32 on this CPU
+    (for a layer this wide: a model's layers, or its vocabulary head).
 
     oneDNN's op has no derivative, so it runs only where autograd records nothing: inside custom autograd
     functions and without gradients. Under autocast, in other dtypes or on other devices: ``F.linear``.
     """
     if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
-            and _use_onednn()):
+            and _use_onednn("head" if weight.shape[0] >= HEAD_WIDTH else "layer")):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

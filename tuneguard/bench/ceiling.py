@@ -48,19 +48,24 @@ def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0
 
 def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """GFLOP/s of the step's big matmuls at their real shapes, through the kernel tuneguard's layers use
-    (:func:`tuneguard.numerics.linear`), weighted by how many FLOPs each carries."""
-    h, f = config.hidden_size, config.intermediate_size
+    (:func:`tuneguard.numerics.linear`), weighted by how many FLOPs each carries: the layers' products and the
+    LM head's, a chunk of positions at a time as the chunked loss runs it (forward and input gradient)."""
+    from tuneguard.train.losses import chunk_rows
+
+    h, f, n, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    shapes = {  # (m, k, n): weight of the shape in one layer's forward
-        (tokens, h, heads * head_dim): 2, (tokens, h, kv): 2, (tokens, h, f): 2, (tokens, f, h): 1,
+    rows = min(chunk_rows(vocab), tokens)
+    flops = {  # (m, k, n): FLOPs of the shape in one step's forward (and so in its input gradient)
+        (tokens, h, heads * head_dim): 2 * n * 2 * tokens * h * heads * head_dim, (tokens, h, kv): 2 * n * 2 * tokens * h * kv,
+        (tokens, h, f): 2 * n * 2 * tokens * h * f, (tokens, f, h): n * 2 * tokens * f * h,
+        (rows, h, vocab): 2 * tokens * h * vocab, (rows, vocab, h): 2 * tokens * h * vocab,
     }
-    rates = {shape: linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in shapes}
-    flops = {(m, k, n): 2 * m * k * n * count for (m, k, n), count in shapes.items()}
-    seconds = sum(flops[s] / (rates[s] * 1e9) for s in shapes)
+    rates = {shape: linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in flops}
+    seconds = sum(flops[s] / (rates[s] * 1e9) for s in flops)
     return {"gflops": round(sum(flops.values()) / seconds / 1e9, 2),
-            "shapes": {"x".join(map(str, s)): round(rates[s], 2) for s in shapes}}
+            "shapes": {"x".join(map(str, s)): round(rates[s], 2) for s in flops}}
 
 
 def training_ceiling(spec: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
