@@ -93,6 +93,22 @@ def test_shared_context_batching_equals_one_by_one(tiny_llama, adapter: str) -> 
     assert [s.is_greedy for s in packed] == [s.is_greedy for s in single]
 
 
+def test_batches_do_not_pad_short_rows_to_a_long_one() -> None:
+    """Longest first, at most batch_size rows, none padded below MIN_FILL of its batch's width; and one long row
+    (PIQA's) no longer makes seven short ones pay its length."""
+    lengths = [231, 120, 110, 104, 100, 98, 96, 90, 88, 60, 59, 30, 12, 11]
+    rows = [scoring._Row(list(range(n)), [i], [list(range(n))], [[0]]) for i, n in enumerate(lengths)]
+    batches = scoring._batches(rows, 4)
+    assert [len(r) for b in batches for r in b] == lengths
+    for batch in batches:
+        assert 1 <= len(batch) <= 4
+        assert all(len(r) >= scoring.MIN_FILL * len(batch[0]) for r in batch)
+    padded = sum(len(b) * len(b[0]) for b in batches)
+    by_count = sum(len(rows[i : i + 4]) * lengths[i] for i in range(0, len(rows), 4))
+    assert sum(lengths) <= padded < by_count
+    assert [len(b) for b in batches][:2] == [1, 4]  # the 231-token row alone, then four rows of 100-120
+
+
 def test_prefixes_beyond_the_context_are_shared_exactly(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
     """Choices that begin alike (PIQA) and contexts that differ after a common start (WinoGrande) share a row."""
     model, tok = tiny_llama

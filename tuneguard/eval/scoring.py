@@ -143,6 +143,10 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 
 MIN_SHARED = 8
 """Tokens two rows must save by sharing a prefix before they become one (a block mask costs a few tokens' work)."""
+MIN_FILL = 0.75
+"""A row joins a batch only if it is at least this fraction of the batch's width (its first, longest row): a
+batch is padded to its longest row. On the first 40 PIQA items (2,060 tokens in 40 rows, the longest 231),
+batches of 8 by count ran 3,264 positions, these 2,242; BoolQ 7,120 and 6,580 (6,145 real)."""
 
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -193,6 +197,18 @@ def _pack(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: i
         else:
             packed.append(row)
     return packed
+
+
+def _batches(rows: list[_Row], batch_size: int) -> list[list[_Row]]:
+    """Rows sorted longest first, in batches of at most ``batch_size`` rows that each pad no row below
+    :data:`MIN_FILL` of their width."""
+    batches: list[list[_Row]] = []
+    for row in rows:
+        if batches and len(batches[-1]) < batch_size and len(row) >= MIN_FILL * len(batches[-1][0]):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
 
 
 def _virtual_prefix(model: torch.nn.Module, batch_size: int) -> torch.Tensor | None:
@@ -314,7 +330,8 @@ def loglikelihood(
 ) -> list[Score]:
     """Score ``(context_ids, continuation_ids)`` pairs; with ``share``, requests with the same context share one pass.
 
-    Rows are sorted longest first, so an out-of-memory shows up on the first batch rather than the last.
+    Rows are sorted longest first, so an out-of-memory shows up on the first batch rather than the last, and
+    batched so that no row is padded far beyond its length (:func:`_batches`).
     """
     max_length = max_length or max_model_length(model)
     rows = sorted(_pack(requests, max_length, share), key=len, reverse=True)
@@ -323,10 +340,10 @@ def loglikelihood(
     pad = 0
     logprob = torch.zeros(len(requests), dtype=torch.float64)
     misses = torch.zeros(len(requests), dtype=torch.long)
+    done = 0
     with eval_mode(model):
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            width = max(len(r) for r in batch)
+        for batch in _batches(rows, batch_size):
+            width = len(batch[0])
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             pos = torch.zeros((len(batch), width), dtype=torch.long)
             seg = torch.full((len(batch), width), -1, dtype=torch.long)
@@ -361,8 +378,9 @@ def loglikelihood(
             req = torch.tensor(t_req)
             logprob.index_add_(0, req, lp.double().cpu())
             misses.index_add_(0, req, (~hit).long().cpu())
+            done += len(batch)
             if advance:
-                advance(start + len(batch), len(rows))
+                advance(done, len(rows))
     return [
         Score(float(logprob[i]), bool(misses[i] == 0), len(cont)) for i, (_, cont) in enumerate(requests)
     ]
