@@ -42,6 +42,8 @@ HEAD_SHAPE = (160, 576, 32768)
 """(m, k, n): an LM head's chunk, a few hundred positions against a vocabulary (the kernels rank differently there)."""
 HEAD_WIDTH = 8192
 """A linear layer with at least this many outputs is a vocabulary head, for the kernel choice."""
+KERNEL_SHAPES = {"layer": PROBE_SHAPE, "head": HEAD_SHAPE}
+"""Where the fp32 linear kernels are timed, by the class of layer that gets the faster one."""
 FASTER = 1.1
 """A low-precision dtype is chosen only when it beats fp32 by this factor: precision is not spent for less."""
 EMULATED = 0.5
@@ -64,7 +66,7 @@ class Probe:
     capability: str
     gflops: dict[str, float]
     linear_gflops: dict[str, dict[str, float]]
-    """fp32 ``x @ W.T`` on CPU, for ``layer`` (the probe shape) and ``head`` (:data:`HEAD_SHAPE`), by kernel:
+    """fp32 ``x @ W.T`` on CPU, for each class of :data:`KERNEL_SHAPES` (``layer``, ``head``), by kernel:
     ``default`` (``F.linear``) and ``onednn`` (0: unavailable); empty on other devices, where ``F.linear`` is the
     only kernel."""
 
@@ -86,7 +88,7 @@ class Probe:
         def pick(rates: dict[str, float]) -> str:
             return "onednn" if rates.get("onednn", 0.0) >= KERNEL_FASTER * rates.get("default", 0.0) > 0 else "default"
 
-        return {role: pick(self.linear_gflops.get(role, {})) for role in ("layer", "head")}
+        return {role: pick(self.linear_gflops.get(role, {})) for role in KERNEL_SHAPES}
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "chosen": self.choice, "linear_kernel": self.linear_kernel}
@@ -172,9 +174,9 @@ def measure(device: torch.device) -> Probe:
         except RuntimeError:  # a dtype the device has no kernel for counts as unusable
             gflops[name] = 0.0
     kernels = {"default": F.linear, "onednn": _onednn_linear} if device.type == "cpu" else {}  # a choice on CPU only
-    linear_rates = {role: dict.fromkeys(kernels, 0.0) for role in ("layer", "head")} if kernels else {}
+    linear_rates = {role: dict.fromkeys(kernels, 0.0) for role in KERNEL_SHAPES} if kernels else {}
     for _ in range(KERNEL_ROUNDS):
-        for role, shape in (("layer", PROBE_SHAPE), ("head", HEAD_SHAPE)):
+        for role, shape in KERNEL_SHAPES.items():
             for name, kernel in kernels.items():
                 try:
                     rate = linear_gflops(*shape, torch.float32, device, kernel=kernel)

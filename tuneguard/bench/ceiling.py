@@ -57,11 +57,11 @@ def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     rows = min(chunk_rows(vocab), tokens)
-    flops = {  # (m, k, n): FLOPs of the shape in one step's forward (and so in its input gradient)
-        (tokens, h, heads * head_dim): 2 * n * 2 * tokens * h * heads * head_dim, (tokens, h, kv): 2 * n * 2 * tokens * h * kv,
-        (tokens, h, f): 2 * n * 2 * tokens * h * f, (tokens, f, h): n * 2 * tokens * f * h,
-        (rows, h, vocab): 2 * tokens * h * vocab, (rows, vocab, h): 2 * tokens * h * vocab,
+    shapes = {  # (m, k, n): how often the shape runs in one step's forward (and so in its input gradient)
+        (tokens, h, heads * head_dim): 2 * n, (tokens, h, kv): 2 * n, (tokens, h, f): 2 * n, (tokens, f, h): n,
+        (rows, h, vocab): tokens / rows, (rows, vocab, h): tokens / rows,
     }
+    flops = {(m, k, n): 2 * m * k * n * count for (m, k, n), count in shapes.items()}
     rates = {shape: linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in flops}
     seconds = sum(flops[s] / (rates[s] * 1e9) for s in flops)
     return {"gflops": round(sum(flops.values()) / seconds / 1e9, 2),
