@@ -17,10 +17,11 @@ from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
+from tuneguard.report.blocks import Block
 from tuneguard.report.files import build_report, write_reports
 from tuneguard.report.history import list_history, record_run
 from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
-from tuneguard.report.terminal import print_history, print_report
+from tuneguard.report.terminal import print_block, print_history, print_report
 
 GENERAL = {"arc_easy", "wikitext"}
 
@@ -179,6 +180,13 @@ def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str
     print_report(run[1], Console(file=out))  # not a terminal: rich alone would wrap at 80
     rows = [line for line in out.getvalue().splitlines() if "arc_easy" in line]
     assert rows and "non-inferior" in out.getvalue() and "…" not in out.getvalue()
+
+
+def test_a_narrow_table_keeps_its_title_on_one_line() -> None:
+    out = io.StringIO()
+    block = Block("Predicted peak memory (MB, fast path)", ["part", "MB"], rows=[["runtime", "500"]])
+    print_block(block, Console(file=out, width=120))
+    assert out.getvalue().splitlines()[0].strip() == "Predicted peak memory (MB, fast path)"
 
 
 def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

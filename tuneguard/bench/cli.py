@@ -247,11 +247,12 @@ def _estimate(args: argparse.Namespace) -> int:
     from tuneguard.bench.measure import measure_recipe
     from tuneguard.bench.tables import estimate_block, print_blocks
     from tuneguard.io import atomic_write_json
-    from tuneguard.progress import console
+    from tuneguard.progress import console, quiet_libraries
     from tuneguard.recipe import load_recipe
     from tuneguard.train.fastpath import fastpath_enabled
     from tuneguard.train.memory import estimate_recipe
 
+    quiet_libraries()  # the estimate applies the adapter in this process
     recipe = load_recipe(args.recipe, args.overrides)
     fast = estimate_recipe(recipe, fastpath=fastpath_enabled())
     measured = measure_recipe(Path(args.recipe), args.overrides, args.measure) if args.measure else None

@@ -52,7 +52,9 @@ def print_block(block: Block, console: Console) -> None:
     """A table block as a rich table, a lines block as lines headed by the block's title."""
     console = _wide(console)
     if block.headers:
-        table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold")
+        # at least as wide as its title, which rich would otherwise wrap to the width of a narrow table
+        table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold",
+                      min_width=len(block.title))
         for header in block.headers:
             table.add_column(header, justify="right" if header in _NUMERIC else "left")
         for row in block.rows:
