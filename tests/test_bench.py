@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tuneguard.bench import measure, reference
 from tuneguard.bench.ceiling import step_flops_per_token
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
 from tuneguard.bench.tables import train_summary
-from tuneguard.cli import build_parser
+from tuneguard.cli import build_parser, main
 from tuneguard.data.packing import Packed
 from tuneguard.recipe import load_recipe
 from tuneguard.train.batches import masked_batches
@@ -138,6 +139,18 @@ def test_estimate_recipe_builds_the_adapter_on_meta(tmp_path: Path, tiny_llama_d
     assert est.inputs["trainable_params"] > 0 and est.peak_mb == pytest.approx(sum(est.parts.values()), abs=0.5)
     assert est.inputs["seq"] == 64  # rows of ~25 tokens, padded to a multiple of 64
     assert estimate_recipe(recipe, seq=1024).parts["activations"] > 10 * est.parts["activations"]
+
+
+def test_bench_estimate_command_writes_json_without_library_warnings(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The estimate applies the adapter in the command's own process: PEFT's use of transformers' deprecated
+    ``is_gradient_checkpointing`` must not reach the user as a FutureWarning."""
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"row {i} " + "word " * 20}) + "\n" for i in range(4)))
+    (tmp_path / "r.yaml").write_text(f"model: {{source: {tiny_llama_dir}}}\ndata: {{kind: text, train: t.jsonl}}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["bench", "estimate", str(tmp_path / "r.yaml"), "--json", str(tmp_path / "e.json")]) == 0
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    assert json.loads((tmp_path / "e.json").read_text())["estimate"]["peak_mb"] > 0
 
 
 def test_bench_rows_are_exactly_seq_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:
