@@ -18,7 +18,7 @@ from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import Block
-from tuneguard.report.files import build_report, write_reports
+from tuneguard.report.files import build_report, render_markdown, write_reports
 from tuneguard.report.history import list_history, record_run
 from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 from tuneguard.report.terminal import print_block, print_history, print_report
@@ -180,6 +180,15 @@ def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str
     print_report(run[1], Console(file=out))  # not a terminal: rich alone would wrap at 80
     rows = [line for line in out.getvalue().splitlines() if "arc_easy" in line]
     assert rows and "non-inferior" in out.getvalue() and "…" not in out.getvalue()
+
+
+def test_a_checkpoint_chosen_on_the_scored_rows_is_flagged(run: tuple[Path, dict[str, Any]]) -> None:
+    _, report = run
+    assert "Checkpoint choice" not in render_markdown(report)  # the last step kept: nothing was chosen
+    chosen = {**report, "selection": {"rule": "best_task", "metric": "accuracy", "reason": "step 40 (accuracy 0.81)"}}
+    text = render_markdown(chosen)
+    assert "kept step 40" in text and "optimistic by that choice" in text and "tuneguard check RUN --data ROWS" in text
+    assert "optimistic by that choice" not in render_markdown({**chosen, "task": []})  # no task score to qualify
 
 
 def test_a_narrow_table_keeps_its_title_on_one_line() -> None:

@@ -36,6 +36,12 @@ def _gap(gap: dict[str, Any]) -> Cell:
     return text
 
 
+CHOSEN_ON_SCORED_ROWS = ("the kept step was chosen on the validation rows the task is scored on, so the tuned task score "
+                         "is optimistic by that choice; `tuneguard check RUN --data ROWS` scores it on rows no choice saw")
+"""The caveat of any selection but ``last``: picking the best of several validations and reporting that validation's
+score overstates what the adapter does on new rows (the more validations, the more)."""
+
+
 def _selection(selection: dict[str, Any]) -> Cell:
     """Which validation's adapter was kept, by which rule, and why (run.json's ``selection``)."""
     text = f"train.select {selection['rule']} on {selection['metric']}: kept {selection['reason']}"
@@ -165,7 +171,10 @@ def _health_blocks(report: dict[str, Any]) -> list[Block]:
         blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
     selection = report.get("selection") or {}
     if selection.get("rule", "last") != "last":
-        blocks.append(Block("Checkpoint choice", lines=[_selection(selection)]))
+        lines = [_selection(selection)]
+        if report.get("task"):
+            lines.append((CHOSEN_ON_SCORED_ROWS, "inconclusive"))
+        blocks.append(Block("Checkpoint choice", lines=lines))
     if report.get("guards"):
         blocks.append(Block("Guards", lines=[
             (f"{'PASS' if g['passed'] else 'FAIL'} {g['name']}: {g.get('detail') or ''}".rstrip(": "),
