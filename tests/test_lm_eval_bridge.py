@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from tuneguard.errors import TuneguardError  # noqa: E402
 from tuneguard.eval.cache import ScoreCache  # noqa: E402
 from tuneguard.eval.harness import evaluate_tasks  # noqa: E402
-from tuneguard.eval.lm_eval_bridge import TuneguardLM  # noqa: E402
+from tuneguard.eval.lm_eval_bridge import TuneguardLM, load_lm_eval, shots_from_scored_split  # noqa: E402
 from tuneguard.eval.suites import get_tasks  # noqa: E402
 from tuneguard.lm_eval_model import TuneguardCommandLineLM  # noqa: E402, F401  (registers --model tuneguard)
 from tuneguard.recipe import LmEvalConfig  # noqa: E402
@@ -167,7 +167,7 @@ def test_lm_eval_suite_paired_with_native_tasks(tiny_llama, local_tasks: dict[st
     assert piqa.setup == ""
     plain = evaluate_tasks(model, tok, get_tasks([f"lm_eval:{local_tasks['mc']}"],
                                                  LmEvalConfig(apply_chat_template=False, num_fewshot=2)), limit=5)[0]
-    assert plain.setup == f"lm-eval {lm_eval.__version__} · 2-shot"
+    assert plain.setup == f"lm-eval {lm_eval.__version__} · 2-shot from the scored split"  # the YAML has one split
     assert plain.item_hashes == mc.item_hashes  # the same documents, prompted differently
 
 
@@ -245,7 +245,7 @@ def test_recipe_mixing_native_and_lm_eval_suites(tmp_path: Path, tiny_llama_dir:
     assert [c["task"] for c in report["general"]] == ["arc_easy", "lm_eval:tg_mc"]
     lm = report["general"][1]
     assert lm["metric"] == "acc" and lm["n"] == 5 and lm["test"] == "mcnemar"
-    assert report["setups"] == {"lm_eval:tg_mc": f"lm-eval {lm_eval.__version__} · 1-shot"}
+    assert report["setups"] == {"lm_eval:tg_mc": f"lm-eval {lm_eval.__version__} · 1-shot from the scored split"}
     assert "How lm-eval tasks were run" in (run_dir / "report.md").read_text()
 
 
@@ -274,6 +274,19 @@ def test_lm_eval_command_line_scores_a_run_with_adapter_on_and_off(tmp_path: Pat
     code = cli_main(["lm-eval", "--model", "tuneguard", "--model_args", f"run={run_dir},adapter=off", "--tasks",
                      str(yaml_path), "--output_path", str(tmp_path / "lm-eval-out")])
     assert code == 0 and list((tmp_path / "lm-eval-out").rglob("results_*.json"))
+
+
+def test_shots_from_the_scored_split_are_named(tmp_path: Path) -> None:
+    """lm-eval falls back to the scored split for few-shot examples when a task has nothing else to draw from."""
+    shots = LmEvalConfig(num_fewshot=2)
+    arc = load_lm_eval("lm_eval:arc_easy@vendored", shots)  # only the scored items are vendored
+    gsm8k = load_lm_eval("lm_eval:gsm8k@vendored", shots)  # its shots come from the vendored train rows
+    assert [shots_from_scored_split(t) for t in (*arc.values(), *gsm8k.values())] == [True, False]
+    yaml_path = write_tasks(tmp_path)["mc"]
+    yaml_path.write_text(yaml_path.read_text().replace("    test: data.jsonl\n", "    test: data.jsonl\n    train: data.jsonl\n")
+                         + "training_split: train\n")
+    with_train = load_lm_eval(f"lm_eval:{yaml_path}", shots)
+    assert [shots_from_scored_split(t) for t in with_train.values()] == [False]
 
 
 def test_vendored_lm_eval_task_runs_offline_and_agrees_with_the_native_one(tiny_llama) -> None:

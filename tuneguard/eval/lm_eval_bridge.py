@@ -168,7 +168,8 @@ class LmEvalTask:
     def setup(self, tokenizer: PreTrainedTokenizerBase) -> str:
         """How the task was run, for the report: lm-eval's version, shots, chat template, system instruction."""
         shots = self.task.get_config("num_fewshot") or 0
-        parts = [f"lm-eval {lm_eval.__version__}", f"{shots}-shot"]
+        scored = " from the scored split" if shots and shots_from_scored_split(self.task) else ""
+        parts = [f"lm-eval {lm_eval.__version__}", f"{shots}-shot{scored}"]
         if self.chat(tokenizer):
             parts.append("chat template" + (", multi-turn few-shot" if shots and self.options.fewshot_as_multiturn else ""))
         if self.options.system_instruction:
@@ -318,6 +319,20 @@ def _configure(task: Any, options: LmEvalConfig) -> None:
     elif configured is None:
         task.set_config(key="num_fewshot", value=0)
     task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+
+def shots_from_scored_split(task: Any) -> bool:
+    """Whether lm-eval draws the task's few-shot examples from the split it scores: with no few-shot split or samples
+    and no training split, it falls back to the validation split, else to the test split (logging a warning only),
+    as for a ``NAME@vendored`` task (only the scored items are vendored) or a local YAML with one split."""
+    config = task.config
+    scored = config.test_split if task.has_test_docs() else config.validation_split
+    fewshot = config.fewshot_config  # lm-eval's FewshotConfig; its split is the task's fewshot_split
+    if fewshot.split is not None:
+        return fewshot.split == scored
+    if fewshot.samples is not None or task.has_training_docs():
+        return False
+    return (config.validation_split if task.has_validation_docs() else config.test_split) == scored
 
 
 def _as_doc(task: Any, index: int, doc: dict[str, Any]) -> Doc:
