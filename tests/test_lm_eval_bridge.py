@@ -289,6 +289,15 @@ def test_shots_from_the_scored_split_are_named(tmp_path: Path) -> None:
     assert [shots_from_scored_split(t) for t in with_train.values()] == [False]
 
 
+def test_an_item_is_never_its_own_shot_when_shots_come_from_the_scored_split() -> None:
+    """lm-eval leaves the scored item out of its shots only when the few-shot split is named; tuneguard names the
+    split lm-eval falls back to, so no vendored ARC item is prompted with its own question and answer."""
+    (task,) = load_lm_eval("lm_eval:arc_easy@vendored", LmEvalConfig(num_fewshot=5)).values()
+    docs = list(task.eval_docs)
+    repeated = [i for i, doc in enumerate(docs) if task.fewshot_context(doc, 5).count(task.doc_to_text(doc)) > 1]
+    assert len(docs) >= 100 and repeated == []
+
+
 def test_vendored_lm_eval_task_runs_offline_and_agrees_with_the_native_one(tiny_llama) -> None:
     model, tok = tiny_llama
     plain = LmEvalConfig(apply_chat_template=False)

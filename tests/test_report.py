@@ -22,6 +22,7 @@ from tuneguard.report.files import build_report, render_markdown, write_reports
 from tuneguard.report.history import list_history, record_run
 from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 from tuneguard.report.terminal import print_block, print_history, print_report
+from tuneguard.train.selection import selection_record
 
 GENERAL = {"arc_easy", "wikitext"}
 
@@ -185,10 +186,17 @@ def test_report_in_a_log_file_is_not_cut_at_80_columns(run: tuple[Path, dict[str
 def test_a_checkpoint_chosen_on_the_scored_rows_is_flagged(run: tuple[Path, dict[str, Any]]) -> None:
     _, report = run
     assert "Checkpoint choice" not in render_markdown(report)  # the last step kept: nothing was chosen
-    chosen = {**report, "selection": {"rule": "best_task", "metric": "accuracy", "reason": "step 40 (accuracy 0.81)"}}
+    points = [{"step": 20, "val_loss": 0.9}, {"step": 40, "val_loss": 0.7}, {"step": 60, "val_loss": 0.8}]
+    chosen = {**report, "selection": selection_record(points, points[1], "best_task", "val_loss", None, 60)}
     text = render_markdown(chosen)
-    assert "kept step 40" in text and "optimistic by that choice" in text and "tuneguard check RUN --data ROWS" in text
-    assert "optimistic by that choice" not in render_markdown({**chosen, "task": []})  # no task score to qualify
+    assert "kept step 40: best val_loss 0.7 of 3 validations" in text
+    assert "pick of 3 validations on the task's validation rows" in text and "tuneguard check RUN --data ROWS" in text
+    assert "optimistic" not in render_markdown({**chosen, "task": []})  # no task score to qualify
+    none_scored = selection_record([], None, "best_task", "val_loss", None, 60)  # patience, no validation ran
+    assert "optimistic" not in render_markdown({**report, "selection": none_scored})
+    forgetting = [{**p, "val_f1_macro": 0.5 + p["step"] / 100, "forgetting_pct": 1.0} for p in points]
+    within = selection_record(forgetting, forgetting[2], "task_within_forgetting", "f1_macro", 2.0, 60)
+    assert "task score and general-text loss are optimistic" in render_markdown({**report, "selection": within})
 
 
 def test_a_narrow_table_keeps_its_title_on_one_line() -> None:

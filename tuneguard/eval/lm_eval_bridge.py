@@ -312,19 +312,27 @@ def _load(spec: str) -> dict[str, Any]:
 
 
 def _configure(task: Any, options: LmEvalConfig) -> None:
-    """``num_fewshot`` with lm-eval's semantics: a task that pins 0 shots keeps it; unset means 0."""
+    """``num_fewshot`` with lm-eval's semantics: a task that pins 0 shots keeps it; unset means 0.
+
+    One change: where lm-eval falls back to the test split for shots, it is named as the few-shot split. lm-eval
+    leaves the item being scored out of its own shots only when the few-shot split is named as the test split,
+    so in its fallback an item could be shown with its own answer (the same shots otherwise)."""
     configured = task.get_config("num_fewshot")
     if options.num_fewshot is not None and configured != 0:
         task.set_config(key="num_fewshot", value=options.num_fewshot)
     elif configured is None:
         task.set_config(key="num_fewshot", value=0)
+    fewshot = task.config.fewshot_config
+    if task.get_config("num_fewshot") and fewshot.split is None and task.has_test_docs() and shots_from_scored_split(task):
+        fewshot.split = task.config.test_split
     task.set_fewshot_seed(seed=FEWSHOT_SEED)
 
 
 def shots_from_scored_split(task: Any) -> bool:
-    """Whether lm-eval draws the task's few-shot examples from the split it scores: with no few-shot split or samples
-    and no training split, it falls back to the validation split, else to the test split (logging a warning only),
-    as for a ``NAME@vendored`` task (only the scored items are vendored) or a local YAML with one split."""
+    """Whether lm-eval draws the task's few-shot examples from the split it scores: a few-shot split that is it, or,
+    with no few-shot split or samples and no training split, its fallback to the validation split, else to the test
+    split (logging a warning only), as for a ``NAME@vendored`` task (only the scored items are vendored) or a local
+    YAML with one split."""
     config = task.config
     scored = config.test_split if task.has_test_docs() else config.validation_split
     fewshot = config.fewshot_config  # lm-eval's FewshotConfig; its split is the task's fewshot_split

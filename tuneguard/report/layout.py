@@ -14,6 +14,7 @@ from tuneguard.report.blocks import (
     missing,
     summary_rows,
 )
+from tuneguard.train.selection import metric_key
 
 
 def _text_loss(loss: dict[str, Any]) -> str:
@@ -36,10 +37,21 @@ def _gap(gap: dict[str, Any]) -> Cell:
     return text
 
 
-CHOSEN_ON_SCORED_ROWS = ("the kept step was chosen on the validation rows the task is scored on, so the tuned task score "
-                         "is optimistic by that choice; `tuneguard check RUN --data ROWS` scores it on rows no choice saw")
-"""The caveat of any selection but ``last``: picking the best of several validations and reporting that validation's
-score overstates what the adapter does on new rows (the more validations, the more)."""
+def _chosen_on_scored_rows(selection: dict[str, Any]) -> Cell | None:
+    """The caveat of a step chosen among several validations: the best of several looks at the rows the report
+    then scores overstates what the adapter does on new rows (the more looks, the more). None where nothing was
+    chosen (one validation, or none scored)."""
+    looks = selection.get("validations", 0)
+    if looks < 2 or metric_key(selection["metric"]) not in selection:
+        return None
+    scored = "the task's validation rows"
+    optimistic = "the tuned task score is"
+    if selection["rule"] == "task_within_forgetting":
+        scored += " and on half the general-text sample"
+        optimistic = "the tuned task score and general-text loss are"
+    return (f"the kept step is the pick of {looks} validations on {scored} the report scores, so {optimistic} "
+            "optimistic by that choice; rows kept aside give a score no choice saw (a text classifier: "
+            "tuneguard check RUN --data ROWS)", "inconclusive")
 
 
 def _selection(selection: dict[str, Any]) -> Cell:
@@ -171,10 +183,8 @@ def _health_blocks(report: dict[str, Any]) -> list[Block]:
         blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
     selection = report.get("selection") or {}
     if selection.get("rule", "last") != "last":
-        lines = [_selection(selection)]
-        if report.get("task"):
-            lines.append((CHOSEN_ON_SCORED_ROWS, "inconclusive"))
-        blocks.append(Block("Checkpoint choice", lines=lines))
+        caveat = _chosen_on_scored_rows(selection) if report.get("task") else None
+        blocks.append(Block("Checkpoint choice", lines=[_selection(selection), *([caveat] if caveat else [])]))
     if report.get("guards"):
         blocks.append(Block("Guards", lines=[
             (f"{'PASS' if g['passed'] else 'FAIL'} {g['name']}: {g.get('detail') or ''}".rstrip(": "),

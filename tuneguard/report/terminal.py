@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -54,7 +55,7 @@ def print_block(block: Block, console: Console) -> None:
     if block.headers:
         # at least as wide as its title, which rich would otherwise wrap to the width of a narrow table
         table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold",
-                      min_width=len(block.title))
+                      min_width=cell_len(block.title))
         for header in block.headers:
             table.add_column(header, justify="right" if header in _NUMERIC else "left")
         for row in block.rows:
