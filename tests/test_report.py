@@ -18,6 +18,7 @@ from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import Block
+from tuneguard.report.cv import render_cv_markdown, summarize_folds
 from tuneguard.report.files import build_report, render_markdown, write_reports
 from tuneguard.report.history import list_history, record_run
 from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
@@ -268,6 +269,46 @@ def test_compare_runs_side_by_side(tmp_path: Path) -> None:
     print_run_comparison(comparison, Console(file=out, width=200))
     assert "lora-r8" in out.getvalue() and "tokens/s" in out.getvalue()
     assert "files" not in compare_run_dirs(dirs[:1], None)
+
+
+def _kept_step(run_dir: Path, selection: dict[str, Any]) -> None:
+    record = json.loads((run_dir / "run.json").read_text())
+    atomic_write_json(run_dir / "run.json", {**record, "selection": selection})
+
+
+POINTS = [{"step": 10, "val_loss": 2.2}, {"step": 20, "val_loss": 2.0}, {"step": 30, "val_loss": 2.1}]
+
+
+def test_side_by_side_flags_an_adapter_picked_on_the_rows_it_is_scored_on(tmp_path: Path) -> None:
+    """A run whose kept step was the best of its validations scores its own task optimistically: comparing it
+    with a run that kept its last step is not like for like, and the comparison says which run it is."""
+    dirs = []
+    for name, selection in (("picked", selection_record(POINTS, POINTS[1], "best_task", "val_loss", None, 30)),
+                            ("last", selection_record(POINTS, None, "last", "val_loss", None, 30))):
+        run_dir, eval_data = make_run(tmp_path, name, with_general=False)
+        _kept_step(run_dir, selection)
+        write_reports(run_dir, _report(run_dir, eval_data))
+        dirs.append(run_dir)
+    md = (Path(compare_run_dirs(dirs, tmp_path / "out")["files"][1])).read_text()
+    assert re.search(r"^\| adapter kept \| step 20, the pick of 3 validations \| step 30 \|$", md, re.M)
+    assert "- picked: the adapter kept is the pick of several validations" in md and "- last" not in md
+    plain = compare_run_dirs(dirs[1:], tmp_path / "out2")
+    assert "pick of" not in Path(plain["files"][1]).read_text()
+
+
+def test_cv_summary_flags_folds_whose_step_was_picked_on_their_own_rows(tmp_path: Path) -> None:
+    dirs = []
+    for fold, kept in enumerate((POINTS[1], None, POINTS[0])):
+        run_dir, eval_data = make_run(tmp_path, f"fold{fold}", with_general=False)
+        _kept_step(run_dir, selection_record(POINTS[: 3 - fold], kept, "best_task" if kept else "last", "val_loss",
+                                             None, 30))
+        write_reports(run_dir, _report(run_dir, eval_data))
+        dirs.append(run_dir)
+    cv = summarize_folds("sst2", dirs, {"k": 3, "seed": 42})
+    assert [f["picked_among"] for f in cv["folds"]] == [3, 0, 0]  # fold 2 kept the one validation it had
+    md = render_cv_markdown(cv)
+    assert "optimistic by that choice" in md and "(fold 0: 3 validations)" in md and "fold 2" not in md
+    assert "optimistic" not in render_cv_markdown(summarize_folds("sst2", dirs[1:], {"k": 2, "seed": 42}))
 
 
 def test_missing_files_are_named(tmp_path: Path, run: tuple[Path, dict[str, Any]]) -> None:

@@ -28,6 +28,7 @@ from tuneguard.report.blocks import (
     md_block,
     verdict_class,
 )
+from tuneguard.report.layout import picked_among
 from tuneguard.report.terminal import print_block
 from tuneguard.rundir import RunDir
 
@@ -86,6 +87,7 @@ def _fold(index: int, run: RunDir, own_label: str) -> dict[str, Any]:
         "steps": record.get("steps"),
         "val_loss": record.get("final_val_loss"),
         "task": (report.get("task") or [None])[0],
+        "picked_among": picked_among(report),
         "budget_exceeded": (report.get("budget") or {}).get("exceeded") or [],
         "values": _fold_values(report, record, own_label),
     }
@@ -181,8 +183,19 @@ def cv_blocks(cv: dict[str, Any]) -> list[Block]:
               ["fold", "run", "train rows", "validation rows", "steps", "metric", "before", "after", "Δ", "CI of Δ",
                "verdict", "validation loss"],
               [_fold_row(f) for f in cv["folds"]]),
-        Block("How to read it", lines=[SPREAD_NOTE]),
+        Block("How to read it", lines=[SPREAD_NOTE, *_picked_note(cv)]),
     ]
+
+
+def _picked_note(cv: dict[str, Any]) -> list[Cell]:
+    """The caveat where folds kept a step picked among their validations: the fold's validation rows chose it
+    and then score it."""
+    picked = [f"fold {f['fold']}: {f['picked_among']}" for f in cv["folds"] if f.get("picked_among")]
+    if not picked:
+        return []
+    return [(f"the kept step was picked by train.select among several validations on the fold's own validation "
+             f"rows, which then score it ({'; '.join(picked)} validations): {'its' if len(picked) == 1 else 'their'} "
+             "task 'after' and Δ are optimistic by that choice, and so are the means across folds", "inconclusive")]
 
 
 def render_cv_markdown(cv: dict[str, Any]) -> str:

@@ -37,13 +37,23 @@ def _gap(gap: dict[str, Any]) -> Cell:
     return text
 
 
-def _chosen_on_scored_rows(selection: dict[str, Any]) -> Cell | None:
-    """The caveat of a step chosen among several validations: the best of several looks at the rows the report
-    then scores overstates what the adapter does on new rows (the more looks, the more). None where nothing was
-    chosen (one validation, or none scored)."""
+def picked_among(report: dict[str, Any]) -> int:
+    """How many validations the kept step was picked from by its task metric (train.select), 0 where nothing was
+    picked (rule ``last``, one validation, none scored) or the report scores no task. The validations score the
+    rows the task is then reported on, so a pick among several makes that score optimistic, the more looks the
+    more: the report, ``tuneguard report A B`` and ``tuneguard cv`` say so."""
+    selection = report.get("selection") or {}
     looks = selection.get("validations", 0)
-    if looks < 2 or metric_key(selection["metric"]) not in selection:
+    picked = selection.get("rule", "last") != "last" and looks >= 2 and metric_key(selection["metric"]) in selection
+    return looks if picked and report.get("task") else 0
+
+
+def _chosen_on_scored_rows(report: dict[str, Any]) -> Cell | None:
+    """The caveat of a step chosen among several validations on the rows the report scores; None where none was."""
+    looks = picked_among(report)
+    if not looks:
         return None
+    selection = report["selection"]
     scored = "the task's validation rows"
     optimistic = "the tuned task score is"
     if selection["rule"] == "task_within_forgetting":
@@ -183,7 +193,7 @@ def _health_blocks(report: dict[str, Any]) -> list[Block]:
         blocks.append(Block("Train vs validation", lines=[_gap(report["train_val_gap"])]))
     selection = report.get("selection") or {}
     if selection.get("rule", "last") != "last":
-        caveat = _chosen_on_scored_rows(selection) if report.get("task") else None
+        caveat = _chosen_on_scored_rows(report)
         blocks.append(Block("Checkpoint choice", lines=[_selection(selection), *([caveat] if caveat else [])]))
     if report.get("guards"):
         blocks.append(Block("Guards", lines=[

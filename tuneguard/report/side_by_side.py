@@ -29,6 +29,7 @@ from tuneguard.report.blocks import (
     md_block,
     verdict_class,
 )
+from tuneguard.report.layout import picked_among
 from tuneguard.report.terminal import print_block
 from tuneguard.rundir import RunDir
 
@@ -49,7 +50,8 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
             raise TuneguardError(f"{run_dir}: not a directory (expected a run directory)")
         directory = RunDir(run_dir)
         summary, report = directory.summary(), directory.read_report()
-        runs.append(summary | {"general_text_loss": report.get("general_text_loss")})
+        runs.append(summary | {"general_text_loss": report.get("general_text_loss"), "selection": report.get("selection"),
+                               "picked_among": picked_among(report)})
         reports.append(report)
     labels = [Path(r["run_dir"]).name for r in runs]
     if len(set(labels)) < len(labels):
@@ -98,6 +100,15 @@ def _text_loss(run: dict[str, Any]) -> str:
     return DASH if not loss else f"{loss['tuned']:.3f} ({loss['tuned'] - loss['base']:+.3f})"
 
 
+def _kept(run: dict[str, Any]) -> Cell:
+    """The step whose adapter was kept; marked where it was picked among validations on the rows scored."""
+    selection = run.get("selection")
+    if not selection:
+        return DASH
+    looks = run.get("picked_among")
+    return (f"step {selection['step']}, the pick of {looks} validations", "inconclusive") if looks else f"step {selection['step']}"
+
+
 def _cell(cell: dict[str, Any] | None) -> Cell:
     if cell is None:
         return DASH
@@ -112,6 +123,7 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
         ("quantization", lambda r: r.get("quantization") or DASH),
         ("trainable params", lambda r: fmt_int(r.get("trainable_params"))),
         ("steps · tokens trained", lambda r: f"{fmt_int(r.get('steps'))} · {fmt_int(r.get('tokens_trained'))}"),
+        ("adapter kept", _kept),
         ("general-text loss (Δ vs base)", _text_loss),
         ("tokens/s", lambda r: fmt_float(r.get("tokens_per_s"))),
         ("peak memory", lambda r: fmt_memory(r.get("peak_memory_mb"))),
@@ -120,7 +132,12 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
     for t in comparison["tasks"]:
         label = f"{t['task']} ({t['metric']})" + (" · general" if t["is_general"] else "")
         rows.append([label, *map(_cell, t["cells"])])
-    return Block("Runs side by side (tuned value, Δ vs its base)", ["", *(r["label"] for r in runs)], rows)
+    picked = [r["label"] for r in runs if r.get("picked_among")]
+    lines: list[Cell] = [(
+        f"{', '.join(picked)}: the adapter kept is the pick of several validations on the rows its own task row scores "
+        "(train.select), so that score is optimistic by the choice; compare such runs on rows none of them chose on",
+        "inconclusive")] if picked else []
+    return Block("Runs side by side (tuned value, Δ vs its base)", ["", *(r["label"] for r in runs)], rows, lines)
 
 
 def _write(out_dir: Path, comparison: dict[str, Any]) -> list[Path]:
