@@ -19,9 +19,12 @@ import torch
 from tuneguard.numerics import linear_gflops
 
 # Matmuls time the same on any values: a few short windows per shape, the best one kept (two shared cores
-# are easily disturbed, and a ceiling measured low would flatter every runner's share of it).
+# are easily disturbed, and a ceiling measured low would flatter every runner's share of it). The shapes are
+# timed in ROUNDS interleaved passes: on a shared 2-core host a slow spell lasts seconds, longer than one
+# shape's windows (two passes a few seconds apart read 142 and 115 GFLOP/s; one shape 126 and 75).
 SECONDS_PER_WINDOW = 0.1
 WINDOWS = 5
+ROUNDS = 3
 
 
 def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0) -> dict[str, float]:
@@ -49,7 +52,8 @@ def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0
 def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """GFLOP/s of the step's big matmuls at their real shapes, through the kernel tuneguard's layers use
     (:func:`tuneguard.numerics.linear`), weighted by how many FLOPs each carries: the layers' products and the
-    LM head's, a chunk of positions at a time as the chunked loss runs it (forward and input gradient)."""
+    LM head's, a chunk of positions at a time as the chunked loss runs it (forward and input gradient); each
+    shape's best of :data:`ROUNDS` interleaved passes."""
     from tuneguard.train.losses import chunk_rows
 
     h, f, n, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
@@ -62,7 +66,10 @@ def effective_gflops(config: Any, tokens: int, dtype: torch.dtype, device: torch
         (rows, h, vocab): tokens / rows, (rows, vocab, h): tokens / rows,
     }
     flops = {(m, k, n): 2 * m * k * n * count for (m, k, n), count in shapes.items()}
-    rates = {shape: linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS) for shape in flops}
+    rates = dict.fromkeys(flops, 0.0)
+    for _ in range(ROUNDS):
+        for shape in flops:
+            rates[shape] = max(rates[shape], linear_gflops(*shape, dtype, device, SECONDS_PER_WINDOW, WINDOWS))
     seconds = sum(flops[s] / (rates[s] * 1e9) for s in flops)
     return {"gflops": round(sum(flops.values()) / seconds / 1e9, 2),
             "shapes": {"x".join(map(str, s)): round(rates[s], 2) for s in flops}}
