@@ -191,6 +191,7 @@ def test_a_checkpoint_chosen_on_the_scored_rows_is_flagged(run: tuple[Path, dict
     chosen = {**report, "selection": selection_record(points, points[1], "best_task", "val_loss", None, 60)}
     text = render_markdown(chosen)
     assert "kept step 40: best val_loss 0.7 of 3 validations" in text
+    assert re.search(r"^\| steps \| 20 \|$", text, re.M)  # the run's own step count, nothing stopped it
     assert "pick of 3 validations on the task's validation rows" in text and "tuneguard check RUN --data ROWS" in text
     assert "optimistic" not in render_markdown({**chosen, "task": []})  # no task score to qualify
     none_scored = selection_record([], None, "best_task", "val_loss", None, 60)  # patience, no validation ran
@@ -289,7 +290,10 @@ def test_side_by_side_flags_an_adapter_picked_on_the_rows_it_is_scored_on(tmp_pa
         _kept_step(run_dir, selection)
         write_reports(run_dir, _report(run_dir, eval_data))
         dirs.append(run_dir)
+    record = json.loads((dirs[0] / "run.json").read_text())
+    atomic_write_json(dirs[0] / "run.json", {**record, "planned_steps": 60, "stopped_early": True})
     md = (Path(compare_run_dirs(dirs, tmp_path / "out")["files"][1])).read_text()
+    assert re.search(r"^\| steps · tokens trained \| 20 of 60, stopped early · 40,960 \| 20 · 40,960 \|$", md, re.M)
     assert re.search(r"^\| adapter kept \| step 20, the pick of 3 validations \| step 30 \|$", md, re.M)
     assert "- picked: the adapter kept is the pick of several validations" in md and "- last" not in md
     plain = compare_run_dirs(dirs[1:], tmp_path / "out2")

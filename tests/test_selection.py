@@ -74,7 +74,7 @@ def test_f1_is_logged_at_each_validation_and_early_stopping_fires_on_it(tmp_path
     assert [r["step"] for r in scored] == [0, 2, 4, 6] and scored[0]["base"]
     assert all(0 <= r["val_f1_macro"] <= 1 for r in scored) and all("val_loss" in r for r in scored[1:])
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["steps"] == 6 and record["stopped_early"]
+    assert record["steps"] == 6 and record["stopped_early"] and record["planned_steps"] == 40
     assert record["selection"]["rule"] == "best_task" and record["selection"]["step"] == 2  # patience keeps the best
     # What was logged is the evaluation's own metric on these rows.
     task = recipe_task(recipe, out.data, is_encoder=False)

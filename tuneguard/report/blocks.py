@@ -111,6 +111,15 @@ def fmt_adapter(summary: dict[str, Any]) -> str:
     return f"{method} r{summary['r']}" if summary.get("r") else method
 
 
+def fmt_steps(summary: dict[str, Any]) -> str:
+    """Optimizer steps, and where early stopping (train.early_stopping_patience) ended training short of the plan."""
+    steps = fmt_int(summary.get("steps"))
+    if not summary.get("stopped_early"):
+        return steps
+    planned = summary.get("planned_steps")
+    return f"{steps} of {fmt_int(planned)}, stopped early" if planned else f"{steps}, stopped early"
+
+
 def comparison_row(c: dict[str, Any]) -> list[Cell]:
     how, unit = c.get("aggregate", "mean"), points_unit(c)
     return [
@@ -128,6 +137,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("quantization", str(summary.get("quantization") or DASH)),
         ("adapter", fmt_adapter(summary)),
         ("trainable params", fmt_int(summary.get("trainable_params"))),
+        ("steps", fmt_steps(summary)),
         ("tokens trained", fmt_int(summary.get("tokens_trained"))),
         ("tokens/s", fmt_float(summary.get("tokens_per_s"))),
         ("peak memory", fmt_memory(summary.get("peak_memory_mb"))),

@@ -556,6 +556,7 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
         "seed": recipe.train.seed,
         "lr": recipe.train.lr,
         "steps": state.step,
+        "planned_steps": s.total_steps,
         "stopped_early": state.stopped_early,
         "diverged": state.diverged,
         "tokens_trained": state.tokens,
