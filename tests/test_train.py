@@ -71,6 +71,29 @@ def test_training_lowers_loss_and_writes_run_dir(tmp_path: Path, tiny_llama_dir:
     assert not list(run_dir.glob(".*tmp"))  # no half-written leftovers
 
 
+def test_logged_speed_counts_training_steps_only(tmp_path: Path, tiny_llama_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validation between two logs is not training: the quickstart logged 37 tokens/s after each validation
+    against ~100 around it. Here validation moves the loop's clock on by 1000 s."""
+    from tuneguard.train import loop
+
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"time": staticmethod(lambda: time.time() + clock["offset"])}))
+    validate = loop.validate
+
+    def slow_validate(*args: object, **kwargs: object) -> object:
+        clock["offset"] += 1000.0
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", slow_validate)
+    run_train(make_run(tmp_path, tiny_llama_dir, train={"max_steps": 6, "eval_every": 2, "log_every": 2}))
+    lines = (tmp_path / "runs/recipe/metrics.jsonl").read_text().splitlines()
+    logged = [r for r in map(json.loads, lines) if "tokens_per_s" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6] and clock["offset"] == 3000.0
+    rates = [r["tokens_per_s"] for r in logged]
+    assert min(rates) > 0.2 * max(rates), rates  # a window over a 1000 s validation would read ~0
+
+
 @pytest.mark.parametrize(
     "adapter",
     [

@@ -469,7 +469,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
                            start=state.step * t.grad_accum)
     progress = TrainProgress(s.total_steps, start=state.step, enabled=s.accelerator.is_main_process)
     watch = divergence_watch(s)
-    window_tokens, window_start = 0, time.time()
+    window_tokens, window_seconds = 0, 0.0  # training steps only: a validation or a save is not training speed
     s.loss_model.train()
     with progress:
         measure_base(s, state, progress)
@@ -479,17 +479,18 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
             loss, grad_norm, step_tokens = train_step(s, state, micro, sum(real_tokens))
             state.step += 1
             state.diverged = watch.update(loss, grad_norm)
-            state.step_seconds += time.time() - step_start
+            step_seconds = time.time() - step_start
+            state.step_seconds += step_seconds
             state.tokens += step_tokens
-            window_tokens += step_tokens
-            rate = window_tokens / max(time.time() - window_start, 1e-9)
+            window_tokens, window_seconds = window_tokens + step_tokens, window_seconds + step_seconds
+            rate = window_tokens / max(window_seconds, 1e-9)
             progress.update(state.step, loss=loss, lr=s.lr, tokens_per_s=rate)
             if state.step % t.log_every == 0 or state.step == s.total_steps:
                 record = {"step": state.step, "loss": round(loss, 6), "lr": s.lr,
                           "tokens": state.tokens, "tokens_per_s": round(rate, 2)}
                 s.log(record)
                 progress.log(record)
-                window_tokens, window_start = 0, time.time()
+                window_tokens, window_seconds = 0, 0.0
             if t.eval_every and state.step % t.eval_every == 0:
                 best = validate(s, state, best, progress)
             if state.diverged:
