@@ -17,7 +17,7 @@ from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report.blocks import Block
+from tuneguard.report.blocks import Block, fmt_steps
 from tuneguard.report.cv import render_cv_markdown, summarize_folds
 from tuneguard.report.files import build_report, render_markdown, write_reports
 from tuneguard.report.history import list_history, record_run
@@ -295,9 +295,25 @@ def test_side_by_side_flags_an_adapter_picked_on_the_rows_it_is_scored_on(tmp_pa
     md = (Path(compare_run_dirs(dirs, tmp_path / "out")["files"][1])).read_text()
     assert re.search(r"^\| steps · tokens trained \| 20 of 60, stopped early · 40,960 \| 20 · 40,960 \|$", md, re.M)
     assert re.search(r"^\| adapter kept \| step 20, the pick of 3 validations \| step 30 \|$", md, re.M)
-    assert "- picked: the adapter kept is the pick of several validations" in md and "- last" not in md
+    assert "- picked: the adapter kept is the pick of 3 validations (train.select) on rows this table scores again, " \
+           "so its own task row is optimistic" in md and md.count("optimistic") == 1
+    forgetting = [{**p, "val_f1_macro": 0.5, "forgetting_pct": 1.0} for p in POINTS]
+    run_dir, eval_data = make_run(tmp_path, "within", with_general=False)
+    _kept_step(run_dir, selection_record(forgetting, forgetting[0], "task_within_forgetting", "f1_macro", 2.0, 30))
+    write_reports(run_dir, _report(run_dir, eval_data))
+    md = Path(compare_run_dirs([*dirs, run_dir], tmp_path / "out3")["files"][1]).read_text()
+    assert "- within: the adapter kept is the pick of 3 validations" in md
+    assert "so its own task row and general-text loss are optimistic" in md
     plain = compare_run_dirs(dirs[1:], tmp_path / "out2")
     assert "pick of" not in Path(plain["files"][1]).read_text()
+
+
+def test_steps_say_when_early_stopping_cut_training_short() -> None:
+    assert fmt_steps({"steps": 40, "planned_steps": 120, "stopped_early": True}) == "40 of 120, stopped early"
+    assert fmt_steps({"steps": 40, "planned_steps": 40, "stopped_early": True}) == "40"  # patience ran out at the end
+    assert fmt_steps({"steps": 6, "stopped_early": True}) == "6, stopped early"  # a run.json before planned_steps
+    assert fmt_steps({"steps": 1200, "planned_steps": 1200, "stopped_early": False}) == "1,200"
+    assert fmt_steps({}) == "–"
 
 
 def test_cv_summary_flags_folds_whose_step_was_picked_on_their_own_rows(tmp_path: Path) -> None:

@@ -188,8 +188,8 @@ class RunDir:
             "r": adapter.get("r") if reports_rank(method) else None,
             "max_regression": (recipe.get("eval") or {}).get("max_regression"),
             **{k: run.get(k) for k in (
-                "seed", "steps", "planned_steps", "stopped_early", "tokens_trained", "wall_time_s", "tokens_per_s", "peak_memory_mb",
-                "trainable_params", "total_params",
+                "seed", "steps", "planned_steps", "stopped_early", "tokens_trained", "wall_time_s", "tokens_per_s",
+                "peak_memory_mb", "trainable_params", "total_params",
             )},
         }
 

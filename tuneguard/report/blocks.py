@@ -112,12 +112,12 @@ def fmt_adapter(summary: dict[str, Any]) -> str:
 
 
 def fmt_steps(summary: dict[str, Any]) -> str:
-    """Optimizer steps, and where early stopping (train.early_stopping_patience) ended training short of the plan."""
-    steps = fmt_int(summary.get("steps"))
-    if not summary.get("stopped_early"):
-        return steps
-    planned = summary.get("planned_steps")
-    return f"{steps} of {fmt_int(planned)}, stopped early" if planned else f"{steps}, stopped early"
+    """Optimizer steps, and where early stopping (train.early_stopping_patience) ended training short of the plan
+    (patience can run out at the last step too: then nothing was cut short)."""
+    steps, planned = summary.get("steps"), summary.get("planned_steps")
+    if not summary.get("stopped_early") or (planned is not None and steps is not None and steps >= planned):
+        return fmt_int(steps)
+    return f"{fmt_int(steps)} of {fmt_int(planned)}, stopped early" if planned else f"{fmt_int(steps)}, stopped early"
 
 
 def comparison_row(c: dict[str, Any]) -> list[Cell]:

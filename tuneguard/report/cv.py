@@ -23,6 +23,7 @@ from tuneguard.report.blocks import (
     fmt_ci,
     fmt_delta,
     fmt_int,
+    fmt_steps,
     fmt_value,
     fmt_verdict,
     md_block,
@@ -87,7 +88,9 @@ def _fold(index: int, run: RunDir, own_label: str) -> dict[str, Any]:
         "steps": record.get("steps"),
         "val_loss": record.get("final_val_loss"),
         "task": (report.get("task") or [None])[0],
-        "picked_among": picked_among(report),
+        "planned_steps": record.get("planned_steps"),
+        "stopped_early": record.get("stopped_early"),
+        "picked_among": picked_among(record.get("selection")),
         "budget_exceeded": (report.get("budget") or {}).get("exceeded") or [],
         "values": _fold_values(report, record, own_label),
     }
@@ -169,7 +172,7 @@ def _fold_row(f: dict[str, Any]) -> list[Cell]:
                   (fmt_verdict(c), verdict_class(c.get("verdict")))]
     loss = DASH if f["val_loss"] is None else f"{f['val_loss']:.4f}"
     return [str(f["fold"]), Path(f["run_dir"]).name, fmt_int(f["train_rows"]), fmt_int(f["val_rows"]),
-            fmt_int(f["steps"]), *scores, loss]
+            fmt_steps(f), *scores, loss]
 
 
 def cv_blocks(cv: dict[str, Any]) -> list[Block]:
@@ -193,9 +196,9 @@ def _picked_note(cv: dict[str, Any]) -> list[Cell]:
     picked = [f"fold {f['fold']}: {f['picked_among']}" for f in cv["folds"] if f.get("picked_among")]
     if not picked:
         return []
-    return [(f"the kept step was picked by train.select among several validations on the fold's own validation "
-             f"rows, which then score it ({'; '.join(picked)} validations): {'its' if len(picked) == 1 else 'their'} "
-             "task 'after' and Δ are optimistic by that choice, and so are the means across folds", "inconclusive")]
+    return [(f"train.select picked the kept step among several validations on each fold's own validation rows, which "
+             f"then score it ({'; '.join(picked)} validations): {'its' if len(picked) == 1 else 'their'} task 'after', Δ "
+             "and validation loss are optimistic by that choice, and so are the means across folds", "inconclusive")]
 
 
 def render_cv_markdown(cv: dict[str, Any]) -> str:

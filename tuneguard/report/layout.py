@@ -37,23 +37,24 @@ def _gap(gap: dict[str, Any]) -> Cell:
     return text
 
 
-def picked_among(report: dict[str, Any]) -> int:
-    """How many validations the kept step was picked from by its task metric (train.select), 0 where nothing was
-    picked (rule ``last``, one validation, none scored) or the report scores no task. The validations score the
-    rows the task is then reported on, so a pick among several makes that score optimistic, the more looks the
-    more: the report, ``tuneguard report A B`` and ``tuneguard cv`` say so."""
-    selection = report.get("selection") or {}
+def picked_among(selection: dict[str, Any] | None) -> int:
+    """How many validations run.json's ``selection`` picked the kept step from (by train.early_stopping_metric),
+    0 where nothing was picked (rule ``last``, one validation, none scored). The validations score the rows the
+    task is then reported on (and, under ``task_within_forgetting``, half the general-text sample), so a pick
+    among several makes those scores optimistic, the more looks the more: the report, ``tuneguard report A B``
+    and ``tuneguard cv`` say so."""
+    selection = selection or {}
     looks = selection.get("validations", 0)
     picked = selection.get("rule", "last") != "last" and looks >= 2 and metric_key(selection["metric"]) in selection
-    return looks if picked and report.get("task") else 0
+    return looks if picked else 0
 
 
 def _chosen_on_scored_rows(report: dict[str, Any]) -> Cell | None:
     """The caveat of a step chosen among several validations on the rows the report scores; None where none was."""
-    looks = picked_among(report)
-    if not looks:
+    selection = report.get("selection")
+    looks = picked_among(selection) if report.get("task") else 0
+    if not looks or selection is None:
         return None
-    selection = report["selection"]
     scored = "the task's validation rows"
     optimistic = "the tuned task score is"
     if selection["rule"] == "task_within_forgetting":

@@ -51,8 +51,7 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
             raise TuneguardError(f"{run_dir}: not a directory (expected a run directory)")
         directory = RunDir(run_dir)
         summary, report = directory.summary(), directory.read_report()
-        runs.append(summary | {"general_text_loss": report.get("general_text_loss"), "selection": report.get("selection"),
-                               "picked_among": picked_among(report)})
+        runs.append(summary | {"general_text_loss": report.get("general_text_loss"), **_kept_facts(report)})
         reports.append(report)
     labels = [Path(r["run_dir"]).name for r in runs]
     if len(set(labels)) < len(labels):
@@ -101,13 +100,31 @@ def _text_loss(run: dict[str, Any]) -> str:
     return DASH if not loss else f"{loss['tuned']:.3f} ({loss['tuned'] - loss['base']:+.3f})"
 
 
+def _kept_facts(report: dict[str, Any]) -> dict[str, Any]:
+    """The kept step, and what in this table a pick among validations makes optimistic: the run's own task row (its
+    validation rows) and, under ``task_within_forgetting``, its general-text loss (half of that sample)."""
+    selection = report.get("selection") or {}
+    looks = picked_among(selection)
+    optimistic = [*(["own task row"] if report.get("task") else []),
+                  *(["general-text loss"] if selection.get("rule") == "task_within_forgetting" else [])]
+    return {"kept_step": selection.get("step"), "picked_among": looks if optimistic else 0,
+            "optimistic": optimistic if looks else []}
+
+
 def _kept(run: dict[str, Any]) -> Cell:
-    """The step whose adapter was kept; marked where it was picked among validations on the rows scored."""
-    selection = run.get("selection")
-    if not selection:
+    """The step whose adapter was kept; marked where it was picked among validations on rows this table scores."""
+    step, looks = run.get("kept_step"), run.get("picked_among")
+    if step is None:
         return DASH
-    looks = run.get("picked_among")
-    return (f"step {selection['step']}, the pick of {looks} validations", "inconclusive") if looks else f"step {selection['step']}"
+    return (f"step {step}, the pick of {looks} validations", "inconclusive") if looks else f"step {step}"
+
+
+def _picked_line(run: dict[str, Any]) -> Cell:
+    what = " and ".join(run["optimistic"])
+    verb = "is" if len(run["optimistic"]) == 1 else "are"
+    return (f"{run['label']}: the adapter kept is the pick of {run['picked_among']} validations (train.select) on rows "
+            f"this table scores again, so its {what} {verb} optimistic by that choice; compare such runs on rows none "
+            "of them chose on", "inconclusive")
 
 
 def _cell(cell: dict[str, Any] | None) -> Cell:
@@ -133,11 +150,7 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
     for t in comparison["tasks"]:
         label = f"{t['task']} ({t['metric']})" + (" · general" if t["is_general"] else "")
         rows.append([label, *map(_cell, t["cells"])])
-    picked = [r["label"] for r in runs if r.get("picked_among")]
-    lines: list[Cell] = [(
-        f"{', '.join(picked)}: the adapter kept is the pick of several validations on the rows its own task row scores "
-        "(train.select), so that score is optimistic by the choice; compare such runs on rows none of them chose on",
-        "inconclusive")] if picked else []
+    lines = [_picked_line(r) for r in runs if r.get("picked_among")]
     return Block("Runs side by side (tuned value, Δ vs its base)", ["", *(r["label"] for r in runs)], rows, lines)
 
 
