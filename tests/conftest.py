@@ -6,6 +6,7 @@ They run in milliseconds, so most tests need no real weights; ``tests/e2e`` uses
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,16 @@ def write_recipe_file(folder: Path, recipe: dict, sections: dict[str, dict]) -> 
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep hashes and GGUF conversions of a test run out of the user's cache (but shared within the run)."""
-    if "TUNEGUARD_CACHE" not in os.environ:
-        monkeypatch.setenv("TUNEGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "tuneguard-cache"))
-    monkeypatch.setenv("TUNEGUARD_HOME", str(tmp_path_factory.getbasetemp() / "tuneguard-home"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep hashes, GGUF conversions and the run history of a test run out of the user's (shared within the run).
+    Session-scoped, so module fixtures that train (and their subprocesses) see it too: a function-scoped one
+    was set up after them, and the bundled-model runs wrote into ``~/.cache/tuneguard/history.sqlite``."""
+    with pytest.MonkeyPatch.context() as env:
+        if "TUNEGUARD_CACHE" not in os.environ:
+            env.setenv("TUNEGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "tuneguard-cache"))
+        env.setenv("TUNEGUARD_HOME", str(tmp_path_factory.getbasetemp() / "tuneguard-home"))
+        yield
 
 
 @pytest.fixture(scope="session")
