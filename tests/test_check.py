@@ -49,14 +49,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def finished(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[Path, list[dict], list[dict]]:
     """A tiny trained and evaluated run: its directory, its validation rows and its stored tuned outcomes."""
     root = tmp_path_factory.mktemp("check")
-    with pytest.MonkeyPatch.context() as mp:  # module scope: before the autouse isolation, to the same places
-        mp.setenv("TUNEGUARD_HOME", str(tmp_path_factory.getbasetemp() / "tuneguard-home"))
-        mp.setenv("TUNEGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "tuneguard-cache"))
-        path = make_run(root, tiny_llama_dir, eval={"task": True})
-        write_jsonl(root / "train.jsonl", reviews(160, seed=0))
-        recipe = load_recipe(path)
-        run_dir = recipe.run_dir(path)
-        assert evaluate(recipe, run_dir, train(recipe, run_dir)) == 0
+    path = make_run(root, tiny_llama_dir, eval={"task": True})
+    write_jsonl(root / "train.jsonl", reviews(160, seed=0))
+    recipe = load_recipe(path)
+    run_dir = recipe.run_dir(path)
+    assert evaluate(recipe, run_dir, train(recipe, run_dir)) == 0
     _, val = read_split(recipe.data, recipe.train.seed)
     tuned = json.loads((run_dir / "eval.json").read_text())["tuned"][0]
     return run_dir, [r.fields for r in val], tuned
@@ -217,6 +214,39 @@ def test_a_stored_result_better_than_now_is_a_paired_drop(finished, tmp_path: Pa
     code, check = run_check(copy, write_jsonl(tmp_path / "same.jsonl", val))
     (paired,) = check["accuracy"]["tests"]
     assert code == 1 and paired["lost"] == tuned["n"] - sum(tuned["per_item"]) and paired["ci_high"] < 0
+
+
+def test_rows_the_run_trained_on_are_refused_unless_allowed(finished, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Rows the model learned score better and surer than new ones: they would hide a drop and fake drift."""
+    import yaml
+
+    import tuneguard.check as check_module
+
+    run_dir = finished[0]
+    strict = tmp_path / "strict"
+    shutil.copytree(run_dir, strict, ignore=shutil.ignore_patterns("checks"))
+    recipe = yaml.safe_load((strict / "recipe.yaml").read_text())
+    recipe["data"]["allow_overlap"] = False
+    (strict / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    trained, _ = read_split(load_recipe(strict / "recipe.yaml").data, 42)
+    rows = [{"text": r.fields["text"].upper() + " !", "label": r.fields["label"]} for r in trained[:7]]  # normalized alike
+    rows += [{"text": f"a review never seen before, number {i}: the movie was great", "label": 1} for i in range(13)]
+    data = write_jsonl(tmp_path / "fresh.jsonl", rows)
+    def reached_the_model(*args: object) -> None:
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(check_module, "load_run", reached_the_model)
+    assert cli_main(["check", str(strict), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fresh.jsonl: 7 of 20 rows also occur in the run's training rows" in err and "\n" not in err
+    assert "fresh.jsonl:1" in err and err.endswith("Remove them, or pass --allow-overlap")
+    assert not (strict / "checks").exists()
+    with pytest.raises(RuntimeError, match="the model was loaded"):  # --allow-overlap: past the refusal
+        check_module.check(strict, data, allow_overlap=True)
+    monkeypatch.undo()
+    code, check = run_check(run_dir, data)  # the run's own recipe allows overlap (data.allow_overlap: true)
+    assert check["trained_on_rows"] == 7 and check["rows"] == 20
+    assert "7 of the 20 rows were training rows of this run" in "".join(capsys.readouterr())
 
 
 @pytest.mark.parametrize(("rows", "error"), [

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneguard.backbones import dequantized
+from tuneguard.data.examples import MAX_NAMED_PROBLEMS
+from tuneguard.data.prepare import overlapping_rows, read_split
+from tuneguard.data.readers import Row
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.harness import evaluate_tasks
 from tuneguard.eval.monitor import (
@@ -28,7 +31,7 @@ from tuneguard.eval.monitor import (
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stage import load_run, recipe_task
 from tuneguard.progress import console, quiet_libraries
-from tuneguard.recipe import load_recipe
+from tuneguard.recipe import DataConfig, load_recipe
 from tuneguard.report.history import record_check
 from tuneguard.report.monitor import print_check
 from tuneguard.rundir import RunDir
@@ -45,8 +48,22 @@ def _stored_result(run: RunDir, task: str) -> TaskResult:
                          f"(tuneguard eval {run.path}) with eval.task true")
 
 
-def check(run_dir: Path, data: Path, alpha: float = 0.05) -> int:
-    """Score the run's tuned model on ``data``, compare, write, print and record; 1 when flagged, else 0."""
+def _trained_on(rows: list[Row], cfg: DataConfig, seed: int, allowed: bool, data: Path) -> int:
+    """How many of the check's rows the run trained on (same inputs after normalizing); refused unless allowed:
+    a model is more often right, and surer, on rows it learned, so they hide a drop and fake drift."""
+    train, _ = read_split(cfg, seed)
+    seen = overlapping_rows(train, rows, cfg)
+    if seen and not allowed:
+        raise TuneguardError(
+            f"{data}: {len(seen)} of {len(rows)} rows also occur in the run's training rows (same text after normalizing "
+            f"case, spacing and punctuation), so the check would measure memory; first: "
+            f"{'; '.join(seen[:MAX_NAMED_PROBLEMS])}. Remove them, or pass --allow-overlap")
+    return len(seen)
+
+
+def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = False) -> int:
+    """Score the run's tuned model on ``data``, compare, write, print and record; 1 when flagged, else 0.
+    ``allow_overlap`` (or the run's ``data.allow_overlap``): rows the run trained on are scored too."""
     if not 0 < alpha < 0.5:
         raise TuneguardError(f"--alpha must be between 0 and 0.5 (one-sided tests); got {alpha}")
     started = time.time()
@@ -59,6 +76,7 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05) -> int:
                              f"(data.kind classification, eval.task true); this run has data.kind {recipe.data.kind}"
                              f"{'' if recipe.eval.task else ' and eval.task false'}")
     rows, labelled = read_check_rows(data, recipe.data)
+    trained_on = _trained_on(rows, recipe.data, recipe.train.seed, allow_overlap or recipe.data.allow_overlap, data)
     if labelled and not run.eval_json.exists():
         raise TuneguardError(f"{run_dir}: no stored result to compare with (no eval.json); evaluate the run first: "
                              f"tuneguard eval {run_dir}")
@@ -87,11 +105,14 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05) -> int:
     record = {
         "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": recipe.output.name, "run_dir": str(run.path.resolve()), "data": str(data), "rows": len(items),
-        "labelled": labelled, "alpha": alpha, "task": validation.name, **result,
+        "labelled": labelled, "trained_on_rows": trained_on, "alpha": alpha, "task": validation.name, **result,
         "flagged": (result["accuracy"] or result["drift"])["flagged"], "seconds": round(time.time() - started, 1),
     }
     path = run.write_check(record)
     print_check(record, console)
+    if trained_on:
+        console.print(f"[yellow]{trained_on} of the {len(items)} rows were training rows of this run (overlap allowed): "
+                      "the check is optimistic by them[/yellow]", soft_wrap=True)
     record_check(record, path)
     console.print(f"check written to {path}", soft_wrap=True)
     return 1 if record["flagged"] else 0

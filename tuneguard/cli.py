@@ -143,7 +143,7 @@ def _history(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from tuneguard.check import check
 
-    return check(Path(args.run), Path(args.data), args.alpha)
+    return check(Path(args.run), Path(args.data), args.alpha, args.allow_overlap)
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -265,6 +265,8 @@ def _add_monitoring_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="JSONL/CSV/TSV/Parquet rows with the recipe's fields; without the "
                    "label field: a drift check")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the one-sided tests (default 0.05)")
+    p.add_argument("--allow-overlap", action="store_true", help="score rows the run trained on too (refused by default: "
+                   "they hide a drop and fake drift; also allowed where the run's recipe sets data.allow_overlap)")
     p.set_defaults(func=_check)
 
 
