@@ -47,9 +47,11 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from tuneguard.export import export_merged
+    from tuneguard.progress import quiet_libraries
     from tuneguard.recipe import load_recipe
     from tuneguard.rundir import RunDir
 
+    quiet_libraries()  # transformers' load and shard-writing bars, PEFT's deprecation warning
     run = RunDir(Path(args.run))
     run.ensure_finished(writable=False)
     recipe = load_recipe(run.recipe)
