@@ -228,9 +228,13 @@ def test_rows_the_run_trained_on_are_refused_unless_allowed(finished, tmp_path: 
     recipe = yaml.safe_load((strict / "recipe.yaml").read_text())
     recipe["data"]["allow_overlap"] = False
     (strict / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    trained, _ = read_split(load_recipe(strict / "recipe.yaml").data, 42)
-    rows = [{"text": r.fields["text"].upper() + " !", "label": r.fields["label"]} for r in trained[:7]]  # normalized alike
-    rows += [{"text": f"a review never seen before, number {i}: the movie was great", "label": 1} for i in range(13)]
+    recipe = load_recipe(strict / "recipe.yaml")
+    trained, validated = read_split(recipe.data, recipe.train.seed)
+    seen = {r.fields["text"] for r in trained}
+    rows = [{"text": r.fields["text"].upper() + " !", "label": r.fields["label"], "id": i}  # normalized alike; a column
+            for i, r in enumerate(trained[:7])]                                          # the training file lacks
+    rows += [next({"text": r.fields["text"], "label": r.fields["label"]} for r in validated if r.fields["text"] not in seen)]
+    rows += [{"text": f"a review never seen before, number {i}: the movie was great", "label": 1} for i in range(12)]
     data = write_jsonl(tmp_path / "fresh.jsonl", rows)
     def reached_the_model(*args: object) -> None:
         raise RuntimeError("the model was loaded")

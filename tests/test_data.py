@@ -6,8 +6,8 @@ import torch
 
 from tuneguard.data.examples import IGNORE, build_examples, label_index
 from tuneguard.data.packing import collate, pack
-from tuneguard.data.prepare import prepare_data
-from tuneguard.data.readers import read_rows
+from tuneguard.data.prepare import normalized_key, prepare_data
+from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import DataConfig
 
@@ -156,3 +156,18 @@ def test_prepare_splits_with_seed_and_mixes_replay(tmp_path: Path, tokenizer) ->
     assert mixed.stats["replay_examples"] == round(30 * 0.2 / 0.8)
     with pytest.raises(TuneguardError, match="encoders train classification only"):
         prepare_data(DataConfig(kind="text", train=str(path)), tokenizer, is_encoder=True, seed=0)
+
+
+def test_a_repeated_row_is_found_whatever_other_columns_the_files_carry() -> None:
+    """Overlap keys read what the prompt reads: an ``id`` in one file only does not hide a repeated review."""
+    cfg = DataConfig(train="t.jsonl", prompt_template="Premise: {premise}\nHypothesis: {hypothesis}")
+    key = normalized_key(Row("a:1", {"premise": "A dog runs.", "hypothesis": "An animal moves", "label": 0}), cfg)
+    assert key == normalized_key(Row("b:7", {"premise": "a dog RUNS", "hypothesis": "an animal moves!", "id": 7,
+                                              "label": 1}), cfg)
+    assert key != normalized_key(Row("b:8", {"premise": "A dog runs.", "hypothesis": "A cat sleeps", "id": 8}), cfg)
+    plain = DataConfig(train="t.jsonl", text_field="sentence")
+    assert normalized_key(Row("a:1", {"sentence": "Great film", "idx": 1}), plain) == \
+        normalized_key(Row("b:1", {"sentence": "great film.", "source": "web"}), plain)
+    chat = DataConfig(kind="instruction", train="t.jsonl")  # other kinds: every field but the label
+    assert normalized_key(Row("a:1", {"prompt": "hi", "response": "yo"}), chat) != \
+        normalized_key(Row("a:2", {"prompt": "hi", "response": "hello"}), chat)

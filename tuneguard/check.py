@@ -112,7 +112,7 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
     print_check(record, console)
     if trained_on:
         console.print(f"[yellow]{trained_on} of the {len(items)} rows were training rows of this run (overlap allowed): "
-                      "the check is optimistic by them[/yellow]", soft_wrap=True)
+                      "the model can read better, and surer, on them than on new rows[/yellow]", soft_wrap=True)
     record_check(record, path)
     console.print(f"check written to {path}", soft_wrap=True)
     return 1 if record["flagged"] else 0

@@ -96,7 +96,8 @@ class DataConfig(Section):
     max_val_samples: int | None = Field(None, ge=1)
     max_bad_fraction: float = Field(0.0, ge=0, le=1)
     allow_overlap: bool = False
-    """Accept training rows whose normalized text also occurs in the validation rows."""
+    """Accept validation rows whose normalized inputs also occur in the training rows (and let ``tuneguard check``
+    score such rows of a finished run)."""
     augment: str | list[str] = "none"
     """``none``, or operations on training rows' text (one drawn per augmented copy): see ``AUGMENT_OPS``."""
     augment_prob: float = Field(0.1, gt=0, le=1)

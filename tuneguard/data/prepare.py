@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,24 @@ def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     return sample_rows(train_rows, cfg.max_train_samples, seed), val_rows[: cfg.max_val_samples]
 
 
+def _input_fields(cfg: DataConfig) -> set[str] | None:
+    """The fields a classification prompt reads (its template's ``{name}`` s, or the text field), so an ``id`` or
+    ``source`` column in one file and not the other does not hide a repeated row; None: every field but the label."""
+    if cfg.kind != "classification":
+        return None
+    if cfg.prompt_template is None:
+        return {cfg.text_field}
+    return {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name}
+
+
 def normalized_key(row: Row, cfg: DataConfig) -> str | None:
-    """A hash of the row's inputs (every field but the label) with case, spacing and punctuation removed."""
+    """A hash of the row's inputs (what the prompt reads; every field but the label for other kinds) with case,
+    spacing and punctuation removed."""
     if row.fields is None:
         return None
-    parts = [str(v) for k, v in sorted(row.fields.items()) if k != cfg.label_field and v is not None]
+    inputs = _input_fields(cfg)
+    parts = [str(v) for k, v in sorted(row.fields.items())
+             if (k in inputs if inputs is not None else k != cfg.label_field) and v is not None]
     text = re.sub(r"[\W_]+", " ", " ".join(parts).lower()).strip()
     return hashlib.sha1(text.encode()).hexdigest() if text else None
 
