@@ -51,9 +51,9 @@ def picked_among(selection: dict[str, Any] | None) -> int:
 
 def _chosen_on_scored_rows(report: dict[str, Any]) -> Cell | None:
     """The caveat of a step chosen among several validations on the rows the report scores; None where none was."""
-    selection = report.get("selection")
+    selection = report.get("selection") or {}
     looks = picked_among(selection) if report.get("task") else 0
-    if not looks or selection is None:
+    if not looks:
         return None
     scored = "the task's validation rows"
     optimistic = "the tuned task score is"
