@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 from scipy.stats import chi2_contingency, norm
 
 from tuneguard.cli import main as cli_main
@@ -21,6 +22,7 @@ from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stats import two_sample_interval, two_sample_z, wilson_interval
 from tuneguard.recipe import load_recipe
 from tuneguard.report.history import list_checks, record_check
+from tuneguard.report.monitor import print_checks
 from tuneguard.run import evaluate
 from tuneguard.train.loop import train
 
@@ -178,6 +180,8 @@ def test_drift_check_fires_on_a_shifted_set_and_not_on_a_resample(finished, tmp_
     code, check = run_check(run_dir, write_jsonl(tmp_path / "resample.jsonl", resample))
     assert code == 0 and not check["flagged"] and not check["labelled"] and check["accuracy"] is None
     assert check["drift"]["n"] == 60 and check["drift"]["validation_n"] == len(val)
+    code, check = run_check(run_dir, tmp_path / "resample.jsonl", "--limit", "25")
+    assert check["limit"] == 25 and check["rows"] == check["drift"]["n"] == 25
     # Another kind of text altogether: the tuned model's confidence on it moves (the tiny model is sure of
     # "positive" for every review, so its predicted labels do not; the label test is checked above).
     shifted = [{"text": "what is two plus two ? the answer is four " * (1 + i % 3)} for i in range(60)]
@@ -332,6 +336,26 @@ def test_an_older_history_database_gains_the_checks_table(tmp_path: Path) -> Non
     assert row["kind"] == "drift" and row["flagged"] and row["p_value"] == 0.01 and row["value"] is None
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+def test_an_older_checks_table_gains_trained_on_and_the_table_shows_it(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "history.sqlite"
+    with sqlite3.connect(db) as con:  # the checks table before trained_on, with one check in it
+        con.executescript("CREATE TABLE checks (id INTEGER PRIMARY KEY, created TEXT NOT NULL, run_dir TEXT NOT NULL, "
+                          "recipe TEXT, task TEXT NOT NULL, metric TEXT, kind TEXT NOT NULL, data TEXT, n INTEGER, "
+                          "value REAL, value_low REAL, value_high REAL, delta REAL, ci_low REAL, ci_high REAL, "
+                          "p_value REAL, flagged INTEGER NOT NULL, path TEXT); INSERT INTO checks (created, run_dir, "
+                          "task, kind, n, flagged) VALUES ('2025-12-01T00:00:00+00:00', 'd', 't', 'drift', 7, 0);")
+    check = {"created": "2026-01-01T00:00:00+00:00", "run_dir": "d", "run": "r", "task": "t", "data": "x.jsonl",
+             "rows": 40, "trained_on_rows": 3, "flagged": False, "accuracy": None, "drift": {"tests": []}}
+    record_check(check, tmp_path / "check.json", db=db)
+    older, newer = list_checks(db=db)
+    assert (older["n"], older["trained_on"]) == (7, None) and (newer["n"], newer["trained_on"]) == (40, 3)
+    capsys.readouterr()
+    print_checks([older, newer], Console(width=200))
+    lines = capsys.readouterr().out.splitlines()
+    assert any("40 (3 trained on)" in line for line in lines)
+    assert not any("trained on" in line for line in lines if "2025-12-01" in line)
 
 
 def test_class_probabilities_predict_what_the_scorer_predicts(tiny_llama, tiny_bert_dir: Path) -> None:

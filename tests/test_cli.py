@@ -59,8 +59,9 @@ def test_malformed_recipe_and_debug_traceback(tmp_path: Path) -> None:
     path.write_text("data: {train: [oops\n")
     result = tuneguard("train", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "bad.yaml:2:1: malformed YAML" in result.stderr
-    debug = tuneguard("--debug", "train", str(path), cwd=tmp_path)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    for args in (("--debug", "train", str(path)), ("train", str(path), "--debug")):  # before or after the verb
+        debug = tuneguard(*args, cwd=tmp_path)
+        assert debug.returncode != 0 and "Traceback" in debug.stderr, args
 
 
 def test_offline_hub_id_says_so(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""``tuneguard check RUN --data FILE [--alpha A]``: a trained adapter scored again on new data, over time.
+"""``tuneguard check RUN --data FILE [--alpha A] [--limit N]``: a trained adapter scored again on new data, over time.
 
 Labelled rows: the tuned model's accuracy on them against the run's stored validation outcomes (eval.json),
 flagging a significant drop. Unlabelled rows (no label field): a drift check of the tuned model's predicted
@@ -61,9 +61,10 @@ def _trained_on(rows: list[Row], cfg: DataConfig, seed: int, allowed: bool, data
     return len(seen)
 
 
-def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = False) -> int:
+def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = False, limit: int | None = None) -> int:
     """Score the run's tuned model on ``data``, compare, write, print and record; 1 when flagged, else 0.
-    ``allow_overlap`` (or the run's ``data.allow_overlap``): rows the run trained on are scored too."""
+    ``allow_overlap`` (or the run's ``data.allow_overlap``): rows the run trained on are scored too. ``limit``: the
+    file's first N rows only (a quick look at a large file; the tests' power falls with N)."""
     if not 0 < alpha < 0.5:
         raise TuneguardError(f"--alpha must be between 0 and 0.5 (one-sided tests); got {alpha}")
     started = time.time()
@@ -76,6 +77,7 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
                              f"(data.kind classification, eval.task true); this run has data.kind {recipe.data.kind}"
                              f"{'' if recipe.eval.task else ' and eval.task false'}")
     rows, labelled = read_check_rows(data, recipe.data)
+    rows = rows[:limit]
     trained_on = _trained_on(rows, recipe.data, recipe.train.seed, allow_overlap or recipe.data.allow_overlap, data)
     if labelled and not run.eval_json.exists():
         raise TuneguardError(f"{run_dir}: no stored result to compare with (no eval.json); evaluate the run first: "
@@ -105,7 +107,7 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
     record = {
         "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": recipe.output.name, "run_dir": str(run.path.resolve()), "data": str(data), "rows": len(items),
-        "labelled": labelled, "trained_on_rows": trained_on, "alpha": alpha, "task": validation.name, **result,
+        "labelled": labelled, "limit": limit, "trained_on_rows": trained_on, "alpha": alpha, "task": validation.name, **result,
         "flagged": (result["accuracy"] or result["drift"])["flagged"], "seconds": round(time.time() - started, 1),
     }
     path = run.write_check(record)

@@ -145,7 +145,7 @@ def _history(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from tuneguard.check import check
 
-    return check(Path(args.run), Path(args.data), args.alpha, args.allow_overlap)
+    return check(Path(args.run), Path(args.data), args.alpha, args.allow_overlap, args.limit)
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -269,6 +269,7 @@ def _add_monitoring_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the one-sided tests (default 0.05)")
     p.add_argument("--allow-overlap", action="store_true", help="score rows the run trained on too (refused by default: "
                    "they hide a drop and fake drift; also allowed where the run's recipe sets data.allow_overlap)")
+    p.add_argument("--limit", type=positive_int, help="the data file's first N rows only")
     p.set_defaults(func=_check)
 
 
@@ -350,15 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = argv[:1] == ["--debug"]
-    if argv[debug:debug + 1] == ["lm-eval"]:
+    if argv[debug:debug + 1] == ["lm-eval"]:  # lm-eval's own arguments follow, untouched
         return guarded(lambda: _lm_eval(argv[debug + 1:]), debug=debug)
+    debug = "--debug" in argv  # before or after the verb
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.verb in ("train", "cv", "data", "lr", "select"):
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    if hasattr(args, "overrides"):  # every verb that takes section.key=value overrides
         args = with_overrides(parser, args, extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return guarded(lambda: args.func(args), debug=args.debug)
+    return guarded(lambda: args.func(args), debug=debug)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The database lives at ``$TUNEGUARD_HOME/history.sqlite`` (default ``~/.cache/tuneguard``). One
 row per run in ``runs``, one row per task result in ``results``, one row per ``tuneguard check`` in
-``checks`` (created when missing, so an older database gains it on first use). Recording the same run again
+``checks`` (created when missing, and a column newer than an older database added on first use). Recording the same run again
 (same directory, same run.json facts) replaces its rows instead of duplicating them; a new
 training run in the same directory is a new row.
 """
@@ -39,12 +39,12 @@ CREATE TABLE IF NOT EXISTS checks (
     id INTEGER PRIMARY KEY,
     created TEXT NOT NULL, run_dir TEXT NOT NULL, recipe TEXT, task TEXT NOT NULL, metric TEXT,
     kind TEXT NOT NULL, data TEXT, n INTEGER, value REAL, value_low REAL, value_high REAL,
-    delta REAL, ci_low REAL, ci_high REAL, p_value REAL, flagged INTEGER NOT NULL, path TEXT
+    delta REAL, ci_low REAL, ci_high REAL, p_value REAL, flagged INTEGER NOT NULL, path TEXT, trained_on INTEGER
 );
 CREATE INDEX IF NOT EXISTS checks_task ON checks(task);
 """
 _CHECK_KEYS = ("created", "run_dir", "recipe", "task", "metric", "kind", "data", "n", "value", "value_low",
-               "value_high", "delta", "ci_low", "ci_high", "p_value", "flagged", "path")
+               "value_high", "delta", "ci_low", "ci_high", "p_value", "flagged", "path", "trained_on")
 _RESULT_KEYS = ("task", "metric", "aggregate", "is_general", "base", "tuned", "delta", "ci_low", "ci_high",
                 "p_value", "verdict")
 
@@ -61,10 +61,23 @@ def _open(db: Path) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode = WAL")  # readers never block a run that is recording
         con.execute("PRAGMA foreign_keys = ON")
         con.executescript(_SCHEMA)
+        _add_missing_columns(con)
     except sqlite3.Error:
         con.close()
         raise
     return con
+
+
+_ADDED_COLUMNS = {"checks": {"trained_on": "INTEGER"}}
+"""Columns newer than their table: added to a database an older tuneguard created (NULL in its older rows)."""
+
+
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row["name"] for row in con.execute(f"PRAGMA table_info({table})")}
+        for column, kind in columns.items():
+            if column not in present:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _connect(db: Path | None) -> sqlite3.Connection:
@@ -154,6 +167,7 @@ def _check_row(check: dict[str, Any], path: Path) -> dict[str, Any]:
         "value_high": accuracy["fresh_ci"][1] if accuracy else None,
         "delta": lead.get("delta"), "ci_low": lead.get("ci_low"), "ci_high": lead.get("ci_high"),
         "p_value": lead.get("p_adjusted"), "flagged": int(bool(check.get("flagged"))), "path": str(path),
+        "trained_on": check.get("trained_on_rows"),
     }
 
 

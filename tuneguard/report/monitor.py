@@ -130,10 +130,16 @@ def trend_png(results: list[dict[str, Any]], checks: list[dict[str, Any]]) -> tu
 
 
 
+def _rows(check: dict[str, Any]) -> str:
+    """How many rows a check scored, and how many of them the run trained on (allowed with --allow-overlap)."""
+    seen = check.get("trained_on")
+    return f"{fmt_int(check['n'])} ({fmt_int(seen)} trained on)" if seen else fmt_int(check["n"])
+
+
 def print_checks(checks: list[dict[str, Any]], console: Console | None = None) -> None:
     """The history's checks, oldest first: what was checked on which data, and what it found."""
     rows: list[list[Cell]] = [
-        [c["created"], c["recipe"] or "", c["task"], c["kind"], Path(c["data"] or "").name, fmt_int(c["n"]),
+        [c["created"], c["recipe"] or "", c["task"], c["kind"], Path(c["data"] or "").name, _rows(c),
          fmt_value(c["value"]), fmt_delta(c), fmt_p(c["p_value"]),
          (("drop" if c["kind"] == "accuracy" else "drift"), "regressed") if c["flagged"] else ("–", "nochange")]
         for c in checks
