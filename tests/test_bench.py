@@ -163,8 +163,8 @@ def test_bench_estimate_command_writes_json_without_library_warnings(tmp_path: P
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert json.loads((tmp_path / "e.json").read_text())["estimate"]["peak_mb"] > 0
     # An override after a flag is an override here too, as for train (README: anywhere on the line).
-    assert main(["bench", "estimate", str(tmp_path / "r.yaml"), "--json", str(tmp_path / "e.json"), "data.max_length=16"]) == 0
-    assert json.loads((tmp_path / "e.json").read_text())["estimate"]["inputs"]["seq"] == 16
+    assert main(["bench", "estimate", str(tmp_path / "r.yaml"), "--json", str(tmp_path / "e.json"), "train.batch_size=3"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["estimate"]["inputs"]["batch"] == 3
 
 
 def test_bench_rows_are_exactly_seq_tokens(tmp_path: Path, tiny_llama_dir: Path) -> None:
