@@ -55,6 +55,19 @@ def test_source_errors(tmp_path: Path) -> None:
     assert resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M")) == ("HuggingFaceTB/SmolLM2-135M", True)
 
 
+def test_gguf_conversion_drives_tuneguards_progress_line_not_a_tqdm_bar() -> None:
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from tuneguard.backbones import _gguf_bar
+
+    library_bar = gguf_utils.tqdm
+    seen: list[tuple[int, int]] = []
+    with _gguf_bar(lambda done, total: seen.append((done, total))):
+        assert list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting and de-quantizing GGUF tensors...")) == ["a", "b", "c"]
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert gguf_utils.tqdm is library_bar
+
+
 @pytest.mark.slow
 def test_bundled_gguf_is_converted_once_and_cached() -> None:
     path, is_hub = resolve_source(ModelConfig(source="bundled:smollm2-135m-instruct"))

@@ -38,7 +38,7 @@ def fake_probe(monkeypatch: pytest.MonkeyPatch, tmp_path):
         return measured
 
     def clear() -> None:
-        for cached in (numerics.probe, numerics._warn, numerics._use_onednn):
+        for cached in (numerics.probe, numerics._warn):
             cached.cache_clear()
 
     yield use

@@ -19,7 +19,13 @@ from tuneguard.eval.validation import validation_scorer
 from tuneguard.recipe import load_recipe
 from tuneguard.report.files import build_report, render_html, render_markdown
 from tuneguard.train.loop import train
-from tuneguard.train.selection import forgetting_pct, metric_improves, select_point, selection_record
+from tuneguard.train.selection import (
+    forgetting_pct,
+    metric_improves,
+    select_point,
+    selection_note,
+    selection_record,
+)
 
 from .test_train import make_run, run_train
 
@@ -50,6 +56,18 @@ def test_when_everything_forgets_too_much_the_least_forgetting_step_is_kept() ->
     assert kept is CURVE[0]
     reason = selection_record(CURVE, kept, "task_within_forgetting", "f1_macro", 0.1, last_step=16)["reason"]
     assert reason.startswith("step 4: no validation kept general-text perplexity within +0.1%")
+
+
+def test_last_says_where_the_best_validation_was_and_early_stopping_notes_it() -> None:
+    record = selection_record(CURVE, None, "last", "f1_macro", None, last_step=16)
+    assert record["step"] == 16
+    assert record["reason"] == ("the last step's adapter (train.select 'last'); the best validation was step 12 "
+                                "(f1_macro 0.8), not kept")
+    assert selection_record(CURVE[:3], None, "last", "f1_macro", None, last_step=12)["reason"].endswith("'last')")
+    note = selection_note("last", 3)
+    assert note is not None and "3 validation(s) after the best" in note
+    assert selection_note(None, 3) is None and selection_note("last", None) is None
+    assert selection_note("best_task", 3) is None
 
 
 def test_forgetting_is_the_perplexity_rise_in_percent() -> None:

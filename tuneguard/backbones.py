@@ -13,10 +13,12 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+from unittest import mock
 
 import psutil
 import torch
@@ -38,7 +40,7 @@ from tuneguard.allocator import keep_freed_memory, trim_heap
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
 from tuneguard.numerics import linear, resolve_dtype
-from tuneguard.progress import phase
+from tuneguard.progress import Advance, phase
 from tuneguard.recipe import ModelConfig, QuantizationConfig
 from tuneguard.weights import check_gguf, check_weights_dir
 
@@ -105,6 +107,26 @@ def _bundled_path(name: str) -> Path:
     return path
 
 
+T = TypeVar("T")
+
+
+@contextmanager
+def _gguf_bar(advance: Advance) -> Iterator[None]:
+    """transformers draws its own tqdm bar over a GGUF's tensors; it drives tuneguard's phase line instead."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    def counted(tensors: Sequence[T], *args: Any, **kwargs: Any) -> Iterator[T]:
+        for done, tensor in enumerate(tensors, 1):
+            yield tensor
+            advance(done, len(tensors))
+
+    if not hasattr(gguf_utils, "tqdm"):  # another transformers version: its bar, if any, stays
+        yield
+        return
+    with mock.patch.object(gguf_utils, "tqdm", counted):
+        yield
+
+
 def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     """Dequantize a GGUF file once into a plain safetensors folder in the cache; reuse it afterwards."""
     if importlib.util.find_spec("gguf") is None:
@@ -112,9 +134,10 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     target = cache_dir() / "gguf" / file_sha256(gguf)[:32]
     if (target / "config.json").exists():
         return target
-    check_gguf(gguf)
+    tensors = check_gguf(gguf)
     folder, name = str(gguf.parent), gguf.name
-    with phase(f"dequantizing {name} to safetensors (once; cached in {target.parent})"):
+    with phase(f"dequantizing {name} to safetensors (once; cached in {target.parent})", tensors,
+               unit="tensors") as advance, _gguf_bar(advance):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code

@@ -25,7 +25,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ class Probe:
     def emulated(self, dtype: str) -> bool:
         return dtype != "float32" and self.speed(dtype) < EMULATED
 
-    @property
+    @cached_property
     def linear_kernel(self) -> dict[str, str]:
         """The fp32 linear kernel :func:`linear` uses for layers and for heads: ``onednn`` where it measured clearly faster."""
         def pick(rates: dict[str, float]) -> str:
@@ -239,7 +239,6 @@ def resolve_mixed_precision(name: str, device: torch.device | str | None = None)
     return name
 
 
-@cache
 def _use_onednn(role: str) -> bool:
     return probe("cpu").linear_kernel[role] == "onednn"
 

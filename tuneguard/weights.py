@@ -78,8 +78,9 @@ def check_adapter(folder: Path) -> None:
     check_safetensors(folder / "adapter_model.safetensors", finite=True)
 
 
-def check_gguf(path: Path) -> None:
-    """The GGUF magic and a parse of its tensor table (random bytes or a truncated file fail here)."""
+def check_gguf(path: Path) -> int:
+    """The GGUF magic and a parse of its tensor table (random bytes or a truncated file fail here); how many
+    tensors it holds."""
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
@@ -87,6 +88,6 @@ def check_gguf(path: Path) -> None:
     from gguf import GGUFReader
 
     try:
-        GGUFReader(str(path))
+        return len(GGUFReader(str(path)).tensors)
     except Exception as exc:  # the reader raises ValueError, struct.error, IndexError, ... on bad files
         raise _damaged(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unparsable'}") from None

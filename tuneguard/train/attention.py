@@ -114,6 +114,12 @@ def _usable(mask: torch.Tensor | None, seq: int) -> bool:
     ))
 
 
+def covers(device_type: str, compute_bytes: int) -> bool:
+    """Whether training on ``device_type`` with matmuls this many bytes wide attends here rather than in SDPA:
+    fp32 on CPU (autocast computes in 2 bytes). The memory estimator asks the same question."""
+    return device_type == "cpu" and compute_bytes == 4
+
+
 def blocked_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -123,9 +129,9 @@ def blocked_attention_forward(
     seq = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     covered = (
-        (causal or attention_mask is not None) and query.device.type == "cpu" and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (query, key, value))
-        and query.dtype == key.dtype == value.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        (causal or attention_mask is not None) and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (query, key, value)) and query.dtype == key.dtype == value.dtype
+        and covers(query.device.type, 2 if torch.is_autocast_enabled(query.device.type) else query.element_size())
         and dropout == 0 and seq > 1 and key.shape[2] == seq and query.shape[1] % key.shape[1] == 0
         and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("output_attentions")
         and _usable(attention_mask, seq)

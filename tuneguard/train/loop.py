@@ -62,6 +62,7 @@ from tuneguard.train.selection import (
     metric_key,
     resolved_rule,
     select_point,
+    selection_note,
     selection_record,
 )
 
@@ -260,6 +261,8 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     groups = param_groups(recipe, model)
     for line in lr_notes(recipe, groups, warn=lr_factor is None):
         accelerator.print(line)
+    if note := selection_note(recipe.train.select, recipe.train.early_stopping_patience):
+        accelerator.print(note)
     optimizer = make_optimizer(recipe, groups, accelerator.device)
     scheduler = make_scheduler(recipe, optimizer, total_steps, lr_factor)
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)

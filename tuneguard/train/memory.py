@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from tuneguard.recipe import Recipe
+from tuneguard.train import attention
 from tuneguard.train.losses import CHUNK_BYTES
 
 MB = 2**20
@@ -144,7 +145,7 @@ def estimate(
     float_bytes = 4 if quantized else weight_bytes  # quantized backbones keep their other weights in fp32
     weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
     cpu = device_type == "cpu"
-    blocked = fastpath and cpu and compute_bytes == 4  # tuneguard.train.attention covers fp32 on CPU
+    blocked = fastpath and attention.covers(device_type, compute_bytes)
     per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath,
                                            compute_bytes=compute_bytes, stream_bytes=float_bytes)
     kept = shape.layers - checkpointed_layers

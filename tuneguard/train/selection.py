@@ -32,6 +32,15 @@ def resolved_rule(select: Rule | None, patience: int | None) -> Rule:
     return select or ("best_task" if patience else "last")
 
 
+def selection_note(select: Rule | None, patience: int | None) -> str | None:
+    """What a run's start says when ``last`` is asked for with early stopping: it keeps the stopping step's
+    adapter, ``patience`` validations past the best one, which is rarely what early stopping is for."""
+    if select == "last" and patience:
+        return (f"note: train.select 'last' with train.early_stopping_patience {patience}: the adapter kept is the one "
+                f"training stopped at, {patience} validation(s) after the best ('best_task' keeps the best)")
+    return None
+
+
 def forgetting_pct(loss: float, base_loss: float) -> float:
     """How much higher the general-text perplexity is than the base model's, in percent."""
     return 100.0 * math.expm1(loss - base_loss)
@@ -90,6 +99,9 @@ def selection_record(points: Sequence[dict[str, Any]], kept: dict[str, Any] | No
     record: dict[str, Any] = {"rule": rule, "metric": metric, "forgetting_bound": bound, "validations": len(points)}
     if kept is None:
         why = "the last step's adapter (train.select 'last')" if rule == "last" else "no validation scored it"
+        best = select_point(points, "best_task", metric, None) if rule == "last" else None
+        if best is not None and best["step"] != last_step:
+            why += f"; the best validation was step {best['step']} ({metric} {best[key]:.4g}), not kept"
         return {**record, "step": last_step, "reason": why}
     value = f"{metric} {kept[key]:.4g}"
     if rule == "best_task":
