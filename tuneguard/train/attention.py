@@ -17,6 +17,7 @@ before.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -42,6 +43,12 @@ def _rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return t[:, :, start:end].reshape(t.shape[0], -1, t.shape[-1])
 
 
+@functools.cache
+def _later(rows: int, device: torch.device) -> torch.Tensor:
+    """Within a diagonal block, where a key comes after its query (the same few blocks in every layer and step)."""
+    return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax probabilities of the (pre-scaled) queries ``start:end`` against keys ``0:end``; ``mask``: SDPA's boolean
     mask (``(batch, 1, seq, seq)``, True where a query may attend), None for plain causal."""
@@ -49,8 +56,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, mask: torch.
     rows = end - start
     scores = torch.bmm(_rows(q, start, end), k[:, :end].transpose(1, 2))
     if mask is None:
-        upper = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
-        scores.view(n, groups, rows, end)[..., start:end].masked_fill_(upper, -math.inf)
+        scores.view(n, groups, rows, end)[..., start:end].masked_fill_(_later(rows, q.device), -math.inf)
     else:
         batch = mask.shape[0]
         hidden = mask[:, :, start:end, :end].logical_not().unsqueeze(1)  # broadcast over kv heads and groups
