@@ -15,7 +15,7 @@ import tuneguard
 from tuneguard.bench import measure, reference
 from tuneguard.bench.ceiling import step_flops_per_token
 from tuneguard.bench.matrix import adapter_overrides, matrix_row, regression_points
-from tuneguard.bench.tables import train_summary
+from tuneguard.bench.tables import train_blocks, train_summary
 from tuneguard.cli import build_parser, main
 from tuneguard.data.packing import Packed
 from tuneguard.recipe import load_recipe
@@ -52,8 +52,35 @@ def test_train_summary_ratios_and_targets() -> None:
     assert row["trainer_tokens_ratio"] == 1.6 and row["trainer_peak_ratio"] == 0.4 and row["meets_targets"]
     assert row["sft_tokens_ratio"] == 4.0
     assert not train_summary([result("tuneguard", 300, 2000), result("trainer", 250, 5000)])[0]["meets_targets"]
+    assert "trainer_tokens_ratio_rounds" not in row  # one round: nothing to pair
+    # Rounds pair by number: round 2 of the reference failed, so its rounds 1 and 3 pair with tuneguard's.
+    ours = {**result("tuneguard", 300, 2000), "rounds": [1, 2, 3], "tokens_per_s_runs": [330, 300, 240]}
+    theirs = {**result("trainer", 200, 5000), "rounds": [1, 3], "tokens_per_s_runs": [200, 200]}
+    paired = train_summary([ours, theirs])
+    assert paired[0]["trainer_tokens_ratio_rounds"] == [1.65, 1.2]
+    lines = train_blocks([ours, theirs], paired)[1].lines
+    assert "nf4 lora 2x512, tokens/s against trainer round by round (each pair minutes apart): 1.65x, 1.20x; the " \
+           "ratio above is of the medians" in lines
     alone = train_summary([result("trainer", 250, 5000)])[0]  # references alone: no ratios, no verdict
     assert alone["tokens_per_s"] is None and "trainer_tokens_ratio" not in alone and "meets_targets" not in alone
+
+
+def test_repeated_runs_keep_their_round_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--repeat``: each runner's medians, and which round each of its runs came from (a failed run leaves a gap)."""
+    from tuneguard.bench import cli as bench_cli
+
+    speeds = {"tuneguard": iter([330.0, 300.0, 240.0]), "trainer": iter([200.0, None, 200.0])}
+
+    def fake(spec: dict, timeout: float) -> dict:
+        tokens = next(speeds[spec["runner"]])
+        return {"spec": spec, "error": "exit 1"} if tokens is None else {**result(spec["runner"], tokens, 1000), "spec": spec}
+
+    monkeypatch.setattr(measure, "run_isolated", fake)
+    specs = [result("tuneguard", 0, 0)["spec"], result("trainer", 0, 0)["spec"]]
+    ours, theirs = bench_cli._run_all(specs, repeat=3, timeout=1)
+    assert ours["tokens_per_s"] == 300 and ours["rounds"] == [1, 2, 3] and ours["tokens_per_s_runs"] == [330, 300, 240]
+    assert theirs["rounds"] == [1, 3] and theirs["repeats"] == 2 and "round" not in theirs
+    assert train_summary([ours, theirs])[0]["trainer_tokens_ratio_rounds"] == [1.65, 1.2]
 
 
 def test_ceiling_keeps_each_shapes_best_pass(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -100,7 +100,7 @@ def _run_all(specs: list[dict[str, Any]], repeat: int, timeout: float) -> list[d
         result = run_isolated(spec, timeout=timeout)
         if "error" in result:
             console.print(f"[red]  failed: {result['error']}[/red]")
-        runs[i].append(result)
+        runs[i].append({**result, "round": round_ + 1})
     return [_median(results) for results in runs.values()]
 
 
@@ -108,7 +108,9 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
     if not ok:
         return results[0]
-    out = dict(ok[0])
+    out = {k: v for k, v in ok[0].items() if k != "round"}
+    if len(ok) > 1:
+        out["rounds"] = [r["round"] for r in ok]  # which rounds the ``*_runs`` lists hold, to pair runners by round
     for key in ("tokens_per_s", "items_per_s", "peak_memory_mb", "load_seconds", "generation_items_per_s"):
         values = [r[key] for r in ok if isinstance(r.get(key), int | float)]
         if values:

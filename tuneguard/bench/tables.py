@@ -35,6 +35,15 @@ def config_label(spec: dict[str, Any]) -> str:
     return f"{spec.get('quant')} {spec.get('adapter')} {spec.get('batch')}x{spec.get('seq')}"
 
 
+def _by_round(ours: dict[str, Any], theirs: dict[str, Any]) -> list[float] | None:
+    """tuneguard / reference tokens/s in each round both finished: the two ran minutes apart, so a round's
+    ratio sees the same host, where the medians' ratio can pair a quiet spell with a busy one."""
+    a = dict(zip(ours.get("rounds", []), ours.get("tokens_per_s_runs", []), strict=False))
+    b = dict(zip(theirs.get("rounds", []), theirs.get("tokens_per_s_runs", []), strict=False))
+    shared = sorted(a.keys() & b.keys())
+    return [round(a[k] / b[k], 3) for k in shared] if len(shared) > 1 else None
+
+
 def train_summary(results: list[dict[str, Any]], ceilings: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per configuration: tuneguard against each reference, as ratios (tuneguard / reference), and each
     runner's share of the configuration's speed ceiling where it was measured."""
@@ -59,6 +68,8 @@ def train_summary(results: list[dict[str, Any]], ceilings: dict[str, dict[str, A
                 continue
             row[f"{ref}_tokens_ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
             row[f"{ref}_peak_ratio"] = round(ours["peak_memory_mb"] / theirs["peak_memory_mb"], 3)
+            if rounds := _by_round(ours, theirs):
+                row[f"{ref}_tokens_ratio_rounds"] = rounds
         if "trainer_tokens_ratio" in row:
             fast = row["trainer_tokens_ratio"] >= TARGET_TOKENS or row.get("tuneguard_ceiling_share", 0) >= TARGET_CEILING
             row["meets_targets"] = fast and row["trainer_peak_ratio"] <= TARGET_PEAK
@@ -87,6 +98,11 @@ def train_blocks(results: list[dict[str, Any]], summary: list[dict[str, Any]]) -
                             verdict])
     ratios.lines.append(f"targets vs the plain Trainer: tokens/s >= {TARGET_TOKENS}x (or >= {TARGET_CEILING:.0%} of the "
                         f"ceiling) and peak <= {TARGET_PEAK}x")
+    for s in summary:
+        for ref in REFERENCES:
+            if rounds := s.get(f"{ref}_tokens_ratio_rounds"):
+                ratios.lines.append(f"{s['config']}, tokens/s against {ref} round by round (each pair minutes apart): "
+                                    f"{', '.join(_x(r) for r in rounds)}; the ratio above is of the medians")
     return [runs, ratios, *[ceiling_block(s) for s in summary if "ceiling" in s]]
 
 
