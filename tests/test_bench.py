@@ -81,6 +81,10 @@ def test_repeated_runs_keep_their_round_numbers(monkeypatch: pytest.MonkeyPatch)
     assert ours["tokens_per_s"] == 300 and ours["rounds"] == [1, 2, 3] and ours["tokens_per_s_runs"] == [330, 300, 240]
     assert theirs["rounds"] == [1, 3] and theirs["repeats"] == 2 and "round" not in theirs
     assert train_summary([ours, theirs])[0]["trainer_tokens_ratio_rounds"] == [1.65, 1.2]
+    # A finished run without a speed leaves rounds and values of different lengths: nothing is paired.
+    assert "trainer_tokens_ratio_rounds" not in train_summary([ours, {**theirs, "rounds": [1, 2, 3]}])[0]
+    failed = bench_cli._median([{"spec": specs[1], "error": "exit 1", "round": r} for r in (1, 2)])
+    assert failed["error"] == "exit 1" and "round" not in failed
 
 
 def test_ceiling_keeps_each_shapes_best_pass(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

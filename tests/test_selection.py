@@ -61,11 +61,12 @@ def test_when_everything_forgets_too_much_the_least_forgetting_step_is_kept() ->
 def test_last_says_where_the_best_validation_was_and_early_stopping_notes_it() -> None:
     record = selection_record(CURVE, None, "last", "f1_macro", None, last_step=16)
     assert record["step"] == 16
-    assert record["reason"] == ("the last step's adapter (train.select 'last'); the best validation was step 12 "
-                                "(f1_macro 0.8), not kept")
+    assert record["reason"] == ("the last step's adapter (train.select 'last'); the best of the 4 validations during "
+                                "training was step 12 (f1_macro 0.8)")
     assert selection_record(CURVE[:3], None, "last", "f1_macro", None, last_step=12)["reason"].endswith("'last')")
     note = selection_note("last", 3)
-    assert note is not None and "3 validation(s) after the best" in note
+    assert note is not None and "if early stopping triggers, the adapter kept is the one it stopped at, 3 validation(s) " \
+        "after the best" in note
     assert selection_note(None, 3) is None and selection_note("last", None) is None
     assert selection_note("best_task", 3) is None
 

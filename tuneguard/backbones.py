@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from unittest import mock
 
 import psutil
 import torch
@@ -120,11 +119,15 @@ def _gguf_bar(advance: Advance) -> Iterator[None]:
             yield tensor
             advance(done, len(tensors))
 
-    if not hasattr(gguf_utils, "tqdm"):  # another transformers version: its bar, if any, stays
+    library_bar = getattr(gguf_utils, "tqdm", None)
+    if library_bar is None:  # another transformers version: its bar, if any, stays
         yield
         return
-    with mock.patch.object(gguf_utils, "tqdm", counted):
+    gguf_utils.tqdm = counted
+    try:
         yield
+    finally:
+        gguf_utils.tqdm = library_bar
 
 
 def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:

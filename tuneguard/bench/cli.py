@@ -107,7 +107,7 @@ def _run_all(specs: list[dict[str, Any]], repeat: int, timeout: float) -> list[d
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
     if not ok:
-        return results[0]
+        return {k: v for k, v in results[0].items() if k != "round"}
     out = {k: v for k, v in ok[0].items() if k != "round"}
     if len(ok) > 1:
         out["rounds"] = [r["round"] for r in ok]  # which rounds the ``*_runs`` lists hold, to pair runners by round

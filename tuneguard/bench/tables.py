@@ -38,8 +38,13 @@ def config_label(spec: dict[str, Any]) -> str:
 def _by_round(ours: dict[str, Any], theirs: dict[str, Any]) -> list[float] | None:
     """tuneguard / reference tokens/s in each round both finished: the two ran minutes apart, so a round's
     ratio sees the same host, where the medians' ratio can pair a quiet spell with a busy one."""
-    a = dict(zip(ours.get("rounds", []), ours.get("tokens_per_s_runs", []), strict=False))
-    b = dict(zip(theirs.get("rounds", []), theirs.get("tokens_per_s_runs", []), strict=False))
+    pairs = []
+    for run in (ours, theirs):
+        rounds, values = run.get("rounds", []), run.get("tokens_per_s_runs", [])
+        if len(rounds) != len(values):  # a finished run without a speed: which value is which round is unknown
+            return None
+        pairs.append(dict(zip(rounds, values, strict=True)))
+    a, b = pairs
     shared = sorted(a.keys() & b.keys())
     return [round(a[k] / b[k], 3) for k in shared] if len(shared) > 1 else None
 

@@ -137,7 +137,7 @@ def blocked_attention_forward(
     covered = (
         (causal or attention_mask is not None) and torch.is_grad_enabled()
         and any(t.requires_grad for t in (query, key, value)) and query.dtype == key.dtype == value.dtype
-        and covers(query.device.type, 2 if torch.is_autocast_enabled(query.device.type) else query.element_size())
+        and covers(query.device.type, 2 if torch.is_autocast_enabled("cpu") else query.element_size())
         and dropout == 0 and seq > 1 and key.shape[2] == seq and query.shape[1] % key.shape[1] == 0
         and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("output_attentions")
         and _usable(attention_mask, seq)

@@ -36,8 +36,9 @@ def selection_note(select: Rule | None, patience: int | None) -> str | None:
     """What a run's start says when ``last`` is asked for with early stopping: it keeps the stopping step's
     adapter, ``patience`` validations past the best one, which is rarely what early stopping is for."""
     if select == "last" and patience:
-        return (f"note: train.select 'last' with train.early_stopping_patience {patience}: the adapter kept is the one "
-                f"training stopped at, {patience} validation(s) after the best ('best_task' keeps the best)")
+        return (f"note: train.select 'last' with train.early_stopping_patience {patience}: if early stopping triggers, "
+                f"the adapter kept is the one it stopped at, {patience} validation(s) after the best ('best_task' keeps "
+                "the best)")
     return None
 
 
@@ -101,7 +102,7 @@ def selection_record(points: Sequence[dict[str, Any]], kept: dict[str, Any] | No
         why = "the last step's adapter (train.select 'last')" if rule == "last" else "no validation scored it"
         best = select_point(points, "best_task", metric, None) if rule == "last" else None
         if best is not None and best["step"] != last_step:
-            why += f"; the best validation was step {best['step']} ({metric} {best[key]:.4g}), not kept"
+            why += f"; the best of the {len(points)} validations during training was step {best['step']} ({metric} {best[key]:.4g})"
         return {**record, "step": last_step, "reason": why}
     value = f"{metric} {kept[key]:.4g}"
     if rule == "best_task":
