@@ -106,9 +106,9 @@ def _run_all(specs: list[dict[str, Any]], repeat: int, timeout: float) -> list[d
 
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in results if "error" not in r]
+    out = {k: v for k, v in (ok or results)[0].items() if k != "round"}
     if not ok:
-        return {k: v for k, v in results[0].items() if k != "round"}
-    out = {k: v for k, v in ok[0].items() if k != "round"}
+        return out
     if len(ok) > 1:
         out["rounds"] = [r["round"] for r in ok]  # which rounds the ``*_runs`` lists hold, to pair runners by round
     for key in ("tokens_per_s", "items_per_s", "peak_memory_mb", "load_seconds", "generation_items_per_s"):
