@@ -46,8 +46,11 @@ def run(fn, mask: torch.Tensor | None, **kw: object) -> tuple[torch.Tensor, list
     return out.detach(), [t.grad for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("mask", [None, packed_mask([[100, 50], [30, 60, 60]]), packed_mask([[150]])[:1]],
-                         ids=["causal", "packed", "broadcast"])
+SHORT_DOCUMENTS = packed_mask([[30, 40, 20, 60], [64, 64, 22]])
+
+
+@pytest.mark.parametrize("mask", [None, packed_mask([[100, 50], [30, 60, 60]]), SHORT_DOCUMENTS, packed_mask([[150]])[:1]],
+                         ids=["causal", "packed", "short documents", "broadcast"])
 def test_blocked_attention_matches_sdpa(mask: torch.Tensor | None, monkeypatch: pytest.MonkeyPatch) -> None:
     out_a, grads_a = run(sdpa_attention_forward, mask)
     monkeypatch.setattr(attention, "sdpa_attention_forward", None)  # the blocked path itself, not a hand-off
@@ -56,6 +59,14 @@ def test_blocked_attention_matches_sdpa(mask: torch.Tensor | None, monkeypatch: 
     torch.testing.assert_close(out_b, out_a, rtol=0, atol=2e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=2e-5)
+
+
+def test_blocks_skip_the_keys_of_earlier_documents() -> None:
+    """Each block of 64 queries starts at the first key any of its queries sees, in every row of the batch."""
+    assert attention._first_keys(None, SEQ) == [0, 0, 0]
+    assert attention._first_keys(packed_mask([[150]])[:1], SEQ) == [0, 0, 0]
+    # row 0's documents start at 0, 30, 70, 90; row 1's at 0, 64, 128: queries 64-127 see back to 30, 128-149 to 90
+    assert attention._first_keys(SHORT_DOCUMENTS, SEQ) == [0, 30, 90]
 
 
 def bidirectional() -> torch.Tensor:

@@ -8,6 +8,12 @@ heads sharing a key/value head stacked into one matmul, so k and v are never rep
 for the same layer. Like flash attention it keeps only q, k and v for backward and recomputes a block's
 probabilities there, so nothing ``seq x seq`` outlives a block.
 
+In packed rows (several documents, positions restarting) a block also starts at the first key any of its
+queries may see: the keys of earlier documents are hidden from the whole block, so they are skipped rather
+than multiplied and masked. One layer's attention on 2 x 512 rows ran 1.4x faster with documents of 64-256
+tokens and 2.4x with 32-128, and a training step on rows of four 120-token documents 6% faster (paired,
+fp32 with AVX2 kernels on a Zen 4 EPYC). Rows of one document are not affected.
+
 Registered with transformers' attention interface as :data:`NAME`, with SDPA's masks. Any call it does
 not cover (no gradient wanted, not fp32 on CPU, autocast, attention dropout, a KV cache, a mask that
 lets a query see a later key or nothing at all, soft-capping, a position bias) goes to transformers'
@@ -49,18 +55,35 @@ def _later(rows: int, device: torch.device) -> torch.Tensor:
     return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax probabilities of the (pre-scaled) queries ``start:end`` against keys ``0:end``; ``mask``: SDPA's boolean
-    mask (``(batch, 1, seq, seq)``, True where a query may attend), None for plain causal."""
-    n, groups = q.shape[:2]
-    rows = end - start
-    scores = torch.bmm(_rows(q, start, end), k[:, :end].transpose(1, 2))
+_FIRST_KEYS: LastResult[list[int]] = LastResult()
+
+
+def _first_keys(mask: torch.Tensor | None, seq: int) -> list[int]:
+    """For each block of queries, the first key any of them may see. Keys before it are hidden from the whole block
+    (the earlier documents of a packed row), so they are neither multiplied nor masked: softmax gives them exactly 0
+    anyway. Computed once per mask (every layer gets the same tensor); 0 for every block of a plain causal mask."""
     if mask is None:
-        scores.view(n, groups, rows, end)[..., start:end].masked_fill_(_later(rows, q.device), -math.inf)
+        return [0] * len(_blocks(seq))
+
+    def first() -> list[int]:
+        visible = mask[:, 0].to(torch.uint8).argmax(-1)  # each query's first visible key (argmax: the first True)
+        return [int(visible[:, start:end].min()) for start, end in _blocks(seq)]
+
+    return _FIRST_KEYS(mask, seq, first)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, first: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax probabilities of the (pre-scaled) queries ``start:end`` against keys ``first:end``; ``mask``: SDPA's
+    boolean mask (``(batch, 1, seq, seq)``, True where a query may attend), None for plain causal."""
+    n, groups = q.shape[:2]
+    rows, keys = end - start, end - first
+    scores = torch.bmm(_rows(q, start, end), k[:, first:end].transpose(1, 2))
+    if mask is None:
+        scores.view(n, groups, rows, keys)[..., start - first :].masked_fill_(_later(rows, q.device), -math.inf)
     else:
         batch = mask.shape[0]
-        hidden = mask[:, :, start:end, :end].logical_not().unsqueeze(1)  # broadcast over kv heads and groups
-        scores.view(batch, n // batch, groups, rows, end).masked_fill_(hidden, -math.inf)
+        hidden = mask[:, :, start:end, first:end].logical_not().unsqueeze(1)  # broadcast over kv heads and groups
+        scores.view(batch, n // batch, groups, rows, keys).masked_fill_(hidden, -math.inf)
     return scores.softmax(-1)
 
 
@@ -78,9 +101,9 @@ class _BlockedCausalAttention(torch.autograd.Function):
         qs = (q * scale).reshape(batch * kv_heads, groups, seq, dim)
         k, v = k.reshape(batch * kv_heads, seq, dim), v.reshape(batch * kv_heads, seq, dim)
         out = q.new_empty(batch, seq, kv_heads, groups, dim)
-        for start, end in _blocks(seq):
-            p = _scores(qs, k, start, end, mask)
-            block = torch.bmm(p, v[:, :end]).view(batch, kv_heads, groups, end - start, dim)
+        for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
+            p = _scores(qs, k, start, end, first, mask)
+            block = torch.bmm(p, v[:, first:end]).view(batch, kv_heads, groups, end - start, dim)
             out[:, start:end] = block.permute(0, 3, 1, 2, 4)
         ctx.save_for_backward(qs, k, v, mask)  # the mask is the one tensor every layer gets
         ctx.scale = scale
@@ -95,13 +118,13 @@ class _BlockedCausalAttention(torch.autograd.Function):
         grad = grad.reshape(batch, seq, n // batch, groups, dim).permute(0, 2, 3, 1, 4).reshape(n, groups, seq, dim)
         grad_q = torch.empty_like(qs)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        for start, end in _blocks(seq):
-            p = _scores(qs, k, start, end, mask)
+        for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
+            p = _scores(qs, k, start, end, first, mask)
             g, q = _rows(grad, start, end), _rows(qs, start, end)
-            grad_v[:, :end].baddbmm_(p.transpose(1, 2), g)
-            grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, :end].transpose(1, 2)), p, -1, p.dtype)
-            grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :end]).view(n, groups, end - start, dim)
-            grad_k[:, :end].baddbmm_(grad_scores.transpose(1, 2), q)
+            grad_v[:, first:end].baddbmm_(p.transpose(1, 2), g)
+            grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, first:end].transpose(1, 2)), p, -1, p.dtype)
+            grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, first:end]).view(n, groups, end - start, dim)
+            grad_k[:, first:end].baddbmm_(grad_scores.transpose(1, 2), q)
         shape = (batch, n // batch, seq, dim)
         return grad_q.mul_(ctx.scale).view(batch, -1, seq, dim), grad_k.view(shape), grad_v.view(shape), None, None
 

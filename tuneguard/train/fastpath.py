@@ -38,7 +38,7 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
 * **Blocked causal attention** (:mod:`tuneguard.train.attention`), on CPU in fp32 without autocast: each block
   of 64 queries attends with two batched matmuls and one softmax to the keys it can see, GQA without
   repeating k and v, probabilities recomputed in backward (flash attention's trade); packed rows use the
-  one mask every layer shares instead of a float copy per layer. fp32 rounding in another order (outputs
+  one mask every layer shares instead of a float copy per layer, and skip the keys of earlier documents. fp32 rounding in another order (outputs
   within 1e-6 of SDPA's); every other call (no gradient, bf16, dropout, a KV cache...) is SDPA's.
 * **RMSNorm's backward in contiguous passes** (:mod:`tuneguard.train.norms`): the same forward, bit for bit;
   autograd's backward of transformers' RMSNorm reads a zero-stride gradient that CPU kernels do not vectorize.
