@@ -68,18 +68,19 @@ def test_fast_path_matches_plain_path_in_fp32(tiny_llama_dir: Path) -> None:
     assert rel_err(grads_a, grads_b) < 1e-5
 
 
-def test_fast_path_gradients_stay_within_bf16_rounding(tiny_llama_dir: Path) -> None:
-    """Under bf16 autocast the gated MLP keeps bf16 copies for backward: same loss, gradients within bf16 noise."""
+def test_fast_path_stays_within_bf16_rounding(tiny_llama_dir: Path) -> None:
+    """Under bf16 autocast the fast path rounds elsewhere (bf16 copies kept for the gated MLP's backward; attention in
+    fp32 on the bf16 q, k, v, where SDPA rounds its probabilities to bf16): loss and gradients stay within bf16's
+    rounding of the plain path's, and no further from fp32's."""
     plain = nf4_lora(tiny_llama_dir)
     fast = fastpath.prepare_for_training(nf4_lora(tiny_llama_dir), recipe(), torch.device("cpu"))
     exact = nf4_lora(tiny_llama_dir, compute=torch.float32)
     loss_a, grads_a = loss_and_grads(plain, autocast=True)
     loss_b, grads_b = loss_and_grads(fast, autocast=True)
-    _, grads_fp32 = loss_and_grads(exact, autocast=False)
-    assert loss_a == loss_b
-    plain_error, fast_error = rel_err(grads_fp32, grads_a), rel_err(grads_fp32, grads_b)
-    assert rel_err(grads_a, grads_b) < 0.5 * plain_error  # smaller than bf16's own deviation from fp32
-    assert fast_error < 1.1 * plain_error  # and no further from the fp32 gradients than the plain path
+    loss_fp32, grads_fp32 = loss_and_grads(exact, autocast=False)
+    assert loss_b == pytest.approx(loss_a, rel=2**-8)  # bf16's precision
+    assert abs(loss_b - loss_fp32) <= max(abs(loss_a - loss_fp32), 2**-8 * abs(loss_fp32))
+    assert rel_err(grads_fp32, grads_b) < 1.1 * rel_err(grads_fp32, grads_a)  # no further from fp32's than the plain path
 
 
 class FixedDropout(torch.nn.Module):

@@ -35,11 +35,13 @@ that matters (tests/test_fastpath.py checks every claim against the plain path):
   fp32), and ``down``'s dropout zeroes it in place rather than in a copy, as nothing else reads it.
   That is a sixth of what a layer keeps, which on the bench configuration in fp32 lets 5 more of its
   30 layers skip recomputation under the same peak target.
-* **Blocked causal attention** (:mod:`tuneguard.train.attention`), on CPU in fp32 without autocast: each block
+* **Blocked causal attention** (:mod:`tuneguard.train.attention`), on CPU: each block
   of 64 queries attends with two batched matmuls and one softmax to the keys it can see, GQA without
   repeating k and v, probabilities recomputed in backward (flash attention's trade); packed rows use the
-  one mask every layer shares instead of a float copy per layer, and skip the keys of earlier documents. fp32 rounding in another order (outputs
-  within 1e-6 of SDPA's); every other call (no gradient, bf16, dropout, a KV cache...) is SDPA's.
+  one mask every layer shares instead of a float copy per layer, and skip the keys of earlier documents. In fp32,
+  rounding in another order (outputs within 1e-6 of SDPA's); under bf16 autocast, fp32 products and softmax on
+  SDPA's bf16 inputs (a little closer to float64 than SDPA's bf16 probabilities). Every other call (no gradient,
+  dropout, a KV cache...) is SDPA's.
 * **RMSNorm's backward in contiguous passes** (:mod:`tuneguard.train.norms`): the same forward, bit for bit;
   autograd's backward of transformers' RMSNorm reads a zero-stride gradient that CPU kernels do not vectorize.
 * **No file-backed weights.** Weights transformers left as views of the mmapped checkpoint keep

@@ -9,7 +9,7 @@ fragmentation + the largest transient at the loss (one chunk of logits and the h
 Activations are sized by the widest batch the training data makes (its longest row, rounded up as
 batches are), not by ``data.max_length``, and by whether they carry a 4-D attention mask (packed
 or padded rows), which makes every layer keep more under SDPA (:func:`mask_bytes_per_token`; not
-under the fast path's blocked attention, fp32 on CPU). Encoders and image backbones are small and
+under the fast path's blocked attention on CPU). Encoders and image backbones are small and
 each keeps other tensors, so they are not modelled: one training forward of a random-weight copy at
 the recipe's batch shape is counted instead. The bench prints the prediction next to the measured
 peak, and a test checks it against a measured run, so the model stays honest.
@@ -145,7 +145,7 @@ def estimate(
     float_bytes = 4 if quantized else weight_bytes  # quantized backbones keep their other weights in fp32
     weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
     cpu = device_type == "cpu"
-    blocked = fastpath and attention.covers(device_type, compute_bytes)
+    blocked = fastpath and attention.covers(device_type)
     per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath,
                                            compute_bytes=compute_bytes, stream_bytes=float_bytes)
     kept = shape.layers - checkpointed_layers
