@@ -114,13 +114,13 @@ class _BlockedCausalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, mask)  # the mask is the one tensor every layer gets
         ctx.scale = scale
         qs, kf, vf = _grouped(q, k, v, scale)
-        out = qs.new_empty(batch, seq, k.shape[1], heads // k.shape[1], dim)
+        out = q.new_empty(batch, seq, k.shape[1], heads // k.shape[1], dim)  # each block rounded into it once
         with torch.autocast(q.device.type, enabled=False):
             for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
                 p = _scores(qs, kf, start, end, first, mask)
                 block = torch.bmm(p, vf[:, first:end]).view(batch, k.shape[1], heads // k.shape[1], end - start, dim)
                 out[:, start:end] = block.permute(0, 3, 1, 2, 4)
-        return out.view(batch, seq, heads, dim).to(q.dtype)
+        return out.view(batch, seq, heads, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -130,7 +130,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         batch = grad.shape[0]
         # (batch, seq, kv, groups, dim) -> (batch*kv, groups, seq, dim), like the queries
         grad = grad.float().reshape(batch, seq, n // batch, groups, dim).permute(0, 2, 3, 1, 4).reshape(n, groups, seq, dim)
-        grad_q = torch.empty_like(qs)
+        grad_q = torch.empty_like(qs, dtype=q_in.dtype)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         with torch.autocast(q_in.device.type, enabled=False):
             for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
@@ -138,10 +138,10 @@ class _BlockedCausalAttention(torch.autograd.Function):
                 g, q = _rows(grad, start, end), _rows(qs, start, end)
                 grad_v[:, first:end].baddbmm_(p.transpose(1, 2), g)
                 grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, first:end].transpose(1, 2)), p, -1, p.dtype)
-                grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, first:end]).view(n, groups, end - start, dim)
+                grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, first:end]).mul_(ctx.scale).view(n, groups, end - start, dim)
                 grad_k[:, first:end].baddbmm_(grad_scores.transpose(1, 2), q)
         shape = (batch, n // batch, seq, dim)
-        return (grad_q.mul_(ctx.scale).view(batch, -1, seq, dim).to(q_in.dtype), grad_k.view(shape).to(k_in.dtype),
+        return (grad_q.view(batch, -1, seq, dim), grad_k.view(shape).to(k_in.dtype),
                 grad_v.view(shape).to(v_in.dtype), None, None)
 
 
