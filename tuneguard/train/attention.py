@@ -20,7 +20,7 @@ tokens and 2.4x with 32-128, and a training step on rows of four 120-token docum
 fp32 with AVX2 kernels on a Zen 4 EPYC); under bf16 autocast, 2.3x and 16%. Rows of one document are not affected.
 
 Registered with transformers' attention interface as :data:`NAME`, with SDPA's masks. Any call it does
-not cover (no gradient wanted, not on CPU, attention dropout, a KV cache, a mask that
+not cover (no gradient wanted, not on CPU, float64, attention dropout, a KV cache, a mask that
 lets a query see a later key or nothing at all, soft-capping, a position bias) goes to transformers'
 own SDPA function, so switching a model to it changes nothing else: evaluation and generation run as
 before.
@@ -159,6 +159,10 @@ def _usable(mask: torch.Tensor | None, seq: int) -> bool:
     ))
 
 
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+"""Input dtypes it computes in fp32 and returns in: not float64, which SDPA computes in float64."""
+
+
 def covers(device_type: str) -> bool:
     """Whether training on ``device_type`` attends here rather than in SDPA: on CPU, in fp32 or under autocast (a GPU
     has SDPA's fused kernels). The memory estimator asks the same question."""
@@ -176,6 +180,7 @@ def blocked_attention_forward(
     covered = (
         (causal or attention_mask is not None) and torch.is_grad_enabled()
         and any(t.requires_grad for t in (query, key, value)) and query.dtype == key.dtype == value.dtype
+        and query.dtype in FLOATS
         and covers(query.device.type)
         and dropout == 0 and seq > 1 and key.shape[2] == seq and query.shape[1] % key.shape[1] == 0
         and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("output_attentions")

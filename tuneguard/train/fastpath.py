@@ -2,7 +2,9 @@
 
 On by default; ``TUNEGUARD_FASTPATH=0`` (or ``enabled=False``) turns them off, which is what the
 reference runs and the equivalence tests compare against. Each one, and why it changes nothing
-that matters (tests/test_fastpath.py checks every claim against the plain path):
+that matters (tests/test_fastpath.py checks every claim against the plain path; in fp32 each is exact up to
+rounding order, under bf16 autocast the loss stays within bf16's rounding of the plain path's and no further
+from fp32's):
 
 * **Fused LoRA layers** (:class:`_LoraLinearFn`). PEFT's LoRA layer on a 4-bit (or plain) base runs,
   under CPU autocast, about ten ops, each with its own dtype cast, an fp32 dropout mask and an fp32
