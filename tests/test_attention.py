@@ -90,10 +90,10 @@ def test_in_bf16_it_is_as_accurate_as_sdpa(mask: torch.Tensor | None, autocast: 
 
 def test_blocks_skip_the_keys_of_earlier_documents() -> None:
     """Each block of 64 queries starts at the first key any of its queries sees, in every row of the batch."""
-    assert attention._first_keys(None, SEQ) == [0, 0, 0]
-    assert attention._first_keys(packed_mask([[150]])[:1], SEQ) == [0, 0, 0]
+    assert attention._blocks(None, SEQ) == [(0, 64, 0), (64, 128, 0), (128, 150, 0)]
+    assert attention._blocks(packed_mask([[150]])[:1], SEQ) == [(0, 64, 0), (64, 128, 0), (128, 150, 0)]
     # row 0's documents start at 0, 30, 70, 90; row 1's at 0, 64, 128: queries 64-127 see back to 30, 128-149 to 90
-    assert attention._first_keys(SHORT_DOCUMENTS, SEQ) == [0, 30, 90]
+    assert attention._blocks(SHORT_DOCUMENTS, SEQ) == [(0, 64, 0), (64, 128, 30), (128, 150, 90)]
 
 
 def bidirectional() -> torch.Tensor:

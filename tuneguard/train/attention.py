@@ -45,10 +45,6 @@ BLOCK = 64
 On 512 positions (AVX2 kernels) a layer's forward and backward took 19.3 ms at 32, 19.1 at 64, 23.2 at 128."""
 
 
-def _blocks(seq: int) -> list[tuple[int, int]]:
-    return [(start, min(start + BLOCK, seq)) for start in range(0, seq, BLOCK)]
-
-
 def _rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Rows ``start:end`` of every head of a group, ``(batch*kv, groups, seq, dim)`` -> ``(batch*kv, groups*rows, dim)``."""
     return t[:, :, start:end].reshape(t.shape[0], -1, t.shape[-1])
@@ -60,21 +56,23 @@ def _later(rows: int, device: torch.device) -> torch.Tensor:
     return torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
 
 
-_FIRST_KEYS: LastResult[list[int]] = LastResult()
+_BLOCKS: LastResult[list[tuple[int, int, int]]] = LastResult()
 
 
-def _first_keys(mask: torch.Tensor | None, seq: int) -> list[int]:
-    """For each block of queries, the first key any of them may see. Keys before it are hidden from the whole block
-    (the earlier documents of a packed row), so they are neither multiplied nor masked: softmax gives them exactly 0
-    anyway. Computed once per mask (every layer gets the same tensor); 0 for every block of a plain causal mask."""
+def _blocks(mask: torch.Tensor | None, seq: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first)`` of each block of queries: ``first`` is the first key any of them may see. Keys before it
+    are hidden from the whole block (the earlier documents of a packed row), so they are neither multiplied nor masked:
+    softmax gives them exactly 0 anyway. Computed once per mask (every layer gets the same tensor); ``first`` is 0
+    for every block of a plain causal mask."""
+    spans = [(start, min(start + BLOCK, seq)) for start in range(0, seq, BLOCK)]
     if mask is None:
-        return [0] * len(_blocks(seq))
+        return [(start, end, 0) for start, end in spans]
 
-    def first() -> list[int]:
+    def first() -> list[tuple[int, int, int]]:
         visible = mask[:, 0].to(torch.uint8).argmax(-1)  # each query's first visible key (argmax: the first True)
-        return [int(visible[:, start:end].min()) for start, end in _blocks(seq)]
+        return [(start, end, int(visible[:, start:end].min())) for start, end in spans]
 
-    return _FIRST_KEYS(mask, seq, first)
+    return _BLOCKS(mask, seq, first)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int, first: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,12 +111,14 @@ class _BlockedCausalAttention(torch.autograd.Function):
         batch, heads, seq, dim = q.shape
         ctx.save_for_backward(q, k, v, mask)  # the mask is the one tensor every layer gets
         ctx.scale = scale
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
         qs, kf, vf = _grouped(q, k, v, scale)
-        out = q.new_empty(batch, seq, k.shape[1], heads // k.shape[1], dim)  # each block rounded into it once
+        out = q.new_empty(batch, seq, kv_heads, groups, dim)  # each block rounded into it once
         with torch.autocast(q.device.type, enabled=False):
-            for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
+            for start, end, first in _blocks(mask, seq):
                 p = _scores(qs, kf, start, end, first, mask)
-                block = torch.bmm(p, vf[:, first:end]).view(batch, k.shape[1], heads // k.shape[1], end - start, dim)
+                block = torch.bmm(p, vf[:, first:end]).view(batch, kv_heads, groups, end - start, dim)
                 out[:, start:end] = block.permute(0, 3, 1, 2, 4)
         return out.view(batch, seq, heads, dim)
 
@@ -133,7 +133,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         grad_q = torch.empty_like(qs, dtype=q_in.dtype)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         with torch.autocast(q_in.device.type, enabled=False):
-            for (start, end), first in zip(_blocks(seq), _first_keys(mask, seq), strict=True):
+            for start, end, first in _blocks(mask, seq):
                 p = _scores(qs, k, start, end, first, mask)
                 g, q = _rows(grad, start, end), _rows(qs, start, end)
                 grad_v[:, first:end].baddbmm_(p.transpose(1, 2), g)
