@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,32 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     for _ in range(20):
         cycle()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2048  # one block's pages, for all 20
+
+
+def test_trim_heap_returns_free_pages_between_live_blocks() -> None:
+    """With the heap never trimmed on its own, freed blocks stay resident; trim_heap hands back the free pages
+    even where live blocks sit on both sides of them (what a validation after training relies on)."""
+    import ctypes
+
+    from tuneguard.allocator import keep_freed_memory, trim_heap
+
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    assert keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    size = 8 * 2**20
+    blocks = [libc.malloc(size) for _ in range(9)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks[1::2]:  # four freed blocks, each between two live ones: never at the heap's top
+        libc.free(block)
+    resident = rss_mb()
+    trim_heap()
+    assert resident - rss_mb() > 24  # most of the four 8 MB blocks' pages
+    for block in blocks[::2]:
+        libc.free(block)
 
 
 def test_last_result_is_reused_only_for_the_same_unchanged_tensor() -> None:

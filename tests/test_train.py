@@ -95,6 +95,24 @@ def test_logged_speed_counts_training_steps_only(tmp_path: Path, tiny_llama_dir:
     assert max(seconds) < 100, seconds  # windows 2 and 3 each follow a validation: they would read > 1000 s
 
 
+def test_every_validation_trims_the_heap_before_its_first_batch(tmp_path: Path, tiny_llama_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation batches would otherwise grow glibc's heap past the training peak (see validation_loss)."""
+    from tuneguard.train import loop
+
+    events: list[str] = []
+    monkeypatch.setattr(loop, "trim_heap", lambda: events.append("trim"))
+    batches = loop.eval_batches
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        events.append("batches")
+        return batches(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "eval_batches", recorded)
+    run_train(make_run(tmp_path, tiny_llama_dir, train={"max_steps": 4, "eval_every": 2}))
+    assert events == ["trim", "batches"] * 3  # steps 2 and 4, and the final validation
+
+
 @pytest.mark.parametrize(
     "adapter",
     [
