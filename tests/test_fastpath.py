@@ -326,8 +326,8 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
 
 
 def test_trim_heap_returns_free_pages_between_live_blocks() -> None:
-    """With the heap never trimmed on its own, freed blocks stay resident; trim_heap hands back the free pages
-    even where live blocks sit on both sides of them (what a validation after training relies on)."""
+    """With the heap never trimmed on its own, freed blocks stay resident; trim_heap (after loading, before training)
+    hands back the free pages even where live blocks sit on both sides of them, not only at the heap's top."""
     import ctypes
 
     from tuneguard.allocator import keep_freed_memory, trim_heap

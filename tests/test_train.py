@@ -95,22 +95,25 @@ def test_logged_speed_counts_training_steps_only(tmp_path: Path, tiny_llama_dir:
     assert max(seconds) < 100, seconds  # windows 2 and 3 each follow a validation: they would read > 1000 s
 
 
-def test_every_validation_trims_the_heap_before_its_first_batch(tmp_path: Path, tiny_llama_dir: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Validation batches would otherwise grow glibc's heap past the training peak (see validation_loss)."""
+def test_validation_trims_the_heap_and_batches_no_larger_than_training(tmp_path: Path, tiny_llama_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Otherwise validation grew glibc's heap past what training holds (see validation_loss); a smaller
+    eval.batch_size stays."""
     from tuneguard.train import loop
 
-    events: list[str] = []
-    monkeypatch.setattr(loop, "trim_heap", lambda: events.append("trim"))
+    events: list[str | int] = []
     batches = loop.eval_batches
 
-    def recorded(*args: object, **kwargs: object) -> object:
-        events.append("batches")
-        return batches(*args, **kwargs)
+    def recorded(rows: list, batch_size: int, pad_id: int | None) -> object:
+        events.append(batch_size)
+        return batches(rows, batch_size, pad_id)
 
+    monkeypatch.setattr(loop, "trim_heap", lambda: events.append("trim"))
     monkeypatch.setattr(loop, "eval_batches", recorded)
-    run_train(make_run(tmp_path, tiny_llama_dir, train={"max_steps": 4, "eval_every": 2}))
-    assert events == ["trim", "batches"] * 3  # steps 2 and 4, and the final validation
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 2, "eval_every": 2, "batch_size": 3})
+    run_train(path)  # eval.batch_size: 8 by default
+    run_train(path, "eval.batch_size=2", "output.name=small")
+    assert events == ["trim", 3, "trim", 3, "trim", 2, "trim", 2]  # step 2's validation and the final one, each run
 
 
 @pytest.mark.parametrize(
