@@ -357,7 +357,7 @@ def validation_loss(s: Session) -> float | None:
     """Mean loss per target over this process's share of the validation rows, summed over processes.
 
     Kept from raising training's peak on CPU, where glibc's heap holds what training freed between the blocks
-    that survive it: the free pages are handed back first, and the batches are no larger than training's
+    that survive it: the free pages are handed back first, and there the batches are no larger than training's
     micro-batches (``eval.batch_size`` rows, 8 by default, make blocks several times the size of any training
     keeps, which that free memory cannot hold, so the heap grew by them and training went on to touch it all).
     gsm8k-sft, bf16, 12 steps validating every 5: peak 2,474 MB with the trim alone, 2,494 with small batches
@@ -370,8 +370,9 @@ def validation_loss(s: Session) -> float | None:
     s.loss_model.eval()
     total = torch.zeros(2, device=acc.device)
     rows = s.data.val[acc.process_index :: acc.num_processes]
+    at_once = min(s.recipe.eval.batch_size, s.recipe.train.batch_size) if acc.device.type == "cpu" else s.recipe.eval.batch_size
     with torch.no_grad(), acc.autocast():
-        for batch in eval_batches(rows, min(s.recipe.eval.batch_size, s.recipe.train.batch_size), s.pad_id):
+        for batch in eval_batches(rows, at_once, s.pad_id):
             loss, n = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
             total += torch.stack([loss.float().detach(), n.float()])
     s.loss_model.train()
