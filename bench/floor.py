@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tuneguard.backbones import decoded_absmax, dequantize_4bit
 from tuneguard.bench import reference
-from tuneguard.bench.ceiling import effective_gflops, step_flops_per_token
+from tuneguard.bench.ceiling import attention_flops_per_token, effective_gflops, step_flops_per_token
 from tuneguard.train.attention import _BlockedCausalAttention
 from tuneguard.train.fastpath import drop_positions
 from tuneguard.train.norms import _RMSNorm
@@ -46,25 +46,29 @@ def floor_parts(model: torch.nn.Module) -> dict[str, float]:
     cfg = model.config
     n, h, f, tokens = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, BATCH * SEQ
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    dim = h // heads
+    dim = getattr(cfg, "head_dim", None) or h // heads
     layer = model.model.layers[0]
     linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     scales = [decoded_absmax(lin.weight) for lin in linears]
     q, k, v = (torch.randn(BATCH, c, SEQ, dim, requires_grad=True) for c in (heads, kv, kv))
 
-    def blocked() -> None:
-        _BlockedCausalAttention.apply(q, k, v, None, dim**-0.5).sum().backward()
+    out_grad = torch.randn(BATCH, SEQ, heads, dim)
+
+    def blocked() -> None:  # gradients returned, not summed into .grad: only the step's own work is timed
+        torch.autograd.grad(_BlockedCausalAttention.apply(q, k, v, None, dim**-0.5), (q, k, v), out_grad)
 
     def sdpa() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, (q, k, v), out_grad.transpose(1, 2))
 
-    x, weight = torch.randn(BATCH, SEQ, h, requires_grad=True), torch.ones(h)
+    x, weight = torch.randn(tokens, h, requires_grad=True), torch.ones(h)
     cos, sin = torch.randn(BATCH, SEQ, dim), torch.randn(BATCH, SEQ, dim)
 
+    rope_grads = (torch.randn_like(q), torch.randn_like(k))
+
     def rope() -> None:
-        a, b = apply_rotary_pos_emb(q, k, cos, sin)
-        (a.sum() + b.sum()).backward()
+        torch.autograd.grad(apply_rotary_pos_emb(q, k, cos, sin), (q, k), rope_grads)
 
     gate, up, grad = torch.randn(tokens, f), torch.randn(tokens, f), torch.randn(tokens, f)
 
@@ -96,7 +100,7 @@ def floor_parts(model: torch.nn.Module) -> dict[str, float]:
         "attention, forward and backward (the better of blocked and SDPA)": n * min(best(blocked), best(sdpa)),
         "nf4 decoding, every weight twice": 2 * n * best(lambda: [dequantize_4bit(lin.weight, torch.float32, s)
                                                                    for lin, s in zip(linears, scales, strict=True)]),
-        "RMSNorm forward and backward": (2 * n + 1) * best(lambda: _RMSNorm.apply(x, weight, 1e-5).sum().backward()),
+        "RMSNorm forward and backward": (2 * n + 1) * best(lambda: torch.autograd.grad(_RMSNorm.apply(x, weight, 1e-5), x, a)),
         "RoPE forward and backward": n * best(rope),
         "gated MLP middle, forward and backward": n * best(gated),
         "residual adds and gradient sums": 4 * n * best(lambda: a + b),
@@ -115,8 +119,7 @@ def main() -> None:
     cfg, tokens = model.config, BATCH * SEQ
     rate = effective_gflops(cfg, tokens, torch.float32, torch.device("cpu"))["gflops"] * 1e9
     flops = step_flops_per_token(cfg, seq=SEQ, r=RANK)["total"] * tokens
-    q = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    attention_flops = cfg.num_hidden_layers * 3 * 2 * 2 * q * (SEQ + 1) / 2 * tokens  # forward's two products, x3
+    attention_flops = cfg.num_hidden_layers * 3 * attention_flops_per_token(cfg, SEQ) * tokens  # forward, backward
     parts = floor_parts(model)
     ceiling, matmuls = flops / rate, (flops - attention_flops) / rate
     floor = matmuls + sum(parts.values())

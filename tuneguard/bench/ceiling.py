@@ -27,6 +27,14 @@ WINDOWS = 5
 ROUNDS = 3
 
 
+def attention_flops_per_token(config: Any, seq: int) -> float:
+    """One layer's causal attention forward per token: QK^T and AV, each position attending to half the sequence
+    on average (its backward is twice this: four products)."""
+    heads = config.num_attention_heads
+    q = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * 2 * q * (seq + 1) / 2
+
+
 def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0) -> dict[str, float]:
     """FLOPs per trained token of one optimizer step with LoRA on every linear layer, by part (causal
     attention over ``seq`` positions)."""
@@ -36,7 +44,7 @@ def step_flops_per_token(config: Any, *, seq: int, r: int, checkpointed: int = 0
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     q = heads * head_dim
     linear = 2 * (h * q + 2 * h * kv + q * h + 3 * h * f)  # q, k, v, o, gate, up, down
-    attention = 2 * 2 * q * (seq + 1) / 2  # QK^T and AV, each position attends to half the sequence on average
+    attention = attention_flops_per_token(config, seq)
     lora = 2 * r * (7 * h + 2 * q + 2 * kv + 3 * f)  # A x and B (A x) of the seven layers: r x (in + out) each
     layer_forward = linear + attention + lora
     head = 2 * h * config.vocab_size
