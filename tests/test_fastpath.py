@@ -15,8 +15,15 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import tuneguard.train.fastpath as fastpath
 import tuneguard.train.losses as losses
 from tuneguard.recipe import validate
+from tuneguard.train.attention import use_blocked_attention
 from tuneguard.train.losses import CausalLMLoss, chunked_lm_loss
-from tuneguard.train.memory import checkpoint_plan, estimate_model
+from tuneguard.train.memory import (
+    ModelShape,
+    activation_bytes_per_token,
+    adapter_shape,
+    checkpoint_plan,
+    estimate_model,
+)
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 POS = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)  # two packed documents per row
@@ -205,6 +212,32 @@ def test_gated_mlp_rebuilds_the_down_input_exactly_in_fp32(tiny_llama_dir: Path)
     assert loss_a == loss_b
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
     assert kept.count(2 * 24 * 128) < product_inputs
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_estimate_counts_what_a_fast_path_layer_keeps(tiny_llama_dir: Path, autocast: bool) -> None:
+    """Per token and decoder layer, the bytes autograd keeps in the fast path's layers (blocked attention, fused
+    LoRA, gated MLP, fused norms) are what the memory estimator counts, in fp32 and under bf16 autocast."""
+    model = nf4_lora(tiny_llama_dir, dropout=0.25, compute=torch.bfloat16 if autocast else torch.float32)
+    assert use_blocked_attention(model)
+    fastpath.fuse_lora_layers(model), fastpath.fuse_gated_mlps(model), fastpath.fuse_rms_norms(model)
+    inside, storages = [False], {}
+    for layer in fastpath.decoder_layers(model):
+        layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0]:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        CausalLMLoss(model)(input_ids=ids, position_ids=torch.arange(64).expand(4, 64), labels=ids)
+    shape = ModelShape.from_config(model.config)
+    counted = activation_bytes_per_token(shape, adapter_shape(model), quantized=True, fastpath=True,
+                                         compute_bytes=2 if autocast else 4, stream_bytes=4, blocked=True)
+    assert sum(storages.values()) / (ids.numel() * shape.layers) == pytest.approx(counted, rel=0.02)
 
 
 def test_checkpointed_layers_replay_the_same_dropout(tiny_llama_dir: Path) -> None:

@@ -95,17 +95,24 @@ def test_base_model_scores_above_chance() -> None:
     assert arc.n == 60 and arc.value > 0.35
 
 
-def test_memory_estimate_is_within_ten_percent_of_a_measured_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recomputed", [0, 15])
+def test_memory_estimate_is_within_ten_percent_of_a_measured_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  recomputed: int) -> None:
     """The estimator against a real run: the bench's configuration (nf4 SmolLM2, LoRA r16 all-linear, batch
-    2 x 512 packed tokens, the fast path's checkpoint plan), 3 steps in a fresh process, peak RSS from run.json."""
+    2 x 512 packed tokens), 3 steps in a fresh process, peak RSS from run.json; with the default budget (no
+    layer recomputed) and with a budget the checkpoint plan meets by recomputing half the layers."""
     from tuneguard.bench import reference
     from tuneguard.bench.measure import measure_recipe
     from tuneguard.recipe import dump_recipe
-    from tuneguard.train.memory import estimate_recipe
+    from tuneguard.train.memory import ENV_BUDGET, estimate_recipe
 
     recipe, _ = reference.bench_recipe({**reference.TRAIN_DEFAULTS, "steps": 3, "workdir": str(tmp_path)})
     (tmp_path / "bench.yaml").write_text(dump_recipe(recipe))
-    predicted = estimate_recipe(recipe).peak_mb
+    if recomputed:
+        monkeypatch.setenv(ENV_BUDGET, str(estimate_recipe(recipe, checkpointed_layers=recomputed).peak_mb))
+    estimate = estimate_recipe(recipe)
+    assert estimate.inputs["checkpointed_layers"] == recomputed
+    predicted = estimate.peak_mb
     measured = measure_recipe(tmp_path / "bench.yaml", [], steps=3)
     assert "error" not in measured, measured
     assert 0.9 <= predicted / measured["peak_memory_mb"] <= 1.1, (predicted, measured)

@@ -4,8 +4,9 @@ Peak = the larger of loading (runtime + the mapped checkpoint file + the weights
 training: runtime (imported libraries; CPU only) + frozen weights at their bit width (+ the mmapped
 checkpoint file while it stays mapped: the fast path releases it) + adapter weights, gradients and
 AdamW state + the activations kept for backward (per layer and token, from the config's shapes and
-which tensors each layer saves; read off saved-tensor hooks on a LoRA step) x the allocator's
-fragmentation + the largest transient at the loss (one chunk of logits and the head in bf16).
+which tensors each layer saves; read off saved-tensor hooks on a LoRA step, and a test holds the fast
+path's count to them) + what glibc's heap keeps around them on CPU + the largest transient at the loss
+(one chunk of logits and the head in bf16).
 Activations are sized by the widest batch the training data makes (its longest row, rounded up as
 batches are), not by ``data.max_length``, and by whether they carry a 4-D attention mask (packed
 or padded rows), which makes every layer keep more under SDPA (:func:`mask_bytes_per_token`; not
@@ -36,7 +37,18 @@ TARGET_SHARE = 0.5
 RUNTIME_MB_CPU = 500.0
 """RSS of a process that has imported torch, transformers, peft, accelerate and bitsandbytes (CPU)."""
 FRAGMENTATION = 1.75
-"""Measured peak RSS / live bytes for activations: glibc keeps freed transients between long-lived tensors."""
+"""The usual way's (and the probe's) peak RSS / live bytes for activations: glibc keeps freed transients
+between long-lived tensors."""
+HOLES = 0.7
+"""The fast path on CPU: freed transients glibc keeps between the tensors a layer keeps, as a share of what the
+layer would keep in the residual stream's width. The transients are made at that width (fp32 on a quantized
+backbone) whatever the compute dtype, so a share of what is kept would undercount bf16; fitted to agnews-lora
+at 768-3,072 tokens a micro-batch, the bench configuration, sst2-qlora and gsm8k-sft, in fp32 and bf16
+(bench/README.md, "The estimator's fast-path model")."""
+RECOMPUTED_HOLES = 0.3
+"""The same for a checkpointed layer, as a share of what it would keep in the compute dtype: its forward keeps
+only its input, and leaves fewer holes, fewer still under bf16 (agnews-lora at 3,072 tokens a micro-batch with
+12, 15 and 19 of 30 layers recomputed in fp32, 12 and 15 in bf16)."""
 BITS = {"none": None, "nf4": 4, "fp4": 4, "int8": 8}
 ADAM_BYTES = 16
 """Per trainable parameter: fp32 weight, gradient and AdamW's two moments."""
@@ -99,27 +111,25 @@ class MemoryEstimate:
 
 def activation_bytes_per_token(
     shape: ModelShape, adapter: AdapterShape, *, quantized: bool, fastpath: bool, compute_bytes: int = 2,
-    stream_bytes: int | None = None,
+    stream_bytes: int | None = None, blocked: bool = False,
 ) -> float:
     """Bytes one decoder layer keeps for backward, per token.
 
     The residual stream is fp32 on a quantized backbone (bitsandbytes casts outputs back to the
     input's dtype) and in the weights' dtype otherwise; matmuls and attention run in the compute
-    dtype (``compute_bytes``: 2 under bf16, 4 in fp32, as the numerics probe chose).
+    dtype (``compute_bytes``: 2 under bf16, 4 in fp32, as the numerics probe chose). ``blocked``: the
+    fast path's attention on CPU, which rebuilds its output in backward instead of keeping it.
     """
     h, f, kv, r, c = shape.hidden, shape.intermediate, shape.kv_dim, adapter.rank, compute_bytes
     stream = stream_bytes or (4 if quantized else c)
     norms = 2 * h * stream
-    attention = c * (2 * h + 2 * kv)  # q, k, v and the output
+    attention = c * ((1 if blocked else 2) * h + 2 * kv)  # q, k, v (and SDPA's output)
     mlp = 2 * f * c if fastpath else 3 * f * stream  # fast: gate and up; else the activation's input, output, up
     widths = [h] * max(adapter.per_layer - 1, 0) + [f] * min(adapter.per_layer, 1)
     if fastpath and adapter.fused:
-        # One copy per distinct input, A x, and the int32 positions dropout zeroed. The MLP's input to down is
-        # rebuilt in backward, not kept; but where the compute dtype is narrower than the stream (bf16
-        # autocast), each layer still makes it in fp32 and casts it, and the resident peak did not move
-        # when it stopped being kept (1,888 MB before, 1,900-2,030 after, bench configuration): count it.
-        mlp_input = f if c < stream else 0
-        adapters = c * (3 * h + mlp_input) + c * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
+        # One copy per distinct input, A x, and the int32 positions dropout zeroed (the MLP's input to down is
+        # rebuilt in backward, not kept).
+        adapters = c * 3 * h + c * r * adapter.per_layer + 4 * adapter.dropout * sum(widths)
     else:
         # PEFT: per layer, the fp32 dropout noise and the copy of the dropped input, and A x.
         adapters = sum((4 * w if adapter.dropout > 0 else 0) + c * w + c * r for w in widths)
@@ -146,15 +156,20 @@ def estimate(
     weights = shape.linear_params * (bits / 8 * 1.016 if bits else float_bytes) + shape.other_params * float_bytes
     cpu = device_type == "cpu"
     blocked = fastpath and attention.covers(device_type)
-    per_token = activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath,
-                                           compute_bytes=compute_bytes, stream_bytes=float_bytes)
-    kept = shape.layers - checkpointed_layers
-    stream = float_bytes
+
+    def kept_per_token(compute: int) -> float:
+        return activation_bytes_per_token(shape, adapter, quantized=quantized, fastpath=fastpath, compute_bytes=compute,
+                                          stream_bytes=float_bytes, blocked=blocked)
+
+    per_token = kept_per_token(compute_bytes)
     if masked and not blocked:  # blocked attention keeps the one mask every layer shares
         per_token += mask_bytes_per_token(shape, seq, compute_bytes)
-    activations = tokens * (kept * per_token + checkpointed_layers * shape.hidden * stream)
+    heap = cpu and fastpath  # glibc's holes, counted per layer (the usual way: FRAGMENTATION, below)
+    layer = per_token + (HOLES * kept_per_token(float_bytes) if heap else 0.0)
+    recomputed = shape.hidden * float_bytes + (RECOMPUTED_HOLES * per_token if heap else 0.0)
+    activations = tokens * ((shape.layers - checkpointed_layers) * layer + checkpointed_layers * recomputed)
     if checkpointed_layers == shape.layers:
-        activations += tokens * per_token  # the last layer recomputed, when nothing else is kept
+        activations += tokens * layer  # the last layer recomputed, when nothing else is kept
     rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
     head_copy = shape.vocab * shape.hidden * compute_bytes if compute_bytes != float_bytes else 0  # the head cast to compute
     logits = rows * shape.vocab * 8 + head_copy + tokens * shape.hidden * 4
@@ -163,7 +178,7 @@ def estimate(
         "weights": weights / MB,
         "weights_file_mapping": weights_file_mb if cpu and not fastpath else 0.0,
         "adapter_and_optimizer": adapter.trainable_params * ADAM_BYTES / MB,
-        "activations": activations * (FRAGMENTATION if cpu else 1.0) / MB,
+        "activations": activations * (FRAGMENTATION if cpu and not fastpath else 1.0) / MB,
         "logits": logits / MB,
     }
     # Loading touches every page of the mapped checkpoint while the weights are quantized, and the fast
