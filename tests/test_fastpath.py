@@ -220,7 +220,8 @@ def test_the_estimate_counts_what_a_fast_path_layer_keeps(tiny_llama_dir: Path, 
     LoRA, gated MLP, fused norms) are what the memory estimator counts, in fp32 and under bf16 autocast."""
     model = nf4_lora(tiny_llama_dir, dropout=0.25, compute=torch.bfloat16 if autocast else torch.float32)
     assert use_blocked_attention(model)
-    fastpath.fuse_lora_layers(model), fastpath.fuse_gated_mlps(model), fastpath.fuse_rms_norms(model)
+    assert fastpath.fuse_lora_layers(model) == 14 and fastpath.fuse_gated_mlps(model) == 2
+    assert fastpath.fuse_rms_norms(model) == 5  # two a layer and the final one
     inside, storages = [False], {}
     for layer in fastpath.decoder_layers(model):
         layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
