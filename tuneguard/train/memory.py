@@ -28,7 +28,7 @@ import torch
 
 from tuneguard.recipe import Recipe
 from tuneguard.train import attention
-from tuneguard.train.losses import CHUNK_BYTES
+from tuneguard.train.losses import chunk_rows
 
 MB = 2**20
 ENV_BUDGET = "TUNEGUARD_MEMORY_BUDGET_MB"
@@ -170,7 +170,7 @@ def estimate(
     activations = tokens * ((shape.layers - checkpointed_layers) * layer + checkpointed_layers * recomputed)
     if checkpointed_layers == shape.layers:
         activations += tokens * layer  # the last layer recomputed, when nothing else is kept
-    rows = min(tokens, max(16, CHUNK_BYTES // (4 * shape.vocab)))
+    rows = min(tokens, chunk_rows(shape.vocab))
     head_copy = shape.vocab * shape.hidden * compute_bytes if compute_bytes != float_bytes else 0  # the head cast to compute
     logits = rows * shape.vocab * 8 + head_copy + tokens * shape.hidden * 4
     parts = {
