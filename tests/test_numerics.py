@@ -94,11 +94,12 @@ def test_real_probe_measures_every_candidate() -> None:
     assert set(result.linear_kernel.values()) <= {"default", "onednn"}
 
 
-@pytest.mark.parametrize(("result", "layer", "head"), [(AVX2, "onednn", "onednn"), (AMX, "default", "default"),
-                                                       (ZEN4, "default", "default"), (ZEN3, "default", "onednn")])
+@pytest.mark.parametrize(("result", "layer", "head"), [(AVX2, "onednn", "onednn"), (AMX, "onednn", "default"),
+                                                       (ZEN4, "default", "default"), (ZEN3, "onednn", "onednn")])
 def test_linear_kernel_follows_the_measurement(fake_probe, monkeypatch: pytest.MonkeyPatch, result: Probe, layer: str,
                                                head: str) -> None:
-    """oneDNN where it measured faster (and exists) for a layer of that width, and only where autograd records nothing."""
+    """oneDNN (where it exists) unless MKL measured clearly faster for a layer of that width (a tie: oneDNN, which
+    peaks lower), and only where autograd records nothing."""
     fake_probe(result)
     assert result.linear_kernel == {"layer": layer, "head": head} == numerics.numerics_record("cpu")["linear_kernel"]
     calls: list[int] = []

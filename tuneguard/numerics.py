@@ -12,9 +12,10 @@ model's layers and for its vocabulary head: torch's ``F.linear`` calls MKL, and 
 ships oneDNN, which ran SmolLM2's layer shapes 10-15% faster on a Zen 4 EPYC with AVX2 kernels and
 2.6x with AVX-512 (MKL does not use AVX-512 on AMD), but no faster than MKL on a real Zen 3 (AVX2),
 where it ran the LM head's forward (160 positions against 49,152 rows) 1.8x faster (126 vs 71
-GFLOP/s). Where it measures faster here, the fast path's frozen-weight products, the chunked loss and
-evaluation's decoded layers and head use it; elsewhere (slower, missing, bf16, autocast, anything
-autograd must see) ``F.linear`` runs.
+GFLOP/s). Unless MKL measures clearly faster here (a tie goes to oneDNN: training peaked ~150 MB lower
+with it), the fast path's frozen-weight products, the chunked loss and evaluation's decoded layers and
+head use it; elsewhere (MKL faster, oneDNN missing, bf16, autocast, anything autograd must see)
+``F.linear`` runs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ FASTER = 1.1
 EMULATED = 0.5
 """Slower than this fraction of fp32: the hardware does not run the dtype natively."""
 KERNEL_FASTER = 1.05
-"""oneDNN's fp32 linear is chosen over ``F.linear`` (MKL) only when it measured at least this much faster."""
+"""``F.linear`` (MKL) is kept over oneDNN's fp32 linear only where it measured at least this much faster: at a tie
+oneDNN, as training with it peaked lower (the bench configuration with AVX2 kernels: 2,211-2,272 MB against
+2,308-2,531 with the layers on MKL, the same tensors allocated; bench/README.md, "The layers' kernel and the peak")."""
 KERNEL_ROUNDS = 6
 """Timings of each kernel, alternated (best of each kept): two shared cores drift within a second."""
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
@@ -84,9 +87,11 @@ class Probe:
 
     @cached_property
     def linear_kernel(self) -> dict[str, str]:
-        """The fp32 linear kernel :func:`linear` uses for layers and for heads: ``onednn`` where it measured clearly faster."""
+        """The fp32 linear kernel :func:`linear` uses for layers and for heads: ``onednn`` unless MKL measured clearly
+        faster (or oneDNN is missing)."""
         def pick(rates: dict[str, float]) -> str:
-            return "onednn" if rates.get("onednn", 0.0) >= KERNEL_FASTER * rates.get("default", 0.0) > 0 else "default"
+            onednn = rates.get("onednn", 0.0)
+            return "onednn" if onednn > 0 and KERNEL_FASTER * onednn > rates.get("default", 0.0) else "default"
 
         return {role: pick(self.linear_gflops.get(role, {})) for role in KERNEL_SHAPES}
 
@@ -244,8 +249,8 @@ def _use_onednn(role: str) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, by oneDNN's kernel where the probe measured it faster for fp32 on this CPU
-    (for a layer this wide: a model's layers, or its vocabulary head).
+    """``F.linear(x, weight, bias)``, by oneDNN's kernel unless the probe measured MKL's clearly faster for fp32 on
+    this CPU (for a layer this wide: a model's layers, or its vocabulary head).
 
     oneDNN's op has no derivative, so it runs only where autograd records nothing: inside custom autograd
     functions and without gradients. Under autocast, in other dtypes or on other devices: ``F.linear``.

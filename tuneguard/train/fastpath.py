@@ -18,7 +18,7 @@ from fp32's):
   is emulated), ``B h`` is accumulated into the base output by one ``addmm_`` and the LoRA scale
   goes on the r-wide products in backward: two full-width passes and a copy of the output fewer a
   layer, fp32 rounding in another order. The frozen weight's two products (forward and input gradient) go
-  through :func:`tuneguard.numerics.linear`: oneDNN's fp32 kernel where the probe measured it faster than MKL.
+  through :func:`tuneguard.numerics.linear`: oneDNN's fp32 kernel unless the probe measured MKL's clearly faster.
 * **Cheaper dropout, same distribution** (:func:`drop_positions`). ``nn.Dropout`` draws one uniform
   per element. A Bernoulli(p) sequence is exactly a sequence of i.i.d. Geometric(p) gaps between
   its zeros, so drawing ``numel * p`` gaps (inverted float64 uniforms, as torch's ``geometric_``)

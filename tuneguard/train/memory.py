@@ -44,7 +44,8 @@ HOLES = 0.7
 layer would keep in the residual stream's width. The transients are made at that width (fp32 on a quantized
 backbone) whatever the compute dtype, so a share of what is kept would undercount bf16; fitted to agnews-lora
 at 768-3,072 tokens a micro-batch, the bench configuration, sst2-qlora and gsm8k-sft, in fp32 and bf16
-(bench/README.md, "The estimator's fast-path model")."""
+(bench/README.md, "The estimator's fast-path model"), fp32 with the layers on oneDNN: on MKL, which the probe keeps
+only where it is clearly faster, glibc left ~6% more (bench/README.md, "The layers' kernel and the peak")."""
 RECOMPUTED_HOLES = 0.3
 """The same for a checkpointed layer, as a share of what it would keep in the compute dtype: its forward keeps
 only its input, and leaves fewer holes, fewer still under bf16 (agnews-lora at 3,072 tokens a micro-batch with
