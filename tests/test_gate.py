@@ -13,6 +13,7 @@ import pytest
 from scipy.stats import norm
 
 from tuneguard.cli import main as cli_main
+from tuneguard.eval import gate
 from tuneguard.eval.gate import plan
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.verdicts import compare_results
@@ -50,6 +51,18 @@ def test_regression_beyond_the_margin_fails_with_junit_and_markdown(report_path:
     summary = md.read_text()
     assert summary.startswith("### tuneguard gate: FAIL") and "| arc_easy | -8.0 pp |" in summary
     assert "corrected by holm" in summary and len(summary) < 2000
+
+
+def test_a_margin_of_zero_is_a_margin(tmp_path: Path) -> None:
+    """``eval.margin: 0`` (no regression accepted) is kept by the gate, not replaced by the default 2."""
+    n = 3000
+    base, tuned = [1.0] * n, [1.0] * (n - 30) + [0.0] * 30  # -1 pp on 3,000 items: significant, past 0
+    row = compare_results([TaskResult("h", "acc", 1.0, True, n, base)], [TaskResult("h", "acc", 0.99, True, n, tuned)],
+                          general_tasks={"h"}, margin=0.0)[0]
+    assert row.verdict == "regressed" and row.beyond_margin
+    rows = gate.report_rows({"general": [row.to_dict()]})
+    assert rows[0].margin == 0.0 and gate.decide(rows, require_power=False) == gate.EXIT_REGRESSED
+    assert gate.report_rows({"general": [row.to_dict()]}, margin=2.0)[0].beyond_margin is False
 
 
 def test_a_wider_margin_passes(report_path: Path) -> None:

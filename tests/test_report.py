@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import TaskResult, aggregate
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report.blocks import Block, fmt_steps
+from tuneguard.report.blocks import Block, fmt_level, fmt_steps, md_block
 from tuneguard.report.cv import render_cv_markdown, summarize_folds
 from tuneguard.report.files import build_report, render_markdown, write_reports
 from tuneguard.report.history import list_history, record_run
@@ -237,6 +238,32 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     out = io.StringIO()
     print_history(sst2, Console(file=out, width=200))
     assert "sst2-ia3" in out.getvalue() and "ia3" in out.getvalue()
+    # what the report's verdict says, beyond the margin included, is in the history too
+    stored = {k: sst2[1][k] for k in ("p_adjusted", "margin", "beyond_margin", "items_to_decide")}
+    reported = _report(other_dir, eval_data)["task"][0]
+    assert stored == {k: reported[k] for k in stored} and stored["margin"] is not None
+
+
+def test_an_older_results_table_gains_the_verdict_columns(tmp_path: Path, run: tuple[Path, dict[str, Any]]) -> None:
+    db = tmp_path / "history.sqlite"
+    with sqlite3.connect(db) as con:  # the results table before p_adjusted, margin, beyond_margin, items_to_decide
+        con.executescript("CREATE TABLE results (run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE, "
+                          "task TEXT NOT NULL, metric TEXT NOT NULL, aggregate TEXT NOT NULL, is_general INTEGER NOT NULL, "
+                          "base REAL, tuned REAL, delta REAL, ci_low REAL, ci_high REAL, p_value REAL, verdict TEXT, "
+                          "PRIMARY KEY (run_id, task));")
+    run_dir, report = run
+    record_run(run_dir, report, db=db)
+    rows = list_history(db=db)
+    assert [r["margin"] for r in rows] == [c["margin"] for c in report["task"] + report["general"]]
+
+
+def test_markdown_cells_stay_literal_and_levels_never_read_100() -> None:
+    """A backslash or pipe in a task name must not split its table cell, nor ``<`` start HTML; ``<0.001`` stays."""
+    md = md_block(Block("t", ["task", "p"], rows=[["a\\|b <img src=x>", "<0.001"]], lines=["x\ny <script>"]))
+    lines = md.splitlines()
+    assert lines[4] == "| a\\\\\\|b &lt;img src=x> | <0.001 |"
+    assert lines[5] == "- x y &lt;script>"
+    assert [fmt_level({"alpha": a}) for a in (0.05, 0.01, 0.005, 0.05 / 171)] == ["95%", "99%", "99.5%", "99.97%"]
 
 
 def test_compare_runs_side_by_side(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tuneguard.eval.stats import (
     tango_z,
     z_crit,
 )
-from tuneguard.eval.verdicts import compare_results, compare_task
+from tuneguard.eval.verdicts import compare_pairs, compare_results, compare_task, resamples
 
 
 def acc(task: str, outcomes: np.ndarray) -> TaskResult:
@@ -115,3 +115,71 @@ def test_power_at_the_minimum_detectable_regression_is_eighty_percent() -> None:
     assert 0.75 <= power <= 0.85
     assert items_needed(sd, mdr) == pytest.approx(n, rel=0.01)
     assert items_needed(sd, 0.0) is None
+
+
+def counted(task: str, won: int, lost: int, n: int = 200) -> tuple[TaskResult, TaskResult]:
+    """Base and tuned 0/1 outcomes with exactly ``won`` items only tuned gets right and ``lost`` only base does."""
+    base, tuned = np.zeros(n), np.zeros(n)
+    tuned[:won] = 1
+    base[won : won + lost] = 1
+    both = slice(won + lost, won + lost + (n - won - lost) // 2)
+    base[both] = tuned[both] = 1
+    return acc(task, base), acc(task, tuned)
+
+
+def perplexity(task: str, nll: np.ndarray, tokens: np.ndarray) -> TaskResult:
+    return TaskResult(task, "perplexity", float(np.exp(nll.sum() / tokens.sum())), False, len(nll), list(nll),
+                      list(tokens), "perplexity")
+
+
+def test_undecided_rows_count_the_items_to_the_margin() -> None:
+    """The distance is from the observed change to the margin, on either side of it (what the gate decides on): a
+    change near the margin needs very many items, one far past it few; a significant regression whose interval
+    straddles the margin gets a count too."""
+    def row(won: int, lost: int):  # noqa: ANN202
+        return compare_task(*counted("t", won, lost), margin=2.0)
+
+    past_near, within_near, past_far = row(10, 15), row(10, 13), row(30, 40)
+    assert [r.verdict for r in (past_near, within_near, past_far)] == ["inconclusive"] * 3
+    assert [r.regression_points for r in (past_near, within_near, past_far)] == pytest.approx([2.5, 1.5, 5.0])
+    assert past_near.items_to_decide > 10 * past_far.items_to_decide
+    assert 0.5 < past_near.items_to_decide / within_near.items_to_decide < 2
+    straddling = row(10, 24)
+    worst, best = straddling.gain_interval
+    assert straddling.verdict == "regressed" and worst < -2 < best < 0 and not straddling.beyond_margin
+    assert straddling.items_to_decide and row(0, 40).items_to_decide is None  # that one is beyond the margin
+
+
+def test_a_large_family_can_still_call_a_bootstrap_regression() -> None:
+    """The bootstrap's p is at least 2 / (B + 1); a family of 27 at 1,000 resamples would adjust even a 65%
+    perplexity regression to p > 0.05 under Holm. Each test resamples enough for its family's levels."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(50, 200, 80).astype(float)
+    nll = tokens * rng.normal(3.0, 0.3, 80)
+    pairs = [counted(f"t{i}", 3, 3) for i in range(26)]
+    pairs.append((perplexity("wikitext", nll, tokens), perplexity("wikitext", nll + tokens * math.log(1.65), tokens)))
+    rows = compare_pairs(pairs, ["general"] * 27, general_tasks={b.task for b, _ in pairs}, n_boot=1000)
+    assert resamples(1000, 27) == 10_800 and resamples(1000, 1) == 1000
+    assert rows[-1].regression_points == pytest.approx(65.0)
+    assert rows[-1].p_adjusted < 0.05 and rows[-1].verdict == "regressed" and rows[-1].beyond_margin
+    assert all(r.verdict == "non-inferior" or r.verdict == "inconclusive" for r in rows[:-1])
+
+
+def test_a_non_finite_outcome_is_inconclusive_and_valid_json() -> None:
+    """An overflowed log-likelihood is no evidence either way: not non-inferior (its NaN interval end used to sort
+    into the 'best' slot), no test, valid JSON; the rest of its family is judged as before."""
+    import json
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(50, 200, 60).astype(float)
+    nll = tokens * rng.normal(3.0, 0.3, 60)
+    broken = nll.copy()
+    broken[5] = math.inf
+    row = compare_task(perplexity("wikitext", nll, tokens), perplexity("wikitext", broken, tokens))
+    assert row.verdict == "inconclusive" and row.items_to_decide is None and math.isnan(row.p_value)
+    data = row.to_dict()
+    json.dumps(data, allow_nan=False)
+    assert data["tuned"] is None and data["p_value"] is None
+    rows = compare_pairs([(perplexity("wikitext", nll, tokens), perplexity("wikitext", broken, tokens)),
+                          counted("arc", 0, 30)], ["general", "general"], general_tasks={"wikitext", "arc"})
+    assert [r.verdict for r in rows] == ["inconclusive", "regressed"] and rows[1].beyond_margin

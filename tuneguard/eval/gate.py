@@ -20,7 +20,8 @@ EXIT_PASS, EXIT_REGRESSED, EXIT_UNDECIDED = 0, 1, 3
 def report_rows(report: dict[str, Any], margin: float | None = None) -> list[Comparison]:
     """The task and general-suite rows, judged again under ``margin`` when one is given."""
     rows = [Comparison.from_dict(c) for c in (report.get("task") or []) + (report.get("general") or [])]
-    return [c.with_margin(margin if margin is not None else c.margin or DEFAULT_MARGIN) for c in rows]
+    return [c.with_margin(margin if margin is not None else DEFAULT_MARGIN if c.margin is None else c.margin)
+            for c in rows]
 
 
 def _results(report: dict[str, Any], where: str) -> dict[str, TaskResult]:
@@ -56,7 +57,8 @@ def against_baseline(report: dict[str, Any], baseline: dict[str, Any], margin: f
     correction = next((c.get("correction") for c in report.get("general") or []), "holm")
     margins = {c["task"]: c.get("margin") for c in (report.get("task") or []) + (report.get("general") or [])}
     chosen = margin if margin is not None else {t: m for t, m in margins.items() if m is not None}
-    return compare_results([old[t] for t in new], list(new.values()), general_tasks=general, margin=chosen or DEFAULT_MARGIN,
+    return compare_results([old[t] for t in new], list(new.values()), general_tasks=general,
+                           margin=DEFAULT_MARGIN if chosen == {} else chosen,
                            correction=correction if correction in ("holm", "bh") else "holm")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,12 @@ def fmt_ci(c: dict[str, Any]) -> str:
 
 
 def fmt_level(c: dict[str, Any]) -> str:
-    return f"{100 * (1 - (c.get('alpha') or 0.05)):.3g}%"
+    """The interval's level, with as many digits as it takes not to round up to 100% (a level of 1 - 0.05/171)."""
+    level = 100 * (1 - (c.get("alpha") or 0.05))
+    digits = 3
+    while f"{level:.{digits}g}" == "100" and digits < 12:
+        digits += 1
+    return f"{level:.{digits}g}%"
 
 
 def fmt_p(p: float | None) -> str:
@@ -87,8 +93,8 @@ def fmt_verdict(c: dict[str, Any]) -> str:
     verdict = c.get("verdict") or DASH
     if verdict == "regressed" and c.get("beyond_margin"):
         return "regressed, beyond margin"
-    if verdict == "inconclusive" and c.get("items_to_decide"):
-        return f"inconclusive (~{c['items_to_decide']:,} items)"
+    if verdict in ("inconclusive", "regressed") and c.get("items_to_decide"):
+        return f"{verdict} (~{c['items_to_decide']:,} items)"
     return verdict
 
 
@@ -171,7 +177,11 @@ class Block:
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A cell or list line as literal markdown text: a backslash, pipe or ``<`` in a task name or label must not
+    end a table cell or start HTML."""
+    for char, escaped in (("\\", "\\\\"), ("|", "\\|"), ("\n", " ")):
+        text = text.replace(char, escaped)
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)  # only where HTML could start: "<0.001" stays as it is
 
 
 def md_block(block: Block) -> str:
@@ -181,7 +191,7 @@ def md_block(block: Block) -> str:
             return "| " + " | ".join(_md_escape(cell_text(c)) for c in cells) + " |"
 
         out += [line(block.headers), "|" + "---|" * len(block.headers), *map(line, block.rows)]
-    out += [f"- {cell_text(c)}" for c in block.lines]
+    out += [f"- {_md_escape(cell_text(c))}" for c in block.lines]
     return "\n".join(out) + "\n"
 
 

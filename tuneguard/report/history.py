@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS results (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     task TEXT NOT NULL, metric TEXT NOT NULL, aggregate TEXT NOT NULL, is_general INTEGER NOT NULL,
     base REAL, tuned REAL, delta REAL, ci_low REAL, ci_high REAL, p_value REAL, verdict TEXT,
+    p_adjusted REAL, margin REAL, beyond_margin INTEGER, items_to_decide INTEGER,
     PRIMARY KEY (run_id, task)
 );
 CREATE INDEX IF NOT EXISTS results_task ON results(task);
@@ -46,7 +47,7 @@ CREATE INDEX IF NOT EXISTS checks_task ON checks(task);
 _CHECK_KEYS = ("created", "run_dir", "recipe", "task", "metric", "kind", "data", "n", "value", "value_low",
                "value_high", "delta", "ci_low", "ci_high", "p_value", "flagged", "path", "trained_on")
 _RESULT_KEYS = ("task", "metric", "aggregate", "is_general", "base", "tuned", "delta", "ci_low", "ci_high",
-                "p_value", "verdict")
+                "p_value", "verdict", "p_adjusted", "margin", "beyond_margin", "items_to_decide")
 
 
 def history_path() -> Path:
@@ -68,7 +69,8 @@ def _open(db: Path) -> sqlite3.Connection:
     return con
 
 
-_ADDED_COLUMNS = {"checks": {"trained_on": "INTEGER"}}
+_ADDED_COLUMNS = {"checks": {"trained_on": "INTEGER"},
+                  "results": {"p_adjusted": "REAL", "margin": "REAL", "beyond_margin": "INTEGER", "items_to_decide": "INTEGER"}}
 """Columns newer than their table: added to a database an older tuneguard created (NULL in its older rows)."""
 
 

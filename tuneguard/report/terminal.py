@@ -23,6 +23,7 @@ from tuneguard.report.blocks import (
     fmt_float,
     fmt_memory,
     fmt_value,
+    fmt_verdict,
     verdict_class,
 )
 from tuneguard.report.layout import report_blocks
@@ -84,7 +85,7 @@ def print_history(rows: list[dict[str, Any]], console: Console | None = None) ->
     table = [
         [r["created"], r["recipe"] or DASH, fmt_adapter({"adapter": r["adapter_method"], "r": r["adapter_r"]}),
          r["quantization"] or DASH, r["task"], r["metric"], fmt_value(r["base"], r["aggregate"]),
-         fmt_value(r["tuned"], r["aggregate"]), fmt_delta(r), (r["verdict"], verdict_class(r["verdict"]))]
+         fmt_value(r["tuned"], r["aggregate"]), fmt_delta(r), (fmt_verdict(r), verdict_class(r["verdict"]))]
         for r in rows
     ]
     print_block(Block("History", headers, table), console or Console())
