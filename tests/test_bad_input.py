@@ -239,9 +239,14 @@ def test_resume_refuses_a_changed_recipe_unless_named(tmp_path: Path, tiny_llama
     code, lines = tuneguard(capsys, "train", str(path), "--resume", "--no-eval", "train.lr=1e-3")
     assert code == 2 and "the recipe changed since this checkpoint (train.lr)" in lines[-1], lines
     assert "--resume-changed train.lr" in lines[-1] and snapshot(run_dir) == before
+    (run_dir / "eval.json").write_text("{}")  # an evaluation of the adapter the resumed run will replace
+    (run_dir / "report.json").write_text("{}")
     code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "train.lr=1e-3", "--resume-changed", "train.lr")
     assert code == 0, lines
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 4
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "report.json").exists()  # gate cannot pass on them
+    (aside,) = run_dir.parent.glob("recipe.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.json"]
 
 
 def test_non_finite_step_keeps_the_previous_adapter_and_checkpoint(tmp_path: Path, tiny_llama_dir: Path,

@@ -35,11 +35,15 @@ def test_readers_name_file_and_line(tmp_path: Path) -> None:
     assert rows[1].where.endswith("d.tsv:3") and "expected 2 columns" in rows[1].problem
 
 
-def test_parquet_and_csv(tmp_path: Path) -> None:
-    from datasets import Dataset
+def test_parquet_and_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    Dataset.from_list([{"text": "x", "label": 1}]).to_parquet(str(tmp_path / "d.parquet"))
+    pq.write_table(pa.Table.from_pylist([{"text": "x", "label": 1}]), tmp_path / "d.parquet")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
     assert read_rows(tmp_path / "d.parquet")[0].fields == {"text": "x", "label": 1}
+    assert not (tmp_path / "hf").exists()  # no Arrow copy in a datasets cache outside the run's folders
     (tmp_path / "d.csv").write_text('text,label\n"a, b",0\n')
     assert read_rows(tmp_path / "d.csv")[0].fields == {"text": "a, b", "label": "0"}
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,38 @@ def test_missing_recipe_and_malformed_yaml(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: [unclosed\n")
     with pytest.raises(TuneguardError, match=r"r.yaml:\d+:\d+: malformed YAML"):
         load_recipe(path)
+
+
+def test_a_key_given_twice_is_named_with_its_line(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two ``train:`` sections silently; the first one's settings would be lost."""
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrain: {max_steps: 2}\ntrain: {lr: 1e-3}\n")
+    with pytest.raises(TuneguardError, match=r"r.yaml:3:1: malformed YAML: duplicate key 'train'"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(("labels", "problem"), [
+    ('["1", "2", "3", "4", "5"]', "'1', the name of class 0, is also the raw label of class 1 (the list's indices)"),
+    ("[1, 2]", "'1', the name of class 0, is also the raw label of class 1"),
+    ('{"1": "0", "0": "1"}', "'0', the name of class 0, is also the raw label of class 1 (the mapping's keys)"),
+])
+def test_labels_that_read_as_another_class_are_refused(tmp_path: Path, labels: str, problem: str) -> None:
+    """Star ratings listed as names would shift every class by one (raw 1 read as index 1, i.e. "2")."""
+    path = write(tmp_path, f"data: {{train: train.jsonl, labels: {labels}}}\n")
+    with pytest.raises(TuneguardError, match=re.escape(problem)):
+        load_recipe(path)
+
+
+def test_labels_are_text_whatever_yaml_made_of_them(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: {0: negative, 1: positive}}\n")
+    assert load_recipe(path).data.labels == {"0": "negative", "1": "positive"}
+    assert load_recipe(path, ['data.labels=["0", "1"]']).data.labels == ["0", "1"]  # each its own index: fine
+
+
+@pytest.mark.parametrize("seed", ["-5", "4294967296"])
+def test_a_seed_out_of_range_is_one_line(tmp_path: Path, seed: str) -> None:
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\n")
+    with pytest.raises(TuneguardError, match=r"'train.seed': Input should be (greater|less) than or equal to"):
+        load_recipe(path, [f"train.seed={seed}"])
 
 
 def test_classification_needs_labels(tmp_path: Path) -> None:

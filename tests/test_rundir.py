@@ -71,3 +71,50 @@ def test_a_key_an_older_recipe_lacks_counts_as_its_default() -> None:
     assert recipe_changes(stored, same) == ["train.early_stopping_metric", "train.layer_lr_decay"]
     other = {**same, "train": {**same["train"], "layer_lr_decay": 0.8}}
     assert recipe_changes(stored, other, recipe_defaults()) == ["train.layer_lr_decay"]
+
+
+def test_what_a_killed_save_left_is_cleared_and_a_half_swapped_adapter_restored(tmp_path: Path) -> None:
+    """Killed inside atomic_dir: a temporary folder stays (never read, never pruned), or, between its two renames,
+    the previous adapter sits at ``.adapter.old`` with no ``adapter``. Claiming the run directory repairs both."""
+    run = RunDir(tmp_path / "run")
+    (run.checkpoint(2)).mkdir(parents=True)
+    (run.checkpoint(2) / rundir.TRAIN_STATE).write_text("{}")
+    (run.checkpoints / ".step-4.abc.tmp").mkdir()
+    (run.checkpoints / ".step-4.abc.tmp" / "model.safetensors").write_bytes(b"partial")
+    (run.path / ".adapter.old").mkdir()
+    (run.path / ".adapter.old" / "adapter_model.safetensors").write_bytes(b"previous")
+    (run.path / ".run.json.x1.tmp").write_text("{")
+    with run.claim("resume"):
+        assert (run.adapter / "adapter_model.safetensors").read_bytes() == b"previous"
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-2"]
+    assert not any(p.name.endswith((".tmp", ".old")) for p in run.path.iterdir())
+
+
+def test_a_new_adapter_moves_the_earlier_evaluation_aside(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_eval({"tuned": []})
+    run.write_reports({"task": []}, "# r", "<p>r</p>")
+    run.retire_evaluation()
+    assert not run.eval_json.exists() and not any(p.exists() for p in run.report_paths)
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.html", "report.json", "report.md"]
+    assert "moved the earlier adapter's evaluation of" in capsys.readouterr().out
+    run.retire_evaluation()  # nothing to move: nothing happens
+    assert len(list(tmp_path.glob("run.replaced-*"))) == 1
+
+
+def test_atomic_writes_take_the_umask_mode(tmp_path: Path) -> None:
+    import os
+
+    from tuneguard.io import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

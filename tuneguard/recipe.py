@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneguard.adapters.capabilities import CAPABILITIES
 from tuneguard.errors import TuneguardError, require_lm_eval
+from tuneguard.io import read_yaml
 from tuneguard.rundir import safe_name
 
 
@@ -147,6 +148,32 @@ class DataConfig(Section):
                 raise ValueError(f"unknown image transform '{op}'; {hint}choose from {', '.join(IMAGE_AUGMENT_OPS)}")
         return ops
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, labels: Any) -> Any:
+        """Raw labels and names are text: ``{0: negative, 1: positive}`` (YAML's integer keys) means what it reads."""
+        def text(x: Any) -> Any:
+            return str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, int | float) else x
+
+        if isinstance(labels, dict):
+            return {text(k): text(v) for k, v in labels.items()}
+        return [text(v) for v in labels] if isinstance(labels, list) else labels
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unambiguous(cls, labels: list[str] | dict[str, str] | None) -> list[str] | dict[str, str] | None:
+        """A row's label may be a class's raw label (its index for a list) or its name; one that is both, for two
+        classes, would be read silently as one of them (star ratings listed as ["1", ..., "5"])."""
+        raw = list(labels) if isinstance(labels, dict) else [str(i) for i in range(len(labels or []))]
+        for i, name in enumerate((labels.values() if isinstance(labels, dict) else labels) or []):
+            if name in raw and raw.index(name) != i:
+                form = "mapping's keys" if isinstance(labels, dict) else "list's indices"
+                raise ValueError(
+                    f"{name!r}, the name of class {i}, is also the raw label of class {raw.index(name)} (the "
+                    f"{form}), so a row labelled {name!r} could mean either; map raw labels to distinct names, "
+                    f"e.g. {{'{name}': 'label {name}'}}")
+        return labels
+
     @field_validator("image_scale")
     @classmethod
     def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
@@ -211,7 +238,7 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     deterministic: bool = False
     log_every: int = Field(5, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -518,13 +545,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise TuneguardError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TuneguardError(f"{path}{where}: malformed YAML: {problem}") from None
+    data = read_yaml(path) or {}
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
     recipe = validate(data, str(path))

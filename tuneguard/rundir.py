@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from tuneguard.adapters.capabilities import reports_rank
 from tuneguard.errors import TuneguardError
-from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text
+from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text, read_yaml, recover_partial_writes
 
 Mode = Literal["new", "resume", "overwrite"]
 
@@ -165,10 +163,7 @@ class RunDir:
     def read_recipe(self) -> dict[str, Any]:
         """The resolved recipe as plain data (not re-validated: an old run must stay readable)."""
         _require(self.recipe)
-        try:
-            data = yaml.safe_load(self.recipe.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TuneguardError(f"{self.recipe}: malformed YAML: {exc}") from None
+        data = read_yaml(self.recipe) or {}
         if not isinstance(data, dict):
             raise TuneguardError(f"{self.recipe}: expected a mapping of recipe sections")
         return data
@@ -395,6 +390,8 @@ class RunDir:
             self._release()
 
     def _prepare(self, mode: Mode) -> None:
+        for folder in (self.path, self.checkpoints):  # what a killed save left: never read, never pruned otherwise
+            recover_partial_writes(folder)
         held = self.contents()
         if mode == "overwrite" and held:
             self._move_aside(held)
@@ -415,7 +412,14 @@ class RunDir:
         return all(name in (RECIPE, METRICS, CHECKPOINTS) or (name.startswith(".") and name.endswith(".tmp"))
                    for name in held)
 
-    def _move_aside(self, names: list[str]) -> None:
+    def retire_evaluation(self) -> None:
+        """Before a new adapter replaces the one eval.json and the reports describe (a resumed, extended run): move
+        them aside, so ``gate`` and ``report`` never pass a run on an earlier adapter's scores."""
+        stale = [p.name for p in (self.eval_json, *self.report_paths) if p.exists()]
+        if stale:
+            self._move_aside(stale, "the earlier adapter's evaluation")
+
+    def _move_aside(self, names: list[str], what: str = "the previous contents") -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
         n = 1
@@ -428,7 +432,7 @@ class RunDir:
                 os.replace(self.path / name, aside / name)
         except OSError as exc:
             raise _os_error(self.path, exc) from None
-        print(f"tuneguard: moved the previous contents of {self.path} to {aside}")
+        print(f"tuneguard: moved {what} of {self.path} to {aside}")
 
     # ----------------------------------------------------------------------------- resuming
 

@@ -71,10 +71,11 @@ def _read_delimited(path: Path, delimiter: str, header_line: bool, columns: list
 
 
 def _read_parquet(path: Path) -> list[Row]:
-    from datasets import Dataset
+    """Read with pyarrow directly: ``datasets`` would also write an Arrow copy into its own cache, outside the
+    run's directories."""
+    import pyarrow.parquet as pq
 
-    table = Dataset.from_parquet(str(path))
-    return [Row(f"{path}:row {i + 1}", dict(r)) for i, r in enumerate(table)]
+    return [Row(f"{path}:row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
 
 
 def read_rows(path: str | Path, fmt: str = "auto", *, header: bool = True, columns: list[str] | None = None) -> list[Row]:

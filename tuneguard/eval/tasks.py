@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneguard.data.examples import ChoiceItem, format_prompt
 from tuneguard.data.readers import read_rows
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import Answer, AnswerFilter, Doc, SpecKind, Task
+from tuneguard.io import read_yaml
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -333,12 +333,7 @@ def load_task_yaml(path: str | Path) -> Task:
     path = Path(path)
     if not path.is_file():
         raise TuneguardError(f"task file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise TuneguardError(f"{path}{where}: malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise TuneguardError(f"{path}: a task file must be a YAML mapping, got {type(data).__name__}")
     try:

@@ -539,6 +539,7 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
     record = run_record(s, state, final_val)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        s.run_dir.retire_evaluation()
         with atomic_dir(s.run_dir.adapter) as tmp:
             acc.unwrap_model(s.loss_model).model.save_pretrained(str(tmp))
             if s.backbone.tokenizer is not None:
