@@ -62,6 +62,18 @@ def test_a_key_given_twice_is_named_with_its_line(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+def test_anchors_and_merge_keys_read_as_yaml_reads_them(tmp_path: Path) -> None:
+    """A merged key a mapping overrides is not a duplicate; the duplicate check must not break ``<<``."""
+    import yaml
+
+    from tuneguard.io import read_yaml
+
+    text = "base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\nlisted:\n  <<: [*b, {z: 4}]\n  y: 5\n"
+    (tmp_path / "m.yaml").write_text(text)
+    assert read_yaml(tmp_path / "m.yaml") == yaml.safe_load(text) == {
+        "base": {"x": 1, "y": 2}, "d": {"x": 3, "y": 2}, "listed": {"x": 1, "y": 5, "z": 4}}
+
+
 @pytest.mark.parametrize(("labels", "problem"), [
     ('["1", "2", "3", "4", "5"]', "'1', the name of class 0, is also the raw label of class 1 (the list's indices)"),
     ("[1, 2]", "'1', the name of class 0, is also the raw label of class 1"),
@@ -78,6 +90,9 @@ def test_labels_are_text_whatever_yaml_made_of_them(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: train.jsonl, labels: {0: negative, 1: positive}}\n")
     assert load_recipe(path).data.labels == {"0": "negative", "1": "positive"}
     assert load_recipe(path, ['data.labels=["0", "1"]']).data.labels == ["0", "1"]  # each its own index: fine
+    assert load_recipe(path, ["data.labels={0.0: neg, 1.0: pos}"]).data.labels == {"0": "neg", "1": "pos"}  # as rows read
+    with pytest.raises(TuneguardError, match=r"read a label as the boolean False; quote it"):
+        load_recipe(path, ["data.labels=[no, yes]"])
 
 
 @pytest.mark.parametrize("seed", ["-5", "4294967296"])

@@ -84,10 +84,15 @@ def test_what_a_killed_save_left_is_cleared_and_a_half_swapped_adapter_restored(
     (run.path / ".adapter.old").mkdir()
     (run.path / ".adapter.old" / "adapter_model.safetensors").write_bytes(b"previous")
     (run.path / ".run.json.x1.tmp").write_text("{")
+    (run.path / ".data.old").mkdir()  # not tuneguard's: left alone, as is a temporary file of another name
+    (run.path / ".notes.txt.x2.tmp").write_text("mine")
+    with pytest.raises(TuneguardError, match="already holds a run"), run.claim("new"):
+        pass
+    assert (run.checkpoints / ".step-4.abc.tmp").exists() and (run.path / ".adapter.old").exists()  # refused: untouched
     with run.claim("resume"):
         assert (run.adapter / "adapter_model.safetensors").read_bytes() == b"previous"
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-2"]
-    assert not any(p.name.endswith((".tmp", ".old")) for p in run.path.iterdir())
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == [".data.old", ".notes.txt.x2.tmp"]
 
 
 def test_a_new_adapter_moves_the_earlier_evaluation_aside(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without setting it (``os.umask`` can only swap, which races other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -73,22 +79,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def recover_partial_writes(folder: Path) -> None:
-    """Undo what a process killed inside :func:`atomic_write_bytes` or :func:`atomic_dir` left in ``folder``: its
-    temporary siblings go, and a folder caught between its two renames gets its previous version back. Only while
-    nothing else can be writing there (a run directory's lock)."""
+def recover_partial_writes(folder: Path, owned: Callable[[str], bool]) -> None:
+    """Undo what a process killed inside :func:`atomic_write_bytes` or :func:`atomic_dir` left in ``folder`` for the
+    names ``owned`` says are the caller's: their temporary siblings go, and a folder caught between its two renames
+    gets its previous version back. Only for names no other process can be writing at the time."""
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if not entry.name.startswith("."):
-            continue
-        if entry.name.endswith(".old") and entry.is_dir():
-            target = folder / entry.name[1:-4]
+        name = entry.name
+        if name.startswith(".") and name.endswith(".old") and owned(name[1:-4]) and entry.is_dir():
+            target = folder / name[1:-4]
             if target.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 os.replace(entry, target)
-        elif entry.name.endswith(".tmp"):
+        elif name.startswith(".") and name.endswith(".tmp") and owned(name[1:].rsplit(".", 2)[0]):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -108,16 +113,20 @@ def read_yaml(path: Path) -> Any:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+    """Checks keys as the document is composed, before merge keys (``<<``) are expanded: a merged key that a
+    mapping overrides is not a duplicate, two keys written in one mapping are."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # the base class names that problem
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+                raise yaml.composer.ComposerError(None, None, f"duplicate key '{key_node.value}'", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

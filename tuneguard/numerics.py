@@ -12,7 +12,7 @@ model's layers and for its vocabulary head: torch's ``F.linear`` calls MKL, and 
 ships oneDNN, which ran SmolLM2's layer shapes 10-15% faster on a Zen 4 EPYC with AVX2 kernels and
 2.6x with AVX-512 (MKL does not use AVX-512 on AMD), but no faster than MKL on a real Zen 3 (AVX2),
 where it ran the LM head's forward (160 positions against 49,152 rows) 1.8x faster (126 vs 71
-GFLOP/s). Unless MKL measures clearly faster here (a tie goes to oneDNN: training peaked ~150 MB lower
+GFLOP/s). Unless MKL measures clearly faster here (a tie goes to oneDNN: training peaked ~130 MB lower
 with it), the fast path's frozen-weight products, the chunked loss and evaluation's decoded layers and
 head use it; elsewhere (MKL faster, oneDNN missing, bf16, autocast, anything autograd must see)
 ``F.linear`` runs.
@@ -51,8 +51,9 @@ EMULATED = 0.5
 """Slower than this fraction of fp32: the hardware does not run the dtype natively."""
 KERNEL_FASTER = 1.05
 """``F.linear`` (MKL) is kept over oneDNN's fp32 linear only where it measured at least this much faster: at a tie
-oneDNN, as training with it peaked lower (the bench configuration with AVX2 kernels: 2,211-2,272 MB against
-2,308-2,531 with the layers on MKL, the same tensors allocated; bench/README.md, "The layers' kernel and the peak")."""
+oneDNN, as training with it peaked lower (the bench configuration with AVX2 kernels, 3-step runs: 2,188-2,286 MB
+against 2,308-2,488 with the layers on MKL, the same tensors allocated; bench/README.md, "The layers' kernel and the
+peak")."""
 KERNEL_ROUNDS = 6
 """Timings of each kernel, alternated (best of each kept): two shared cores drift within a second."""
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")

@@ -151,9 +151,15 @@ class DataConfig(Section):
     @field_validator("labels", mode="before")
     @classmethod
     def _labels_as_text(cls, labels: Any) -> Any:
-        """Raw labels and names are text: ``{0: negative, 1: positive}`` (YAML's integer keys) means what it reads."""
+        """Raw labels and names are text: ``{0: negative, 1: positive}`` (YAML's integer keys) means what it reads, and
+        ``1.0`` reads as ``1``, as a data row's label does. YAML's booleans (``yes``, ``no``, ``on``...) are refused:
+        their words would be lost."""
         def text(x: Any) -> Any:
-            return str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, int | float) else x
+            if isinstance(x, bool):
+                raise ValueError(f"YAML read a label as the boolean {x}; quote it (\"yes\", \"no\") to keep the word")
+            if isinstance(x, float) and x.is_integer():
+                return str(int(x))
+            return str(x) if isinstance(x, int | float) else x
 
         if isinstance(labels, dict):
             return {text(k): text(v) for k, v in labels.items()}

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -390,8 +391,6 @@ class RunDir:
             self._release()
 
     def _prepare(self, mode: Mode) -> None:
-        for folder in (self.path, self.checkpoints):  # what a killed save left: never read, never pruned otherwise
-            recover_partial_writes(folder)
         held = self.contents()
         if mode == "overwrite" and held:
             self._move_aside(held)
@@ -400,11 +399,20 @@ class RunDir:
                 f"{self.path}: no checkpoint to resume from (it holds {', '.join(held[:4])}); "
                 "pass --overwrite to start again, moving the old contents aside"
             )
+        elif mode == "resume":
+            self._recover_training_writes()
         elif mode == "new" and held:
             raise TuneguardError(
                 f"{self.path}: already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
                 "pass --resume to continue it or --overwrite to move it aside and start again"
             )
+
+    def _recover_training_writes(self) -> None:
+        """What a killed training save left (a checkpoint's or the adapter's temporary folder, a half-swapped
+        adapter), never read and never pruned otherwise. Only names training writes, which nothing else writes
+        while this run holds the directory (``eval`` and ``export`` take no lock)."""
+        recover_partial_writes(self.path, lambda name: name in (RECIPE, RUN, METRICS, ADAPTER))
+        recover_partial_writes(self.checkpoints, lambda name: re.fullmatch(r"step-\d+", name) is not None)
 
     @staticmethod
     def unfinished_start(held: list[str]) -> bool:

@@ -101,8 +101,8 @@ def aggregate_rows(
 def bootstrap_deltas(base: TaskResult, tuned: TaskResult, *, n_boot: int, seed: int) -> np.ndarray:
     """``n_boot`` resampled values of ``tuned - base``; items are drawn jointly to keep the pairs.
 
-    The generator is seeded from ``seed`` and the task name, so a task's interval does not
-    depend on which other tasks were compared alongside it.
+    The generator is seeded from ``seed`` and the task name, so a task's draws do not depend on which
+    other tasks were compared alongside it (how many it makes does: ``verdicts.resamples``).
     """
     b, t = np.asarray(base.per_item, float), np.asarray(tuned.per_item, float)
     wb = None if base.weights is None else np.asarray(base.weights, float)

@@ -256,6 +256,7 @@ def compare_pairs(
     out = []
     for i, ev in enumerate(evidence):
         p, level = corrected.get(i, (ev.p, alpha))
+        p = math.nan if math.isnan(ev.p) else p  # no test ran: no adjusted p either
         out.append(_finish(ev, is_general=ev.base.task in general_tasks, level=level, p_adjusted=p,
                            correction=correction if i in corrected else "none",
                            margin=margin_for(margin, ev.base.task), alpha=alpha))

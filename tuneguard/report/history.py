@@ -88,6 +88,8 @@ def _connect(db: Path | None) -> sqlite3.Connection:
     db.parent.mkdir(parents=True, exist_ok=True)
     try:
         return _open(db)
+    except sqlite3.OperationalError:
+        raise  # locked by another process, read-only: the caller's warning; it is not damaged
     except sqlite3.DatabaseError as exc:
         if not db.exists():
             raise
