@@ -29,6 +29,12 @@ def test_unknown_key_names_path_and_suggestion(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+def test_a_misspelt_section_is_named_before_the_missing_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "dta: {train: train.jsonl, labels: [a, b]}\n")
+    with pytest.raises(TuneguardError, match=r"unknown key 'dta'; did you mean 'data'\? \(and 1 more problem"):
+        load_recipe(path)
+
+
 def test_unknown_section_suggests_closest(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrian: {lr: 1}\n")
     with pytest.raises(TuneguardError, match=r"unknown key 'trian'; did you mean 'train'"):
@@ -39,6 +45,9 @@ def test_wrong_type_names_path_and_expected_type(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\ntrain: {batch_size: many}\n")
     with pytest.raises(TuneguardError, match=r"'train.batch_size': Input should be a valid integer"):
         load_recipe(path)
+    with pytest.raises(TuneguardError, match=r"'train.batch_size': expected a number, got the boolean true"):
+        load_recipe(path, ["train.batch_size=true"])  # pydantic alone would read it as 1
+    assert load_recipe(path, ["train.batch_size=2", "model.trust_remote_code=true"]).model.trust_remote_code
 
 
 def test_missing_data_file_is_named(tmp_path: Path) -> None:

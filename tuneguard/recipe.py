@@ -9,10 +9,18 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tuneguard.adapters.capabilities import CAPABILITIES
 from tuneguard.errors import TuneguardError, require_lm_eval
@@ -22,6 +30,17 @@ from tuneguard.rundir import safe_name
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``batch_size: true`` would pass as 1 (pydantic's lax mode reads a boolean as a number)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
@@ -540,7 +559,7 @@ def validate(data: Any, origin: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a misspelt key explains a missing one
         first = _describe(errors[0], origin)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise TuneguardError(first + more) from None
