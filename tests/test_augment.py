@@ -213,4 +213,9 @@ def test_preview_errors_are_one_line_naming_the_key(tmp_path: Path, capsys: pyte
     assert main(["data", "preview", str(path), "data.augment=[synonym,typo]"]) == 2
     assert "'data.augment': unknown operation 'typo'" in capsys.readouterr().err
     assert main(["data", "preview", str(path), "data.augment=swap", "data.text_field=body"]) == 2
+    err = capsys.readouterr().err  # the template reads {text}: augmenting 'body' would copy rows unchanged
+    assert "data.augment edits data.text_field ('body'), which the rows' prompt ('Review: {text}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["data", "preview", str(path), "data.augment=swap", "data.text_field=body",
+                 "data.prompt_template='Review: {body}'"]) == 2
     assert "data.text_field: no usable training row has text in the field 'body'" in capsys.readouterr().err

@@ -347,6 +347,20 @@ def test_corrupt_adapter_is_refused_by_export_and_eval(tmp_path: Path, tiny_llam
     assert not (run_dir / "merged").exists() and not (run_dir / "eval.json").exists()
 
 
+def test_the_model_card_says_how_instruction_rows_were_prompted() -> None:
+    """Prompt/response rows train on the prompt field as written (no template), and no chat template is used where
+    the tokenizer has none, whatever data.use_chat_template says."""
+    from tuneguard.export import model_card
+    from tuneguard.recipe import validate
+
+    recipe = validate({"data": {"kind": "instruction", "train": "x.jsonl"}}, "r.yaml")
+    card = model_card(recipe, chat_template=False)
+    assert "- chat template: not used (plain text)" in card and "`prompt` field as written" in card
+    assert "{text}" not in card
+    templated = validate({"data": {"kind": "instruction", "train": "x.jsonl", "prompt_template": "Q: {q}"}}, "r.yaml")
+    assert "Q: {q}" in model_card(templated, chat_template=True) and "used (the tokenizer" in model_card(templated, True)
+
+
 def test_export_carries_labels_and_prompt_and_is_verified(tmp_path: Path, tiny_llama_dir: Path,
                                                           tiny_bert_dir: Path, capsys) -> None:
     from transformers import AutoConfig

@@ -104,6 +104,54 @@ def test_instruction_loss_only_on_assistant_turns(tmp_path: Path, tokenizer) -> 
         build_examples(read_rows(bad), cfg, tokenizer, is_encoder=False, what="training")
 
 
+def test_messages_without_a_chat_template_learn_the_last_assistant_turn(tmp_path: Path, tokenizer) -> None:
+    """Plain-text rendering: a user turn after the answer is not the answer; the system prompt applies to message
+    rows as to prompt/response rows."""
+    msgs = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"},
+            {"role": "user", "content": "thanks"}]
+    path = jsonl(tmp_path / "d.jsonl", [{"messages": msgs}])
+    for template in (False, True):
+        cfg = DataConfig(kind="instruction", train=str(path), use_chat_template=template, system_prompt="SYS RULES")
+        (example,), _ = build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")
+        assert tokenizer.decode([t for t in example.labels if t != IGNORE]).startswith("four")
+        assert "SYS RULES" in tokenizer.decode(example.input_ids)
+
+
+def test_held_out_validation_is_a_sample_not_the_first_rows(tmp_path: Path) -> None:
+    """Rows split off the training file keep file order; on a file sorted by label the first N were one class."""
+    from tuneguard.data.prepare import read_split
+
+    path = jsonl(tmp_path / "sorted.jsonl", [{"text": f"review {i}", "label": int(i >= 500)} for i in range(1000)])
+    _, val = read_split(cls_cfg(path, val_fraction=0.2, max_val_samples=50), seed=0)
+    labels = [r.fields["label"] for r in val]
+    assert len(labels) == 50 and 15 <= sum(labels) <= 35
+    other = jsonl(tmp_path / "val.jsonl", [{"text": f"v {i}", "label": i % 2} for i in range(10)])
+    _, first = read_split(cls_cfg(path, validation=str(other), max_val_samples=4), seed=0)
+    assert [r.fields["text"] for r in first] == ["v 0", "v 1", "v 2", "v 3"]  # a validation file: its first N
+
+
+def test_encoder_rows_that_just_fit_are_not_truncated(tmp_path: Path, tokenizer) -> None:
+    text = "a b c d"
+    fit = len(tokenizer(f"Review: {text}")["input_ids"])
+    path = jsonl(tmp_path / "d.jsonl", [{"text": text, "label": 1}])
+    for max_length, truncated in ((fit, False), (fit - 1, True)):
+        (example,), _ = build_examples(read_rows(path), cls_cfg(path, max_length=max_length), tokenizer,
+                                       is_encoder=True, what="training")
+        assert example.truncated is truncated
+
+
+def test_replay_is_refused_for_an_encoder_and_shares_no_passage_with_boolq(tmp_path: Path, tokenizer) -> None:
+    from tuneguard.data.prepare import BUNDLED_REPLAY
+
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+    with pytest.raises(TuneguardError, match="an encoder's classification head has no use for it"):
+        prepare_data(cls_cfg(path, replay="bundled:wiki", replay_fraction=0.2), tokenizer, is_encoder=True, seed=0)
+    boolq = Path(__file__).parent.parent / "tuneguard" / "eval" / "data" / "boolq.jsonl"
+    asked = {json.loads(line)["passage"] for line in boolq.read_text().splitlines()}
+    replay = [json.loads(line) for line in BUNDLED_REPLAY["wiki"].read_text().splitlines()]
+    assert len(replay) == 788 and not {f"{w['title']} -- {w['text']}" for w in replay} & asked
+
+
 def test_text_kind_windows_keep_every_token(tmp_path: Path, tokenizer) -> None:
     text = "the movie was great and the acting was wonderful " * 10
     path = jsonl(tmp_path / "d.jsonl", [{"text": text}])

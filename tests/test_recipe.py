@@ -111,6 +111,19 @@ def test_a_seed_out_of_range_is_one_line(tmp_path: Path, seed: str) -> None:
         load_recipe(path, [f"train.seed={seed}"])
 
 
+@pytest.mark.parametrize(("data", "problem"), [
+    ("{train: train.jsonl, labels: [a, b], prompt_template: 'Review: {sentence}', augment: synonym}",
+     "data.augment edits data.text_field ('text'), which the rows' prompt ('Review: {sentence}') does not read"),
+    ("{kind: instruction, train: train.jsonl, augment: swap}", "(the prompt field 'prompt' as written) does not read"),
+])
+def test_augmenting_a_field_the_prompt_does_not_read_is_refused(tmp_path: Path, data: str, problem: str) -> None:
+    with pytest.raises(TuneguardError, match=re.escape(problem)):
+        load_recipe(write(tmp_path, f"data: {data}\n"))
+    fixed = load_recipe(write(tmp_path, f"data: {data}\n"), ["data.text_field=sentence"] if "sentence" in data else
+                        ["data.prompt_template='Q: {text}'"])
+    assert fixed.data.augment_ops
+
+
 def test_classification_needs_labels(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {train: train.jsonl}\n")
     with pytest.raises(TuneguardError, match="data.labels is required"):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from tuneguard.adapters.registry import load_adapter, method_spec
 from tuneguard.backbones import load_backbone
-from tuneguard.data.examples import label_index
+from tuneguard.data.examples import has_chat_template, label_index
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.guards import PROBE
 from tuneguard.io import atomic_dir, atomic_write_json, atomic_write_text
@@ -56,7 +56,7 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
             merged.save_pretrained(tmp, safe_serialization=True)
             backbone.tokenizer.save_pretrained(tmp)
             if not backbone.is_encoder:
-                atomic_write_text(tmp / "README.md", model_card(recipe))
+                atomic_write_text(tmp / "README.md", model_card(recipe, has_chat_template(backbone.tokenizer, recipe.data)))
             verify_export(tmp, backbone.is_encoder, ids, expected, dtype)
             atomic_write_json(tmp / MARKER, {"recipe": recipe.output.name, "adapter": str(adapter_dir), "dtype": dtype})
     except OSError as exc:
@@ -81,8 +81,9 @@ def verify_export(folder: Path, is_encoder: bool, ids: torch.Tensor, expected: t
                              f"adapter model's by {diff:.3g} of their scale (allowed {TOLERANCE[dtype]:g})")
 
 
-def model_card(recipe: Recipe) -> str:
-    """What a user of the merged decoder needs to prompt it as it was trained."""
+def model_card(recipe: Recipe, chat_template: bool) -> str:
+    """What a user of the merged decoder needs to prompt it as it was trained (``chat_template``: training rendered
+    rows with the tokenizer's template, which it does only where the tokenizer has one)."""
     data = recipe.data
     lines = [
         f"# {recipe.output.name}: {recipe.model.source} with a merged {recipe.adapter.method} adapter",
@@ -90,11 +91,14 @@ def model_card(recipe: Recipe) -> str:
         "Exported by tuneguard. Prompt the model as it was trained:",
         "",
         f"- task kind: `{data.kind}`",
-        f"- chat template: {'used (the tokenizer saved here carries it)' if data.use_chat_template else 'not used'}",
+        f"- chat template: {'used (the tokenizer saved here carries it)' if chat_template else 'not used (plain text)'}",
     ]
     if data.system_prompt:
         lines.append(f"- system prompt: `{data.system_prompt}`")
-    if data.kind != "text":
+    if data.kind == "instruction" and data.prompt_template is None:
+        lines.append(f"- prompt: a row's `{data.prompt_field}` field as written (or its `{data.messages_field}`), "
+                     f"answered with its `{data.response_field}`")
+    elif data.kind != "text":
         lines += ["- prompt template (fields of a row go in as `{name}`):", "", "```", data.template, "```"]
     if data.kind == "classification":
         _, verbalizers = label_index(data)

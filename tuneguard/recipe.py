@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import string
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -216,6 +217,20 @@ class DataConfig(Section):
             return "data.augment is text augmentation; for images use data.image_augment (rotate, scale, hflip, ...)"
         return None
 
+    def augment_problem(self) -> str | None:
+        """Text augmentation edits ``text_field``; where the rows' prompt does not read it, every copy would equal its
+        original (the row silently weighted 1 + copies times)."""
+        if not self.augment_ops or self.kind not in ("classification", "instruction"):
+            return None
+        as_written = self.kind == "instruction" and self.prompt_template is None  # the prompt field (or messages)
+        reads = set() if as_written else {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        if self.text_field in reads:
+            return None
+        prompt = f"the prompt field '{self.prompt_field}' as written" if as_written else repr(self.template)
+        return (f"data.augment edits data.text_field ('{self.text_field}'), which the rows' prompt ({prompt}) does not "
+                "read, so each copy would equal its original; name the field to augment in data.text_field"
+                + (" and read it in data.prompt_template" if as_written else ""))
+
     @property
     def augment_ops(self) -> list[str]:
         """The operations in effect, aliases resolved; empty when augmentation is off."""
@@ -416,7 +431,7 @@ class Recipe(Section):
             raise ValueError("data.header: false needs data.columns to name the columns")
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
-        if problem := self.data.fold_problem():
+        if problem := self.data.fold_problem() or self.data.augment_problem():
             raise ValueError(problem)
         if problem := self.train.selection_problem(self.data):
             raise ValueError(problem)

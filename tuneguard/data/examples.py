@@ -159,7 +159,8 @@ def classification_example(
     prompt = format_prompt(cfg.template, fields)
     if is_encoder:
         ids = tokenizer(prompt, truncation=True, max_length=cfg.max_length)["input_ids"]
-        example = Example(ids, [IGNORE] * len(ids), label, truncated=len(ids) >= cfg.max_length)
+        full = len(tokenizer(prompt)["input_ids"]) if len(ids) == cfg.max_length else len(ids)
+        example = Example(ids, [IGNORE] * len(ids), label, truncated=full > cfg.max_length)
         return example, ChoiceItem(ids, [], label, row.where, prompt)
     context = encode_context(tokenizer, cfg, prompt)
     choices = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
@@ -182,6 +183,8 @@ def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
             raise ValueError(f"'{cfg.messages_field}' must be a list of {{role, content}} objects")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"'{cfg.messages_field}' has no assistant turn to learn from")
+        if cfg.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
         return messages
     if cfg.response_field not in fields or not str(fields[cfg.response_field]).strip():
         raise ValueError(f"missing field '{cfg.response_field}'")
@@ -195,9 +198,11 @@ def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
 def instruction_example(row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, end: list[int]) -> Example:
     messages = instruction_messages(row, cfg)
     if not has_chat_template(tokenizer, cfg):
-        prompt = "\n".join(m["content"] for m in messages[:-1])
+        # Plain text: the last assistant turn is the answer, everything before it the prompt (turns after it: none).
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = "\n".join(m["content"] for m in messages[:last])
         context = encode_context(tokenizer, cfg, prompt) if not cfg.system_prompt else tokenizer(prompt + "\n")["input_ids"]
-        answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + end
+        answer = tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"] + end
         ids, labels = context + answer, [IGNORE] * len(context) + answer
     else:
         # Each assistant turn is learned; everything else (system, user, template markup) is context.

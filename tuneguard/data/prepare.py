@@ -81,7 +81,10 @@ def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:
     if cfg.folds is not None:
         return fold_split(sample_rows(rows, cfg.max_train_samples, seed), cfg, seed)
     train_rows, val_rows = split_rows(rows, cfg, seed)
-    return sample_rows(train_rows, cfg.max_train_samples, seed), val_rows[: cfg.max_val_samples]
+    # A validation file's first N rows (lm-eval's --limit); rows held out of the training file are a seeded sample
+    # of them, as file order there may be sorted by label.
+    val_rows = val_rows[: cfg.max_val_samples] if cfg.validation else sample_rows(val_rows, cfg.max_val_samples, seed + 2)
+    return sample_rows(train_rows, cfg.max_train_samples, seed), val_rows
 
 
 def _input_fields(cfg: DataConfig) -> set[str] | None:
@@ -176,6 +179,9 @@ def prepare_data(
     assert tokenizer is not None
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
+    if is_encoder and cfg.replay and cfg.replay_fraction > 0:
+        raise TuneguardError("data.replay mixes general text into a language model's training; an encoder's "
+                             "classification head has no use for it (set data.replay_fraction=0)")
     train_rows, val_rows = read_split(cfg, seed)
     bad_train, bad_val = Problems(), Problems()
     train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_seed=seed,
