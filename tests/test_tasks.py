@@ -314,6 +314,9 @@ def test_recipe_items_are_scored_by_verbalizer(tiny_llama) -> None:
         ({"name": "t", "kind": "ranking"}, "'kind'"),
         ({"name": "t", "kind": "perplexity", "metric": "acc"}, "'metric' must be one of perplexity"),
         ({"name": "t", "kind": "generation", "target_field": "a", "max_new_tokens": 0}, "'max_new_tokens'"),
+        ({"name": "t", "kind": "multiple_choice", "choices": ["a"], "gold_field": "g"}, "at least two options"),
+        ({"name": "t", "kind": "classification", "choices": [True, False], "gold_field": "g"},
+         r"as booleans; quote them \("),
     ],
 )
 def test_bad_task_yaml_names_the_file_and_key(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
@@ -331,6 +334,9 @@ def test_bad_task_data_names_the_row(tmp_path: Path) -> None:
         load_task_yaml(_write(tmp_path, spec, [{"g": 1}])).docs()
     with pytest.raises(TuneguardError, match=r"data.jsonl:1: 'g' index 5 is out of range"):
         load_task_yaml(_write(tmp_path, spec, [{"q": "x", "g": 5}])).docs()
+    own = {"name": "t", "kind": "multiple_choice", "choices_field": "o", "gold_field": "g"}
+    with pytest.raises(TuneguardError, match=r"data.jsonl:1: 'o' must be a list of at least two options"):
+        load_task_yaml(_write(tmp_path, own, [{"o": ["only"], "g": 0}])).docs()  # one option is always right
     (tmp_path / "bad.yaml").write_text("name: [unclosed")
     with pytest.raises(TuneguardError, match=r"bad.yaml:\d+:\d+: malformed YAML"):
         load_task_yaml(tmp_path / "bad.yaml")

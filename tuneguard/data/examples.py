@@ -223,7 +223,8 @@ def instruction_example(row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenize
 
 
 def text_examples(row: Row, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
-    """Long texts are cut into ``max_length`` windows, not truncated: nothing is thrown away."""
+    """Long texts are cut into ``max_length`` windows, not truncated: every token is trained on (each window's first
+    token only as context, as it has none before it)."""
     fields = row.fields or {}
     text = fields.get(cfg.text_field)
     if not isinstance(text, str) or not text.strip():

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneguard.data.examples import ChoiceItem, format_prompt
 from tuneguard.data.readers import read_rows
@@ -256,11 +256,20 @@ class TaskSpec(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)
 
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _choices_as_written(cls, choices: Any) -> Any:
+        if isinstance(choices, list) and any(isinstance(c, bool) for c in choices):
+            raise ValueError(f"YAML read 'choices' {choices} as booleans; quote them (\"yes\", \"no\") to keep the words")
+        return choices
+
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
         if self.kind in ("multiple_choice", "classification"):
             if (self.choices is None) == (self.choices_field is None):
                 raise ValueError("give exactly one of 'choices' and 'choices_field'")
+            if self.choices is not None and len(self.choices) < 2:
+                raise ValueError("'choices' needs at least two options (one is always right)")
             if self.kind == "classification" and self.choices is None:
                 raise ValueError("'choices' (the label verbalizers) is required for kind 'classification'")
             if not self.gold_field:
@@ -315,8 +324,8 @@ def _spec_doc(spec: TaskSpec, fields: dict[str, Any], where: str) -> Doc:
         options = spec.choices
         if options is None:
             options = _field(fields, spec.choices_field or "", where)
-            if not isinstance(options, list) or not options:
-                raise TuneguardError(f"{where}: '{spec.choices_field}' must be a non-empty list of options")
+            if not isinstance(options, list) or len(options) < 2:
+                raise TuneguardError(f"{where}: '{spec.choices_field}' must be a list of at least two options")
             options = [str(o) for o in options]
         gold = _gold(_field(fields, spec.gold_field or "", where), options, where, spec.gold_field or "")
         return Doc(context=context, choices=list(options), gold=gold)
