@@ -284,6 +284,32 @@ def test_compare_adapters_on_one_base(tmp_path: Path, tiny_llama_dir: Path) -> N
     assert cli_main(["compare", dirs[0], "--out", str(out)]) == 2
 
 
+def test_compare_keeps_same_named_tasks_apart_and_takes_any_folder_name(tmp_path: Path, tiny_llama_dir: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """Two runs named alike (``output.name`` defaults to the recipe file's name) validate on other items: their
+    results were keyed by the task's name, so one run's base scores stood in for the other's. A "." in a run's folder
+    name is not a PEFT adapter name."""
+    from tuneguard.cli import main as cli_main
+    from tuneguard.recipe import load_recipe
+    from tuneguard.train.loop import train
+
+    from .test_train import make_run
+
+    def run(folder: str, name: str, seed: int) -> str:
+        path = make_run(tmp_path / folder, tiny_llama_dir, output={"name": name}, train={"max_steps": 2, "seed": seed},
+                        eval={"task": True, "suites": [], "limit": 6})
+        recipe = load_recipe(path)
+        train(recipe, recipe.run_dir(path))
+        return str(recipe.run_dir(path))
+
+    a, b, dotted = run("a", "x", 1), run("b", "x", 7), run("c", "lora-v1.5", 1)
+    assert cli_main(["compare", a, b, "--out", str(tmp_path / "same")]) == 2
+    assert "its task 'x (validation)' has other items than another run's task of that name" in capsys.readouterr().err
+    assert cli_main(["compare", a, dotted, "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["x", "lora-v1.5"]
+
+
 def test_margin_and_correction_are_recipe_keys() -> None:
     from pydantic import ValidationError
 

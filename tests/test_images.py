@@ -96,6 +96,35 @@ def test_class_folders_and_tables_give_the_same_images(tmp_path: Path, resnet_di
     assert seen[0][0][2] == (1, 16, 16)  # the backbone's one channel, resized to data.image_size
 
 
+def test_hidden_files_in_class_folders_are_not_images(tmp_path: Path) -> None:
+    """macOS writes ``._name.png`` sidecars on exFAT and network drives: not images, so not bad rows."""
+    from tuneguard.data.images import folder_rows
+    from tuneguard.recipe import DataConfig
+
+    kept = save_digits(tmp_path / "digits", per_class=1)
+    (tmp_path / "digits" / "0" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    cfg = DataConfig(kind="image_classification", train=str(tmp_path / "digits"), labels=[str(i) for i in range(10)])
+    rows = folder_rows(tmp_path / "digits", cfg)
+    assert len(rows) == sum(len(p) for p in kept.values()) and not any("._" in r.where for r in rows)
+
+
+def test_sixteen_bit_images_are_scaled_and_float_ones_refused(tmp_path: Path) -> None:
+    """Pillow's convert clips 16-bit greyscale to 255 (a scan's pixels nearly all white); floats have no scale."""
+    import numpy as np
+    from PIL import Image
+
+    from tuneguard.data.images import decode
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    pixels = decode(str(tmp_path / "scan.png"), 1, 32)
+    assert pixels.min().item() == 0 and pixels.max().item() == 255 and (pixels == 255).float().mean() < 0.01
+    Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match="floating-point pixels have no fixed 8-bit scale"):
+        decode(str(tmp_path / "f.tiff"), 3, 8)
+
+
 def test_missing_and_unreadable_images_are_named(tmp_path: Path, resnet_dir: Path) -> None:
     save_digits(tmp_path / "digits", per_class=1)
     (tmp_path / "broken.png").write_bytes(b"not a png")

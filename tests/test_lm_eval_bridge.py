@@ -4,6 +4,7 @@ model, suites in recipes, the offline and missing-extra errors, and a score cach
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -306,3 +307,33 @@ def test_vendored_lm_eval_task_runs_offline_and_agrees_with_the_native_one(tiny_
     assert vendored.metrics["acc"] == native.metrics["acc"] and vendored.metrics["acc_norm"] == native.metrics["acc_norm"]
     with pytest.raises(TuneguardError, match="lm_eval:mmlu@vendored: tuneguard vendors data for arc_easy"):
         get_tasks(["lm_eval:mmlu@vendored"])
+
+
+def test_base_and_tuned_are_shown_the_same_shots(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's shot sampler keeps one generator across items; the same task object scores the base and then the
+    tuned model, which must see the same prompts for the comparison to be paired."""
+    model, tokenizer = tiny_llama
+    seen: list[list[str]] = []
+
+    def record(self: TuneguardLM, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        seen.append([r.args[0] for r in requests])
+        return [(-1.0, False)] * len(requests)
+
+    monkeypatch.setattr(TuneguardLM, "loglikelihood", record)
+    (task,) = get_tasks(["lm_eval:arc_easy@vendored"], LmEvalConfig(num_fewshot=3, apply_chat_template=False))
+    docs = task.docs(4)
+    task.external.score(model, tokenizer, docs, 8)
+    task.external.score(model, tokenizer, docs, 8)
+    assert seen[0] == seen[1] and seen[0][0].count("Answer:") == 4  # three shots and the item
+
+
+def test_a_template_without_a_system_role_drops_the_system_turn(tiny_llama) -> None:
+    """As lm-eval's HF model: a task description or system instruction is dropped where the template refuses it."""
+    model, tokenizer = tiny_llama
+    tokenizer = copy.deepcopy(tokenizer)  # the fixture's is shared by the session
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    lm = TuneguardLM(model, tokenizer, adapter=False, batch_size=2)
+    text = lm.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == "user: hi\nassistant:"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from tuneguard.backbones import ImageSpec
@@ -29,7 +31,8 @@ def folder_rows(root: Path, cfg: DataConfig) -> list[Row]:
     """ImageFolder's layout: ``root/<label>/<image>``, classes by folder name, files in sorted order."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     rows = [Row(str(f), {cfg.image_field: str(f), cfg.label_field: d.name})
-            for d in classes for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            for d in classes for f in sorted(d.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]  # macOS's ._x.png sidecars
     if not rows:
         raise TuneguardError(f"{root}: no images in class folders (expected {root}/<label>/<image>.png, "
                              f"suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -82,12 +85,26 @@ class ImageExample:
     pipeline: ImagePipeline
 
 
+def _eight_bit(img: Any, path: str) -> Any:
+    """16-bit greyscale scaled to 8 bits (Pillow's ``convert`` clips it: most pixels of a 16-bit scan read 255);
+    32-bit integer and float pixels have no fixed range, so they are refused."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        raise ValueError(f"unreadable image {path}: {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels "
+                         "have no fixed 8-bit scale; save it with 8 or 16 bits a channel")
+    return img
+
+
 def decode(path: str, channels: int, size: int) -> torch.Tensor:
     """An image file as a (channels, size, size) uint8 tensor (bilinear resize); ValueError naming the problem."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            img = _eight_bit(img, path)
             img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     except FileNotFoundError:

@@ -58,6 +58,7 @@ def _by_peft_type(runs: list[tuple[str, Path, Recipe]]) -> list[list[tuple[str, 
 def _own_tasks(runs: list[tuple[str, Path, Recipe]], tokenizer: Any, limit: int | None) -> dict[str, Task | None]:
     """Each run's own validation task; runs whose validation items are the same share one task."""
     by_items: dict[tuple[str, ...], Task] = {}
+    items_of: dict[str, tuple[str, ...]] = {}
     out: dict[str, Task | None] = {}
     for label, _, recipe in runs:
         task = None
@@ -66,7 +67,11 @@ def _own_tasks(runs: list[tuple[str, Path, Recipe]], tokenizer: Any, limit: int 
                                 packable=method_spec(recipe.adapter).packable)
             task = recipe_task(recipe, data, is_encoder=False)
         if task is not None:
-            task = by_items.setdefault(tuple(d.hash() for d in task.docs(limit)), task)
+            items = tuple(d.hash() for d in task.docs(limit))
+            task = by_items.setdefault(items, task)
+            if items_of.setdefault(task.name, items) != items:  # results are keyed by task name
+                raise TuneguardError(f"{label}: its task '{task.name}' has other items than another run's task of "
+                                     "that name; give the runs distinct output.name to compare them")
         out[label] = task
     return out
 
@@ -79,7 +84,7 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
     backbone = load_backbone(first.model, first.quantization)
     if backbone.is_encoder:
         raise TuneguardError("tuneguard compare scores decoder backbones (encoders carry a head per run)")
-    general = get_tasks(tasks if tasks is not None else first.eval.suites)
+    general = get_tasks(tasks if tasks is not None else first.eval.suites, first.eval.lm_eval)
     own = _own_tasks(runs, backbone.tokenizer, limit or first.eval.limit)
     shared = list({id(t): t for t in own.values() if t is not None}.values())
     if not general and not shared:
@@ -96,12 +101,13 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
     tuned: dict[str, dict[str, TaskResult]] = {}
     model: Any = backbone.model
     groups = _by_peft_type(runs)
+    peft_name = {label: f"run{i}" for i, (label, _, _) in enumerate(runs)}  # a folder name may hold a "."
     for i, group in enumerate(groups):
         # PEFT holds adapters of one type per model: load a group, score it, unload (nothing is merged).
         for label, d, _ in group:
-            model = load_adapter(model, RunDir(d).adapter, name=label)
+            model = load_adapter(model, RunDir(d).adapter, name=peft_name[label])
         for label, _, _ in group:
-            model.set_adapter(label)
+            model.set_adapter(peft_name[label])
             tuned[label] = score(model, general + ([own[label]] if own[label] else []), label)
         if i < len(groups) - 1:
             model = _without_adapters(model, first)

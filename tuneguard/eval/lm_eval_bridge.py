@@ -135,9 +135,20 @@ class TuneguardLM(LM):
         return self.tokenizer.chat_template if chat_template is not False else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        """As lm-eval's HF model: a template that refuses a system turn (a task's description, the system
+        instruction) gets the history without it."""
+        from jinja2 import TemplateError
+
+        def render(history: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except TemplateError:
+            if not any(m["role"] == "system" for m in chat_history):
+                raise
+            return render([m for m in chat_history if m["role"] != "system"])
 
     def set_cache_hook(self, cache_hook: Any) -> None:
         # lm-eval's --use_cache keys a response by the request alone, not by the model or adapter
@@ -193,6 +204,9 @@ class LmEvalTask:
 
         lm = TuneguardLM(model, tokenizer, adapter=True, batch_size=batch_size, advance=advance)
         name = self.task.task_name
+        # lm-eval's shot sampler keeps one generator that moves on with every item: reset it, or the tuned model
+        # (scored after the base on the same task object) would be shown other shots than the base was.
+        self.task.set_fewshot_seed(seed=FEWSHOT_SEED)
         with _quiet():
             results = evaluate(
                 lm, {"tasks": {name: self.task}, "groups": {}}, samples={name: [int(d.ref or 0) for d in docs]},
