@@ -234,6 +234,17 @@ def test_generate_until_matches_unbatched_greedy(tiny_llama) -> None:
     assert cut == batched[0][: batched[0].index(stop)]
 
 
+def test_a_stop_string_counts_only_in_the_generated_text(tiny_llama) -> None:
+    """As lm-eval decides it: a stop string straddling the prompt's end and the first generated text does not stop
+    the generation (transformers' stop_strings matched it there and returned almost nothing)."""
+    model, tok = tiny_llama
+    ctx = tok("four", add_special_tokens=False)["input_ids"]
+    free = generate_until(model, tok, [ctx], until=[], max_new_tokens=8)[0]
+    straddling = "four"[-2:] + free[:1]
+    assert free and straddling not in free  # the precondition: it occurs only across the boundary
+    assert generate_until(model, tok, [ctx], until=[straddling], max_new_tokens=8)[0] == free
+
+
 def test_head_logits_are_the_heads(tiny_bert_dir) -> None:
     model = BertForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_bert_dir)

@@ -18,10 +18,17 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from tuneguard.errors import TuneguardError
@@ -446,6 +453,19 @@ def rolling_loglikelihood(
     return [RollingScore(nll[i], n_tokens[i], len(t.encode("utf-8"))) for i, t in enumerate(texts)]
 
 
+class _StopInGenerated(StoppingCriteria):
+    """A row is done once its generated text holds a stop string, as lm-eval decides it: transformers' own
+    ``stop_strings`` also match text that straddles the prompt's end (a prompt ending in a newline and a first
+    generated newline would stop a ``"\n\n"`` task at once)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: int) -> None:
+        self.tokenizer, self.stops, self.start = tokenizer, [s for s in stops if s], start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
 def generate_until(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -460,7 +480,6 @@ def generate_until(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        stop_strings=list(until) or None,
     )
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     out: list[str] = [""] * len(contexts)
@@ -475,8 +494,9 @@ def generate_until(
                 ctx = list(contexts[i])
                 ids[b, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
                 attn[b, width - len(ctx) :] = 1
+            stop = StoppingCriteriaList([_StopInGenerated(tokenizer, until, width)] if any(until) else [])
             generated = model.generate(
-                input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config, tokenizer=tokenizer
+                input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config, stopping_criteria=stop
             )
             for b, i in enumerate(chunk):
                 text = tokenizer.decode(generated[b, width:], skip_special_tokens=True)
