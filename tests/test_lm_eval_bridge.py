@@ -337,3 +337,15 @@ def test_a_template_without_a_system_role_drops_the_system_turn(tiny_llama) -> N
     lm = TuneguardLM(model, tokenizer, adapter=False, batch_size=2)
     text = lm.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert text == "user: hi\nassistant:"
+
+
+def test_whitespace_context_and_empty_continuation(tiny_llama) -> None:
+    """A context of only whitespace is an empty one (the whitespace goes to the continuation, scored from the
+    prefix token); an empty continuation is one line naming the problem, not a bare ValueError."""
+    model, tokenizer = tiny_llama
+    lm = TuneguardLM(model, tokenizer, adapter=False, batch_size=2)
+    (ws, _), (empty, _) = lm.loglikelihood([Instance("loglikelihood", {}, ("\n", "the movie"), 0),
+                                            Instance("loglikelihood", {}, ("", "\nthe movie"), 1)])
+    assert ws == pytest.approx(empty)
+    with pytest.raises(TuneguardError, match="empty continuation after 'the movie'"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("the movie", ""), 0)])

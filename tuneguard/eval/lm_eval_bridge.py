@@ -80,9 +80,13 @@ class TuneguardLM(LM):
                 yield
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context:
+        if not continuation:
+            raise TuneguardError(f"lm-eval asked for the log-likelihood of an empty continuation after {context[-40:]!r}; "
+                                 "the task's answer field is empty for some item")
+        if context.strip():
             return encode_pair(self.tokenizer, context, continuation)
-        # An empty context starts from the prefix token, unless the continuation already begins with it.
+        # An empty (or whitespace) context starts from the prefix token, unless the continuation begins with it.
+        continuation = context + continuation
         ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         prefix = prefix_token_id(self.tokenizer)
         return ([prefix], ids) if ids[:1] != [prefix] else (ids[:1], ids[1:])
