@@ -125,6 +125,28 @@ def test_sixteen_bit_images_are_scaled_and_float_ones_refused(tmp_path: Path) ->
         decode(str(tmp_path / "f.tiff"), 3, 8)
 
 
+def test_the_processor_config_says_how_pixels_are_normalized(tmp_path: Path, resnet_dir: Path) -> None:
+    """Mean and std from preprocessor_config.json; none where it turns normalization off; BGR processors refused."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from tuneguard.backbones import image_spec
+    from tuneguard.errors import TuneguardError
+
+    folder = tmp_path / "model"
+    shutil.copytree(resnet_dir, folder)
+    config = AutoConfig.from_pretrained(folder)
+    for settings, expected in (({"image_mean": [0.2], "image_std": [0.4]}, ImageSpec(1, (0.2,), (0.4,))),
+                               ({"do_normalize": False, "image_mean": [0.2], "image_std": [0.4]},
+                                ImageSpec(1, (0.0,), (1.0,)))):
+        (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+        assert image_spec(str(folder), config, None) == expected
+    (folder / "preprocessor_config.json").write_text(json.dumps({"do_flip_channel_order": True}))
+    with pytest.raises(TuneguardError, match="BGR order"):
+        image_spec(str(folder), config, None)
+
+
 def test_missing_and_unreadable_images_are_named(tmp_path: Path, resnet_dir: Path) -> None:
     save_digits(tmp_path / "digits", per_class=1)
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -289,11 +289,18 @@ def is_image_config(config: PretrainedConfig) -> bool:
 
 def image_spec(source: str, config: PretrainedConfig, revision: str | None) -> ImageSpec:
     """Channels from the config; mean and std from the backbone's ``preprocessor_config.json`` (what it was
-    pretrained with), or 0.5 where it has none (a randomly initialised backbone)."""
+    pretrained with), or 0.5 where it has none (a randomly initialised backbone); none where it says
+    ``do_normalize: false`` (pixels in [0, 1]). A processor that flips channels to BGR is refused: the images
+    would reach the model in the other order."""
     channels = int(getattr(config, "num_channels", 3))
     found = cached_file(source, "preprocessor_config.json", revision=revision,
                         _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
     settings = json.loads(Path(found).read_text()) if found else {}
+    if settings.get("do_flip_channel_order"):
+        raise TuneguardError(f"model.source: '{source}': its processor feeds channels in BGR order "
+                             "(do_flip_channel_order), which tuneguard's image pipeline does not do")
+    if settings.get("do_normalize", True) is False:
+        return ImageSpec(channels, (0.0,) * channels, (1.0,) * channels)
     mean, std = settings.get("image_mean", [0.5] * channels), settings.get("image_std", [0.5] * channels)
     if len(mean) != channels or len(std) != channels:
         raise TuneguardError(f"model.source: '{source}': preprocessor_config.json has image_mean/image_std for "
