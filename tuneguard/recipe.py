@@ -29,6 +29,11 @@ from tuneguard.io import read_yaml
 from tuneguard.rundir import safe_name
 
 
+def template_fields(template: str) -> list[str]:
+    """The ``{name}`` s a prompt template reads, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -223,7 +228,7 @@ class DataConfig(Section):
         if not self.augment_ops or self.kind not in ("classification", "instruction"):
             return None
         as_written = self.kind == "instruction" and self.prompt_template is None  # the prompt field (or messages)
-        reads = set() if as_written else {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        reads = set() if as_written else set(template_fields(self.template))
         if self.text_field in reads:
             return None
         prompt = f"the prompt field '{self.prompt_field}' as written" if as_written else repr(self.template)

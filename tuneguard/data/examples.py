@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from string import Formatter
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneguard.data.augment import augmented_copies
 from tuneguard.data.readers import Row
 from tuneguard.errors import TuneguardError
-from tuneguard.recipe import DataConfig
+from tuneguard.recipe import DataConfig, template_fields
 
 IGNORE = -100
 MAX_NAMED_PROBLEMS = 3
@@ -102,8 +101,7 @@ def class_index(fields: dict[str, Any], cfg: DataConfig, mapping: dict[str, int]
 
 
 def format_prompt(template: str, fields: dict[str, Any]) -> str:
-    names = [n for _, n, _, _ in Formatter().parse(template) if n]
-    missing = [n for n in names if n not in fields or fields[n] in (None, "")]
+    missing = [n for n in template_fields(template) if n not in fields or fields[n] in (None, "")]
     if missing:
         raise KeyError(missing[0])
     return template.format(**{k: str(v).strip() if isinstance(v, str) else v for k, v in fields.items()})

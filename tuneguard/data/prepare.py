@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from tuneguard.data.images import ImageExample, ImageItems, ImagePipeline, build
 from tuneguard.data.packing import Packed, pack
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
-from tuneguard.recipe import DataConfig
+from tuneguard.recipe import DataConfig, template_fields
 
 # General text that none of the evaluation tasks measure (see replay/README.md).
 BUNDLED_REPLAY = {"wiki": Path(__file__).resolve().parent / "replay" / "wiki_passages.jsonl"}
@@ -92,9 +91,7 @@ def _input_fields(cfg: DataConfig) -> set[str] | None:
     ``source`` column in one file and not the other does not hide a repeated row; None: every field but the label."""
     if cfg.kind != "classification":
         return None
-    if cfg.prompt_template is None:
-        return {cfg.text_field}
-    return {name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name}
+    return set(template_fields(cfg.template))  # the text field alone where no template is set
 
 
 def normalized_key(row: Row, cfg: DataConfig) -> str | None:

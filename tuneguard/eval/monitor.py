@@ -171,15 +171,15 @@ def _homogeneity(table: np.ndarray) -> dict[str, Any]:
     out = {"method": "chi-square", "statistic": float(chi.statistic), "dof": int(chi.dof), "p_value": float(chi.pvalue)}
     if chi.expected_freq.min() >= 5:
         return out
-    k, n_fresh = table.shape[1], int(table[0].sum())
-    pooled = np.repeat(np.arange(k), table.sum(axis=0))
+    k, n_fresh, totals = table.shape[1], int(table[0].sum()), table.sum(axis=0)
+    pooled = np.repeat(np.arange(k), totals)
     expected = chi.expected_freq
     rng = np.random.default_rng(0)
     exceed = 0
     for start in range(0, PERMUTATIONS, 500):
         rows = min(500, PERMUTATIONS - start)
         fresh_counts = np.stack([np.bincount(rng.permutation(pooled)[:n_fresh], minlength=k) for _ in range(rows)])
-        both = np.stack([fresh_counts, table.sum(axis=0) - fresh_counts], axis=1)
+        both = np.stack([fresh_counts, totals - fresh_counts], axis=1)
         stats = ((both - expected) ** 2 / expected).sum(axis=(1, 2))
         exceed += int(np.sum(stats >= chi.statistic - 1e-9))
     return {**out, "method": "chi-square, permutation p (sparse cells)", "p_value": (exceed + 1) / (PERMUTATIONS + 1)}
