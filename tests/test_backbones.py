@@ -1,5 +1,8 @@
 """Backbones: sources, quantization on CPU, fingerprints, the GGUF cache, bf16 detection."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,41 @@ def test_bundled_gguf_is_converted_once_and_cached() -> None:
     again, _ = resolve_source(ModelConfig(source="bundled:smollm2-135m-instruct"))
     assert again == path and (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp
     assert not list(Path(path).glob("*.bin"))  # safetensors only
+
+
+def test_a_weights_file_changed_in_place_is_hashed_again_and_its_conversion_not_reused(tmp_path: Path) -> None:
+    """``cp -p`` over a cached file keeps size and mtime: the hash memo and a cached GGUF conversion still notice."""
+    import json
+    import os
+
+    from tuneguard.backbones import GGUF_SOURCE, _intact, file_sha256
+
+    folder = tmp_path / "conversion"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before = file_sha256(weights)
+    (folder / GGUF_SOURCE).write_text(json.dumps({"weights": {weights.name: before}}))
+    assert _intact(folder)
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_sha256(weights) != before
+    assert not _intact(folder)
+    (folder / GGUF_SOURCE).write_text(json.dumps({"gguf": "x.gguf"}))  # written before the hashes were kept
+    assert not _intact(folder)
+
+
+def test_no_compiled_kernel_is_fetched_from_the_hub(tiny_llama_dir: Path) -> None:
+    """transformers 5 kernelizes every model it loads (hub kernels, fetched when online) and bitsandbytes asks the
+    Hub for a compiled CPU kernel at import on AVX512-BF16 CPUs: after ``import tuneguard`` neither happens, in a
+    fresh process as in one started by a tuneguard process (which inherits ``USE_HUB_KERNELS=NO``)."""
+    code = ("import sys, tuneguard, peft, bitsandbytes\n"
+            "assert sys.modules.get('kernels') is None, sys.modules.get('kernels')\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"print(AutoModelForCausalLM.from_pretrained({str(tiny_llama_dir)!r}).use_kernels)")
+    for inherited in ({}, {"USE_HUB_KERNELS": "NO"}):
+        env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"} | inherited
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -238,3 +238,20 @@ def test_lr_refuses_bad_ranges_and_the_run_directory(tmp_path: Path, tiny_llama_
         assert cli_main(["lr", str(path), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_range_test_never_writes_into_a_run(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """``--out`` naming another run would rewrite its recipe.yaml; only an empty folder or an earlier test's."""
+    from tuneguard.train.lr_range import LR_JSON, lr_folder
+
+    recipe = load_recipe(make_run(tmp_path, tiny_llama_dir))
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "recipe.yaml").write_text("model: {}\n")
+    with pytest.raises(TuneguardError, match="not an earlier range test's output"):
+        lr_folder(recipe, other)
+    (other / LR_JSON).write_text("{}")
+    assert lr_folder(recipe, other) == other  # an earlier test's folder is written again
+    (other / "run.json").write_text("{}")
+    with pytest.raises(TuneguardError, match="holds lr_range.json, recipe.yaml, run.json"):
+        lr_folder(recipe, other)

@@ -115,12 +115,18 @@ def test_unknown_metric_is_a_user_error() -> None:
 
 
 def test_modules_load_offline(tmp_path) -> None:
-    """A fresh process with the Hub switched off and an empty modules cache still loads every metric."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    """A fresh process with the Hub switched off and an empty modules cache still loads every metric, writing
+    nothing under HF_HOME (``evaluate.load`` would copy each script into its modules cache)."""
+    hf_home, cache = tmp_path / "hf", tmp_path / "cache"
+    hf_home.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home),
+           "TUNEGUARD_CACHE": str(cache)}
     code = (
         "from tuneguard.eval.metrics import NAMES, load_metric\n"
-        "print(sorted(load_metric(n).name for n in NAMES))"
+        "print(sorted(load_metric(n).name for n in NAMES))\n"
+        "print(load_metric('f1').compute(predictions=[0, 1], references=[0, 0], average='macro'))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "accuracy" in out.stdout and "token_f1" in out.stdout
+    assert "accuracy" in out.stdout and "token_f1" in out.stdout and "'f1': 0.333" in out.stdout
+    assert not list(hf_home.rglob("*"))

@@ -123,3 +123,41 @@ def test_atomic_writes_take_the_umask_mode(tmp_path: Path) -> None:
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_linked_lock_or_run_folder_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """The lock file and a run's own folders never lead outside it: the holder's line would overwrite the lock's
+    target, and a resumed run would write and prune checkpoints in the folder a link points to."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / ".tuneguard.lock").symlink_to(victim)
+    with pytest.raises(TuneguardError, match="symbolic link"), run.claim("new"):
+        pass
+    assert victim.read_text() == "keep me"
+    (run.path / ".tuneguard.lock").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "step-1").mkdir()
+    run.recipe.write_text("model: {}\n")
+    (run.path / "checkpoints").symlink_to(outside)
+    with pytest.raises(TuneguardError, match="checkpoints: is a symbolic link"), run.claim("resume"):
+        pass
+    run.run_json.write_text("{}")
+    with pytest.raises(TuneguardError, match="checkpoints: is a symbolic link"):
+        run.ensure_finished(writable=True)
+    assert (outside / "step-1").is_dir()
+
+
+def test_atomic_dir_replaces_a_link_not_what_it_points_to(tmp_path: Path) -> None:
+    from tuneguard.io import atomic_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (tmp_path / "adapter").symlink_to(outside)
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "new").write_text("y")
+    assert not (tmp_path / "adapter").is_symlink() and (tmp_path / "adapter" / "new").exists()
+    assert (outside / "keep").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "outside"]

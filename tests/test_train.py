@@ -12,12 +12,14 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_recipe_file
 from tuneguard.adapters.registry import apply_adapter, load_adapter
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.backbones import load_backbone
+from tuneguard.errors import TuneguardError
 from tuneguard.eval.guards import adapter_weight_delta
 from tuneguard.recipe import load_recipe
 from tuneguard.train.batches import epoch_batches
@@ -264,3 +266,25 @@ def test_tensorboard_tracker_receives_metrics(tmp_path: Path, tiny_llama_dir: Pa
     run_train(path)
     events = list((tmp_path / "runs" / "recipe").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_a_checkpoint_is_restored_only_from_safetensors_and_a_readable_random_state(tmp_path: Path,
+                                                                                   tiny_llama_dir: Path) -> None:
+    """Accelerate would load a pickled ``pytorch_model.bin`` in place of the adapter's safetensors, and resume
+    with fresh random state when its RNG file does not load (dropout masks and batches then differ, silently)."""
+    import shutil
+
+    from tuneguard.train.checkpoints import check_checkpoint
+
+    run_train(make_run(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 2}))
+    saved = tmp_path / "runs/recipe/checkpoints/step-2"
+    check_checkpoint(saved, 0)  # what save_checkpoint writes passes
+    pickled = shutil.copytree(saved, tmp_path / "pickled")
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(TuneguardError, match="no model.safetensors"):
+        check_checkpoint(pickled, 0)
+    broken = shutil.copytree(saved, tmp_path / "broken")
+    (broken / "random_states_0.pkl").write_bytes(b"not a random state")
+    with pytest.raises(TuneguardError, match="random_states_0.pkl: the random state cannot be restored"):
+        check_checkpoint(broken, 0)

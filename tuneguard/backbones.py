@@ -77,9 +77,11 @@ class Backbone:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised by (path, size, mtime) so big weights are hashed once."""
+    """sha256 of a file, memoised by its path, inode, size, mtime and ctime so big weights are hashed once; a file
+    rewritten in place with its mtime put back (``cp -p``) still changes its ctime, which no call can set."""
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    facts = f"{path.resolve()}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
+    key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     memo = cache_dir() / "hashes" / key
     if memo.exists():
         return memo.read_text().strip()
@@ -130,12 +132,16 @@ def _gguf_bar(advance: Advance) -> Iterator[None]:
         gguf_utils.tqdm = library_bar
 
 
+GGUF_SOURCE = "tuneguard-source.json"
+"""Beside a cached conversion: the GGUF it came from and the sha256 of each weights file written."""
+
+
 def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     """Dequantize a GGUF file once into a plain safetensors folder in the cache; reuse it afterwards."""
     if importlib.util.find_spec("gguf") is None:
         raise TuneguardError(f"loading {gguf.name} needs the 'gguf' package: pip install gguf")
     target = cache_dir() / "gguf" / file_sha256(gguf)[:32]
-    if (target / "config.json").exists():
+    if _intact(target):
         return target
     tensors = check_gguf(gguf)
     folder, name = str(gguf.parent), gguf.name
@@ -153,8 +159,20 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "tuneguard-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}))
+        weights = {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf), "weights": weights}))
     return target
+
+
+def _intact(folder: Path) -> bool:
+    """A cached conversion is used only while its weights hash as they did when written (cheap: the hashes are
+    memoised), so a changed or truncated file is converted again, never loaded, nor fingerprinted as the old."""
+    try:
+        weights = json.loads((folder / GGUF_SOURCE).read_text())["weights"]
+        return bool(weights) and (folder / "config.json").is_file() and all(
+            file_sha256(folder / name) == digest for name, digest in weights.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, bool]:

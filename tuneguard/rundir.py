@@ -9,11 +9,13 @@ the checkpoint it resumes (unless each changed key is named with ``--resume-chan
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -300,13 +302,29 @@ class RunDir:
             f"{owner.get('started')}); if that run is gone, delete {self.lock_file}"
         )
 
+    def _not_ours(self, name: str, what: str = "a symbolic link") -> TuneguardError:
+        return TuneguardError(f"{self.path / name}: is {what}; a run reads and writes only inside its own "
+                              "directory, so it is refused: replace it with a plain file or folder")
+
+    def refuse_links(self) -> None:
+        """A run's own names must not lead elsewhere: through a linked ``checkpoints/`` a resumed run would write
+        and prune another folder's files."""
+        for name in (RECIPE, RUN, METRICS, CHECKPOINTS, ADAPTER, EVAL, SCORES, CHECKS, MERGED, *REPORTS):
+            if (self.path / name).is_symlink():
+                raise self._not_ours(name)
+
     def _locked_fd(self) -> int:
         """An fd holding the flock on the current lock file (not one a releasing run just unlinked)."""
         while True:
-            try:
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR, 0o644)
+            try:  # never through a link: the holder's line would overwrite whatever file it points to
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise self._not_ours(LOCK) from None
                 raise _os_error(self.path, exc) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise self._not_ours(LOCK, "not a plain file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -346,6 +364,7 @@ class RunDir:
         ``writable``: results go into it, so a read-only directory is refused before any model loads."""
         if not self.recipe.exists():
             raise TuneguardError(f"{self.path}: not a run directory (no {RECIPE})")
+        self.refuse_links()
         self.ensure_idle()
         if not self.run_json.exists():
             raise TuneguardError(f"{self.path}: training did not finish (no {RUN}); continue it with "
@@ -392,6 +411,8 @@ class RunDir:
 
     def _prepare(self, mode: Mode) -> None:
         held = self.contents()
+        if mode != "overwrite":
+            self.refuse_links()
         if mode == "overwrite" and held:
             self._move_aside(held)
         elif mode == "resume" and self.latest_checkpoint() is None and not self.unfinished_start(held):

@@ -29,7 +29,8 @@ def _model(spec: dict[str, Any]) -> Any:
     if spec["runner"] == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=path, dtype=spec["dtype"], batch_size=spec["batch"], device=spec["device"])
+        return HFLM(pretrained=path, dtype=spec["dtype"], batch_size=spec["batch"], device=spec["device"],
+                    use_safetensors=True)  # passed on to from_pretrained: never unpickle weights
     from tuneguard.lm_eval_model import TuneguardCommandLineLM
 
     return TuneguardCommandLineLM(pretrained=path, dtype=spec["dtype"], batch_size=spec["batch"])

@@ -218,7 +218,8 @@ def _reference_model(spec: dict[str, Any], recipe: Recipe, *, kbit_prepare: bool
         source = resolve_source(recipe.model)[0]
         tokenizer = AutoTokenizer.from_pretrained(source)
         quant = quantization_config(recipe.quantization, device)
-        kwargs: dict[str, Any] = {"dtype": torch.float32 if quant else resolve_dtype(recipe.model.dtype, device)}
+        kwargs: dict[str, Any] = {"dtype": torch.float32 if quant else resolve_dtype(recipe.model.dtype, device),
+                                  "use_safetensors": True}  # as tuneguard loads it: never unpickle weights
         if quant:
             kwargs.update(quantization_config=quant, device_map={"": spec["device"]})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

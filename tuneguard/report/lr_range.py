@@ -15,8 +15,8 @@ from tuneguard.io import atomic_write_bytes, atomic_write_json
 from tuneguard.report.blocks import Block, Cell
 from tuneguard.report.plots import PALETTE, png_bytes
 from tuneguard.report.terminal import print_block
+from tuneguard.train.lr_range import LR_JSON, LR_PNG
 
-LR_JSON, LR_PNG = "lr_range.json", "lr_range.png"
 TABLE_ROWS = 12
 """Steps shown in the terminal table (evenly spaced, the minimum and the last one always among them)."""
 

@@ -6,7 +6,7 @@ only those), so a run killed while saving resumes from the one before.
 
 from __future__ import annotations
 
-import json
+import pickle  # for its error type only: nothing is unpickled here
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, load
 from safetensors.torch import load_file, save_file
 
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_json
 from tuneguard.recipe import Recipe
-from tuneguard.rundir import TRAIN_STATE, RunDir
+from tuneguard.rundir import TRAIN_STATE, RunDir, read_json
 
 BEST = "best_adapter.safetensors"
 
@@ -73,12 +74,44 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
 
 
 def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: RunDir) -> tuple[TrainState, dict | None]:
-    accelerator.load_state(str(path), strict=False)
-    state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
+    check_checkpoint(path, accelerator.process_index, sharded=accelerator.distributed_type == DistributedType.FSDP)
+    try:
+        accelerator.load_state(str(path), strict=False)
+    except Exception as exc:  # a damaged or foreign file: one line, not Accelerate's traceback
+        raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); delete this checkpoint to resume "
+                             "from the one before, or start again with --overwrite") from None
+    state = TrainState(**read_json(path / TRAIN_STATE))
     best = load_file(str(path / BEST)) if (path / BEST).exists() else None
     if accelerator.is_main_process:
         run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
     return state, best
+
+
+def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> None:
+    """What ``save_checkpoint`` writes, before Accelerate reads it: the adapter as safetensors (Accelerate would
+    fall back to a pickled ``pytorch_model.bin``), and RNG state that loads (Accelerate ignores one that does
+    not, and the resumed run would silently draw other dropout masks and batches). ``sharded``: FSDP writes
+    its own sharded format instead."""
+    if not sharded and not (path / "model.safetensors").is_file():
+        raise TuneguardError(f"{path}: no model.safetensors (tuneguard writes the adapter's state only as "
+                             "safetensors and never loads a pickled model file); delete this checkpoint to resume "
+                             "from the one before, or start again with --overwrite")
+    rng = path / f"random_states_{process_index}.pkl"
+    try:
+        states = load(rng)  # Accelerate's own reader, weights_only: nothing in it is executed
+        missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed") if k not in states]
+    except Exception as exc:
+        missing = [_first_line(exc)]
+    if missing:
+        raise TuneguardError(f"{rng}: the random state cannot be restored ({', '.join(missing)}), so the resumed "
+                             "run would not continue exactly; delete this checkpoint to resume from the one before, "
+                             "or start again with --overwrite")
+
+
+def _first_line(exc: Exception) -> str:
+    if isinstance(exc, pickle.UnpicklingError):  # torch's own advice (weights_only=False) would run its code
+        return "it holds objects other than tensors and plain values, which tuneguard never unpickles"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def use_new_lr(scheduler: Any, lr: float) -> None:

@@ -21,7 +21,7 @@ from tuneguard.adapters.capabilities import CAPABILITIES
 from tuneguard.errors import TuneguardError
 from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.recipe import Recipe, TrainConfig
-from tuneguard.rundir import RunDir
+from tuneguard.rundir import RECIPE, RunDir
 from tuneguard.train.batches import micro_batches
 from tuneguard.train.checkpoints import TrainState
 from tuneguard.train.divergence import NonFiniteStep
@@ -86,6 +86,10 @@ class LrRange:
         return asdict(self)
 
 
+LR_JSON, LR_PNG = "lr_range.json", "lr_range.png"
+"""What the test writes beside its recipe.yaml (``tuneguard.report.lr_range`` writes them)."""
+
+
 def lr_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
     """Where the test writes: ``out``, or ``NAME-lr/`` beside the recipe's run directory (``runs/NAME-lr/``).
     Never the run directory or a folder inside it: the test must not touch a run's recipe or training state."""
@@ -94,6 +98,10 @@ def lr_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
     if folder.resolve() == run.resolve() or run.resolve() in folder.resolve().parents:
         raise TuneguardError(f"--out {folder}: that is the recipe's run directory {run} (or inside it); the range "
                              "test writes beside runs, never into one")
+    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    if held and (LR_JSON not in held or set(held) - {LR_JSON, LR_PNG, RECIPE}):
+        raise TuneguardError(f"--out {folder}: holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}, not "
+                             "an earlier range test's output; the test writes into an empty folder or its own")
     return folder
 
 

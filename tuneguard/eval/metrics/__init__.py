@@ -1,4 +1,5 @@
-"""Metrics as ``evaluate`` modules shipped inside the package and loaded by path (the Hub is never needed).
+"""Metrics as ``evaluate`` modules shipped inside the package (the Hub is never needed; ``evaluate.load`` of a
+folder here works too).
 
 ``evaluate`` is imported lazily: it pulls in ``datasets`` and costs seconds, and most tasks only
 need means of per-item outcomes.
@@ -7,31 +8,34 @@ need means of per-item outcomes.
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.metrics.functional import confusion_matrix
+from tuneguard.io import cache_dir
 
 if TYPE_CHECKING:
     import evaluate
 
-METRICS_DIR = Path(__file__).parent
-NAMES = ("accuracy", "precision", "recall", "f1", "exact_match", "token_f1")
+NAMES = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1",
+         "exact_match": "ExactMatch", "token_f1": "TokenF1"}
+"""Each metric's folder (and module) and its class."""
 # Module objects are cached and stateful (compute = add_batch + finalize), so one computation at a time.
 _COMPUTE = threading.Lock()
 
 
 @functools.cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """One of :data:`NAMES`, loaded from its folder here; kept in memory so no cache files or locks are written."""
+    """One of :data:`NAMES`, imported from its folder here and kept in memory. Not through ``evaluate.load``, which
+    copies the script into ``$HF_HOME/modules`` and imports that copy: the same module, written outside
+    tuneguard's caches; evaluate's (empty) data folder goes to ``$TUNEGUARD_CACHE/evaluate``."""
     if name not in NAMES:
         raise TuneguardError(f"unknown metric '{name}'; choose one of {', '.join(NAMES)}")
-    import evaluate
-
-    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+    module = importlib.import_module(f"{__name__}.{name}.{name}")
+    return getattr(module, NAMES[name])(keep_in_memory=True, cache_dir=str(cache_dir() / "evaluate"))
 
 
 def classification_metrics(predictions: Sequence[int], references: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
@@ -60,4 +64,4 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
     }
 
 
-__all__ = ["METRICS_DIR", "NAMES", "classification_metrics", "confusion_matrix", "load_metric"]
+__all__ = ["NAMES", "classification_metrics", "confusion_matrix", "load_metric"]
