@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -95,6 +96,20 @@ def _foreign_lock(tmp: Path, path: Path, run_dir: Path) -> list[str]:
     return []
 
 
+def _killed(tmp: Path, path: Path, run_dir: Path) -> list[str]:
+    (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-2" / "train_state.json").write_text("{}")
+    (run_dir / "recipe.yaml").write_text(path.read_text())
+    return []
+
+
+def _finished_with_checkpoint(tmp: Path, path: Path, run_dir: Path) -> list[str]:
+    """Finished, with the checkpoint of an earlier step kept: --resume would train again from it."""
+    _killed(tmp, path, run_dir)
+    _existing(tmp, path, run_dir)
+    return ["--resume"]
+
+
 def _no_checkpoint(tmp: Path, path: Path, run_dir: Path) -> list[str]:
     _existing(tmp, path, run_dir)  # a finished run that kept no checkpoint
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
@@ -143,7 +158,13 @@ def _unknown_model_type(tmp: Path, path: Path, run_dir: Path, model_dir: Path) -
 CASES: dict[str, tuple[Setup, str, bool]] = {
     "output.name escapes the output root": (lambda t, p, r: ["output.name=../../x"],
                                             "'output.name': '../../x' is not a plain folder name", True),
-    "new run into a directory holding one": (_existing, "already holds a run (adapter, run.json); pass --resume", True),
+    "new run into a directory holding one": (_existing, "already holds a finished run; evaluate it with tuneguard eval, "
+                                             "train it longer with --resume-changed train.max_steps", True),
+    "new run into a killed one": (_killed, "already holds a run; pass --resume to continue it", True),
+    "--resume where no run is": (lambda t, p, r: ["--resume"], "nothing to resume (no run there: is output.name right?)",
+                                 True),
+    "--resume of a finished run": (_finished_with_checkpoint, "training already finished, nothing to resume; evaluate "
+                                   "it with tuneguard eval", True),
     "a live run holds the lock": (_live_lock, f"another run is writing into it (pid {os.getppid()} on", True),
     "a run on another host holds the lock": (_foreign_lock, "another run holds it (pid 1 on host another-host", True),
     "--resume without a checkpoint": (_no_checkpoint, "no checkpoint to resume from (it holds adapter, metrics.jsonl, run.json)", True),
@@ -289,6 +310,11 @@ def test_divergence_watch() -> None:
     assert watch.update(3.0, 1.0) is None
     reasons = [watch.update(6.01, 1.0) for _ in range(STUCK_STEPS)]
     assert reasons[:-1] == [None] * (STUCK_STEPS - 1) and "uniform guess" in reasons[-1]
+    watch = DivergenceWatch(uniform)  # learned, then past a uniform guess (a too-high rate), not pinned at it
+    assert [watch.update(loss, 1.0) for loss in (2.4, 60.0, 40.0, 20.0, 13.8)][:-1] == [None] * 4
+    assert "at or above the value of a uniform guess" in watch.update(13.8, 1.0)
+    chance = DivergenceWatch(math.log(2))  # a binary classifier near chance: noisy steps above ln 2 are not stuck
+    assert all(chance.update(loss, 1.0) is None for loss in [0.6, 0.75, 0.8, 0.72, 0.71, 0.9, 0.7] * 3)
     watch = DivergenceWatch(uniform)
     assert all(watch.update(2.0, 1.0 + i / 10) is None for i in range(6))
     assert "gradient norm jumped" in watch.update(2.0, 5e3)
@@ -492,7 +518,7 @@ def test_two_runs_started_together_one_refused(tmp_path: Path, tiny_llama_dir: P
     results = sorted((proc.wait(timeout=300), proc.stderr.read()) for proc in procs)
     assert [code for code, _ in results] == [0, 2], results
     refusal = results[1][1].strip().splitlines()[-1]
-    assert "another run is writing into it" in refusal or "already holds a run" in refusal, refusal
+    assert "another run is writing into it" in refusal or "already holds a finished run" in refusal, refusal
     assert "Traceback" not in results[1][1]
     lines = map(json.loads, (tmp_path / "runs/recipe/metrics.jsonl").read_text().splitlines())
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 7))  # one run's lines, not two interleaved

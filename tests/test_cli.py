@@ -61,7 +61,7 @@ def test_malformed_recipe_and_debug_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bad.yaml:2:1: malformed YAML" in result.stderr
     for args in (("--debug", "train", str(path)), ("train", str(path), "--debug")):  # before or after the verb
         debug = tuneguard(*args, cwd=tmp_path)
-        assert debug.returncode != 0 and "Traceback" in debug.stderr, args
+        assert debug.returncode == 2 and "Traceback" in debug.stderr, args  # 1 would read as a regression
 
 
 def test_offline_hub_id_says_so(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -72,3 +72,26 @@ def test_offline_hub_id_says_so(tmp_path: Path, tiny_llama_dir: Path) -> None:
     result = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "not in the local HF cache" in result.stderr and "HF_HUB_OFFLINE=1 is set" in result.stderr
+
+
+def test_overrides_go_anywhere_on_the_line() -> None:
+    """Before the recipe, between flags or after them: the recipe is the one word that is not section.key=value."""
+    import argparse
+
+    from tuneguard.args import with_overrides
+    from tuneguard.cli import build_parser
+
+    parser = build_parser()
+    for line in (["data", "preview", "--n", "1", "data.augment=swap", "r.yaml"],
+                 ["data", "preview", "data.augment=swap", "--n", "1", "r.yaml", "data.augment_prob=0.2"],
+                 ["data", "preview", "r.yaml", "--n", "1", "data.augment=swap", "data.augment_prob=0.2"]):
+        args, extra = parser.parse_known_args(line)
+        args = with_overrides(parser, args, extra)
+        assert args.recipe == "r.yaml" and args.n == 1 and args.overrides[0] == "data.augment=swap", line
+    args, extra = parser.parse_known_args(["train", "runs/a=b/r.yaml", "train.lr=1e-3"])  # '=' in a path
+    assert with_overrides(parser, args, extra).recipe == "runs/a=b/r.yaml"
+    for line in (["train", "a.yaml", "b.yaml"], ["train", "train.lr=1"]):
+        args, extra = parser.parse_known_args(line)
+        with pytest.raises(SystemExit):
+            with_overrides(parser, args, extra)
+    assert isinstance(args, argparse.Namespace)

@@ -57,6 +57,8 @@ def test_identical_outcomes_are_non_inferior(outcomes: np.ndarray) -> None:
     assert c.verdict == "non-inferior" and not c.beyond_margin and c.items_to_decide is None
     assert c.test == "mcnemar"
     assert c.n == 1000
+    few = compare_task(acc("t", outcomes[:20]), acc("t", outcomes[:20]))  # the interval still reaches past 2 pp
+    assert few.verdict == "inconclusive" and few.items_to_decide is None  # no spread to plan items from
 
 
 def test_many_discordant_pairs_one_way_is_significant_and_matches_mcnemar(outcomes: np.ndarray) -> None:

@@ -13,6 +13,7 @@ import pytest
 from scipy.stats import norm
 
 from tuneguard.cli import main as cli_main
+from tuneguard.errors import TuneguardError
 from tuneguard.eval import gate
 from tuneguard.eval.gate import plan
 from tuneguard.eval.records import TaskResult
@@ -105,6 +106,26 @@ def test_baseline_is_compared_item_by_item(tmp_path: Path) -> None:
     assert cli_main(["gate", str(worse_dir), "--baseline", str(old_dir)]) == 1
 
 
+def test_a_baseline_from_another_run_of_the_recipe_pairs_its_own_task(tmp_path: Path) -> None:
+    """The recipe's own task is named after the run ("NAME (validation)"); two runs of one recipe differ there."""
+    old_dir, old_data = make_run(tmp_path / "old", "sst2-lora")
+    write_reports(old_dir, _report(old_dir, _hashed(old_data)))
+    new_dir, new_data = make_run(tmp_path / "new", "sst2-lora")
+    _hashed(new_data)  # the same items as the baseline's
+    for side in ("base", "tuned", "original"):
+        new_data[side][0]["task"] = "sst2-lora-r8 (validation)"
+    write_reports(new_dir, _report(new_dir, new_data))
+    rows = gate.against_baseline(json.loads((new_dir / "report.json").read_text()),
+                                 json.loads((old_dir / "report.json").read_text()))
+    assert [c.task for c in rows] == ["sst2-lora-r8 (validation)", "arc_easy", "wikitext"]
+    assert rows[0].n == 400 and rows[0].delta == 0  # the same tuned outcomes: paired item by item
+    new_data["tuned"][0]["item_hashes"][0] = "another item"
+    write_reports(new_dir, _report(new_dir, new_data))
+    with pytest.raises(TuneguardError, match="task 'sst2-lora-r8 \\(validation\\)': the items differ"):
+        gate.against_baseline(json.loads((new_dir / "report.json").read_text()),
+                              json.loads((old_dir / "report.json").read_text()))
+
+
 def test_baseline_on_other_items_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     old_dir, old_data = make_run(tmp_path / "old", "sst2-lora")
     write_reports(old_dir, _report(old_dir, _hashed(old_data)))
@@ -123,8 +144,8 @@ def test_baseline_on_other_items_is_refused(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_gate_usage_errors(tmp_path: Path, report_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli_main(["gate", str(tmp_path / "nowhere.json")]) == 2
-    assert "file not found" in capsys.readouterr().err
+    assert cli_main(["gate", str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no such run directory or report.json" in capsys.readouterr().err
     assert cli_main(["gate", str(report_path), "--margin", "-1"]) == 2
     assert "--margin must be >= 0" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def positive_int(text: str) -> int:
@@ -40,10 +41,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def with_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> argparse.Namespace:
-    """Overrides after a flag (``R --no-eval train.lr=5e-3``) are overrides too; anything else is an error."""
-    overrides = [w for w in extra if "=" in w and not w.startswith("-")]
-    unknown = [w for w in extra if w not in overrides]
+    """Overrides anywhere on the line, also before the recipe or after a flag (``--n 5 data.augment=swap R``,
+    ``R --no-eval train.lr=5e-3``): argparse takes the first word for the recipe, so the recipe is the one word
+    that is not ``section.key=value``; anything else is an error."""
+    unknown = [w for w in extra if w.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *overrides]
+    words = [args.recipe, *args.overrides, *extra]
+    recipes = [w for w in words if not re.fullmatch(r"[A-Za-z_][\w.]*=.*", w, re.DOTALL)]
+    if len(recipes) != 1:
+        parser.error(f"expected one recipe file and section.key=value overrides, got {' '.join(words)}")
+    args.recipe, args.overrides = recipes[0], [w for w in words if w != recipes[0]]
     return args

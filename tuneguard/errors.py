@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 
 
@@ -29,18 +30,22 @@ def require_lm_eval(what: str) -> None:
         raise TuneguardError(f"{what} needs lm-evaluation-harness, an optional extra: {LM_EVAL_EXTRA}")
 
 
+def _traceback(debug: bool) -> None:
+    """``--debug`` shows where the error came from; the exit code stays the error's (CI reads 1 as a regression)."""
+    if debug:
+        traceback.print_exc()
+
+
 def guarded(action: Callable[[], int], debug: bool = False) -> int:
     """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
     try:
         return action()
     except TuneguardError as exc:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"tuneguard: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the environment (a full disk, a vanished mount), not a verdict: exit 2 too
-        if debug:
-            raise
+        _traceback(debug)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"tuneguard: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return TuneguardError.exit_code

@@ -66,6 +66,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as for a file: the mode mkdir() would give it
         yield tmp
+        for file in tmp.rglob("*"):  # safetensors writes its files 0600 whatever the umask
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~_umask())
         old = None
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")

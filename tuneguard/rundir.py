@@ -27,6 +27,8 @@ from tuneguard.errors import TuneguardError
 from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text, read_yaml, recover_partial_writes
 
 Mode = Literal["new", "resume", "overwrite"]
+FINISHED_HINT = ("evaluate it with tuneguard eval, train it longer with --resume-changed train.max_steps "
+                 "train.max_steps=N, or start again with --overwrite (it is moved aside)")
 
 RECIPE, RUN, METRICS = "recipe.yaml", "run.json", "metrics.jsonl"
 CHECKPOINTS, LOCK, ADAPTER, EVAL = "checkpoints", ".tuneguard.lock", "adapter", "eval.json"
@@ -192,6 +194,9 @@ class RunDir:
         }
 
     def read_report(self) -> dict[str, Any]:
+        if self.run_json.exists() and not self.report_json.exists():
+            raise TuneguardError(f"{self.path}: no {self.report_json.name} (trained with --no-eval?); evaluate the run "
+                                 f"first: tuneguard eval {self.path}")
         return read_json(self.report_json)
 
     def write_adapter_meta(self, folder: Path, meta: dict[str, Any]) -> None:
@@ -415,6 +420,9 @@ class RunDir:
             self.refuse_links()
         if mode == "overwrite" and held:
             self._move_aside(held)
+        elif mode == "resume" and not held:
+            raise TuneguardError(f"{self.path}: nothing to resume (no run there: is output.name right?); drop "
+                                 "--resume to start a run")
         elif mode == "resume" and self.latest_checkpoint() is None and not self.unfinished_start(held):
             raise TuneguardError(
                 f"{self.path}: no checkpoint to resume from (it holds {', '.join(held[:4])}); "
@@ -423,10 +431,10 @@ class RunDir:
         elif mode == "resume":
             self._recover_training_writes()
         elif mode == "new" and held:
-            raise TuneguardError(
-                f"{self.path}: already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
-                "pass --resume to continue it or --overwrite to move it aside and start again"
-            )
+            what = (f"a finished run; {FINISHED_HINT}" if self.run_json.exists() else
+                    "a run; pass --resume to continue it or --overwrite to move it aside and start again")
+            raise TuneguardError(f"{self.path}: already holds {what} ({', '.join(held[:4])}"
+                                 f"{', ...' if len(held) > 4 else ''})")
 
     def _recover_training_writes(self) -> None:
         """What a killed training save left (a checkpoint's or the adapter's temporary folder, a half-swapped

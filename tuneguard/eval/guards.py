@@ -82,7 +82,7 @@ def run_guards(
         Guard("backbone fingerprint", adapter_fingerprint in (None, fingerprint),
               f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprint}"),
         Guard("training converged", diverged is None, f"training diverged: {diverged}" if diverged else
-              "no non-finite loss, no loss stuck at a uniform guess, no gradient explosion"),
+              "no non-finite loss, no loss stuck at or past a uniform guess, no gradient explosion"),
     ]
     return guards
 

@@ -125,7 +125,9 @@ def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
         return {"verdict": "inconclusive", "beyond_margin": False, "items_to_decide": None}
     if significant and worst > 0:
         return {"verdict": "improved", "beyond_margin": False, "items_to_decide": None}
-    needed = stats.items_needed(c.sd_item, abs(margin - c.regression_points), c.alpha) if c.sd_item else None
+    never_differ = c.won == 0 and c.lost == 0  # 0/1 outcomes alike on every item: no spread to plan from
+    needed = None if never_differ or not c.sd_item else stats.items_needed(c.sd_item, abs(margin - c.regression_points),
+                                                                            c.alpha)
     if significant and best < 0:
         decided = best < -margin or worst >= -margin
         return {"verdict": "regressed", "beyond_margin": best < -margin, "items_to_decide": None if decided else needed}

@@ -44,6 +44,8 @@ _HEADLINE = {0: "PASS", EXIT_REGRESSED: "FAIL: regressed beyond the margin", EXI
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report.json, or the run directory holding one."""
     path = Path(path)
+    if not path.exists():
+        raise TuneguardError(f"{path}: no such run directory or report.json")
     return RunDir(path).read_report() if path.is_dir() else read_json(path)
 
 

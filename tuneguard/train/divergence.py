@@ -2,7 +2,7 @@
 
 A non-finite loss or gradient stops the run before the optimizer applies it. A loss pinned at the
 uniform-distribution value (the model predicts nothing: ln of the number of classes it chooses
-from) or a gradient norm far above its history is divergence: recorded in run.json, where the
+from) or past it, or a gradient norm far above its history is divergence: recorded in run.json, where the
 evaluation's guard rails find it and refuse the adapter.
 """
 
@@ -21,6 +21,10 @@ STUCK_TOLERANCE = 0.01
 LEARNED_BELOW = 0.9
 """The loss must once have been this fraction of the uniform value: a model that never knew
 anything (a random tiny test model) starts at the uniform value without having diverged."""
+WORSE_THAN_UNIFORM = math.log(2)
+"""A loss this far above the uniform value (half a uniform guess's probability on the right answer, on average)
+counts as stuck too: a model that learned and then went past chance (a too-high rate: 2.4, then 60, then 14 with
+a vocabulary's 10.8) is as broken as one pinned at it; a classifier near chance does not get there by noise."""
 EXPLOSION_FACTOR = 1000.0
 """A gradient norm this many times the median of the steps before it is an explosion."""
 MIN_HISTORY = 5
@@ -51,10 +55,10 @@ class DivergenceWatch:
         """Why training diverged at this step, or None."""
         self.best_loss = min(self.best_loss, loss)
         at_uniform = abs(loss - self.uniform_loss) <= STUCK_TOLERANCE * self.uniform_loss
-        self.stuck = self.stuck + 1 if at_uniform else 0
+        self.stuck = self.stuck + 1 if at_uniform or loss >= self.uniform_loss + WORSE_THAN_UNIFORM else 0
         if self.stuck >= STUCK_STEPS and self.best_loss < LEARNED_BELOW * self.uniform_loss:
-            return (f"the loss has been {loss:.3f} for {self.stuck} steps, the value of a uniform guess "
-                    f"(ln {math.exp(self.uniform_loss):.0f} = {self.uniform_loss:.3f}); it was {self.best_loss:.3f}")
+            return (f"the loss has been at or above the value of a uniform guess (ln {math.exp(self.uniform_loss):.0f}"
+                    f" = {self.uniform_loss:.3f}) for {self.stuck} steps, now {loss:.3f}; it was {self.best_loss:.3f}")
         if grad_norm is None:
             return None
         if len(self.norms) >= MIN_HISTORY:

@@ -37,7 +37,7 @@ from tuneguard.numerics import numerics_record, resolve_mixed_precision
 from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.provenance import git_commit, peak_memory, versions
 from tuneguard.recipe import Recipe, dump_recipe, recipe_defaults
-from tuneguard.rundir import Mode, RunDir
+from tuneguard.rundir import FINISHED_HINT, Mode, RunDir
 from tuneguard.train.batches import (
     eval_batches,
     masked_batches,
@@ -473,6 +473,8 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
     if checkpoint is not None:
         run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed, recipe_defaults())
         refuse_unresumable(resume_changed)
+    if resume_run and not resume_changed and run_dir.run_json.exists():
+        raise TuneguardError(f"{run_dir.path}: training already finished, nothing to resume; {FINISHED_HINT}")
     elif resume_run and is_main_process():
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
         run_dir.metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
