@@ -317,6 +317,9 @@ def test_divergence_watch() -> None:
     assert all(chance.update(loss, 1.0) is None for loss in [0.6, 0.75, 0.8, 0.72, 0.71, 0.9, 0.7] * 3)
     watch = DivergenceWatch(uniform)
     assert all(watch.update(2.0, 1.0 + i / 10) is None for i in range(6))
+    saved = json.loads(json.dumps(watch.to_state()))  # a checkpoint keeps the history: a resumed run still sees it
+    assert "gradient norm jumped" in DivergenceWatch.from_state(uniform, saved).update(2.0, 5e3)
+    assert DivergenceWatch.from_state(uniform, DivergenceWatch(uniform).to_state()) == DivergenceWatch(uniform)
     assert "gradient norm jumped" in watch.update(2.0, 5e3)
     assert non_finite(float("nan"), 1.0) == "the training loss is nan"
     assert non_finite(1.0, float("inf")) == "the gradient norm is inf" and non_finite(1.0, None) is None

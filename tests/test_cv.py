@@ -162,7 +162,7 @@ def test_cv_end_to_end_keeps_ordinary_runs_and_resumes(tmp_path: Path, tiny_llam
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--folds", "49"], "data.folds=49: data.train has only 48 rows, fewer than the folds"),
     (["--folds", "30", "--stratify"], "fold 0: data.stratify: label 'negative' has only 24 rows"),
-    (["--folds", "1"], "'data.folds': Input should be greater than or equal to 2"),
+    (["--folds", "1"], "--folds 1: at least 2 (one fold would validate on the rows it trained on)"),
     (["--folds", "3", "data.validation=train.jsonl"], "data.validation would go unused"),
     (["--folds", "3", "output.dir=runs/fixed"], "has no {name}: every fold would write into the same run directory"),
 ])

@@ -29,7 +29,7 @@ from tuneguard.data.images import ImagePipeline
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
-from tuneguard.train.batches import eval_batches, micro_batches
+from tuneguard.train.batches import eval_batches, step_windows
 from tuneguard.train.losses import ClassificationLoss
 
 SPEC = ImageSpec(1, (0.5,), (0.5,))
@@ -245,8 +245,8 @@ def test_drawn_parameters_stay_in_the_recipe_ranges(tmp_path: Path, resnet_dir: 
 
 
 def _stream(data: Prepared, path: Path, steps: int, start: int = 0, *overrides: str) -> list[torch.Tensor]:
-    stream = micro_batches(data, load_recipe(path, list(overrides)), 0, 1, None, start=start)
-    return [next(stream)[0]["pixel_values"] for _ in range(steps)]
+    stream = step_windows(data, load_recipe(path, list(overrides)), 0, 1, None, start=start)  # one micro-batch a step
+    return [next(stream)[0][0]["pixel_values"] for _ in range(steps)]
 
 
 def test_augmentation_is_seeded_per_epoch_and_never_touches_validation(tmp_path: Path, resnet_dir: Path) -> None:
@@ -357,3 +357,13 @@ def test_shipped_digits_recipe_finds_its_model_and_data_beside_it(monkeypatch: p
     data = prepare_data(recipe.data, None, is_encoder=True, seed=recipe.train.seed, image=SPEC)
     assert (len(data.train), len(data.val)) == (500, 200)
     assert sorted(e.label for e in data.val) == sorted(list(range(10)) * 20)
+
+
+def test_the_preview_takes_the_classes_in_turn() -> None:
+    """A folder of class folders lists one class first: a preview of its first rows would show one class only."""
+    from tuneguard.data.preview import _by_class_in_turn
+    from tuneguard.data.readers import Row
+
+    rows = [Row(f"{c}/{i}.png", {"label": c}) for c in "001" for i in range(2)] + [Row("2/0.png", {"label": "2"})]
+    assert [r.where for r in _by_class_in_turn(rows, "label")] == ["0/0.png", "1/0.png", "2/0.png", "0/1.png",
+                                                                   "1/1.png", "0/0.png", "0/1.png"]

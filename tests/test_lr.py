@@ -15,7 +15,7 @@ from tuneguard.cli import main as cli_main
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import dump_recipe, load_recipe
 from tuneguard.rundir import RunDir
-from tuneguard.train.batches import micro_batches
+from tuneguard.train.batches import step_windows
 from tuneguard.train.checkpoints import TrainState
 from tuneguard.train.loop import resume, setup, train, train_step
 from tuneguard.train.lr_range import LrRange, read_curve
@@ -106,8 +106,7 @@ def session(tmp_path: Path, model_dir: Path, *overrides: str, **sections):
 def one_step(s) -> dict[str, torch.Tensor]:
     """One optimizer step; each trainable parameter's change."""
     before = {n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
-    stream = micro_batches(s.data, s.recipe, 0, 1, s.pad_id)
-    batch, tokens = next(stream)
+    ((batch, tokens),) = next(step_windows(s.data, s.recipe, 0, 1, s.pad_id))
     s.loss_model.train()
     train_step(s, TrainState(), (batch,), tokens)
     return {n: (p.detach() - before[n]) for n, p in s.model.named_parameters() if n in before}

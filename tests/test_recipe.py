@@ -168,3 +168,12 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     again = tmp_path / "again.yaml"
     again.write_text(dump_recipe(recipe))
     assert load_recipe(again).model_dump() == {**recipe.model_dump(), "output": {**recipe.model_dump()["output"]}}
+
+
+def test_a_bare_no_is_no_mixed_precision() -> None:
+    """``train.mixed_precision=no`` reaches the recipe as YAML's false; it means "no", as in Accelerate's configs."""
+    from tuneguard.recipe import TrainConfig
+
+    assert TrainConfig(mixed_precision=False).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision=True)

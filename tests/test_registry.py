@@ -70,6 +70,22 @@ def test_capabilities_agree_with_recipe_validation(method: str, quant: str, use_
         assert validate(data, "r.yaml").adapter.method == method
 
 
+@pytest.mark.parametrize(("adapter", "refusal"), [
+    ({"init": "pissa"}, "adapter.init 'pissa' rewrites the frozen weights"),
+    ({"init": "olora"}, "adapter.init 'olora' rewrites the frozen weights"),
+    ({"method": "ia3", "use_rslora": True}, "adapter.use_rslora applies to adapter.method 'lora' only"),
+    ({"method": "loha", "init": "gaussian"}, "adapter.init applies to adapter.method 'lora' only"),
+    ({"method": "prompt_tuning", "layers_to_transform": [0]}, "prompt tuning adds virtual tokens, in no layer"),
+    ({"method": "adalora", "freeze_layers_below": 2}, "adapter.freeze_layers_below: AdaLoRA's rank budget"),
+    ({"method": "adalora", "unfreeze_every": 5}, "adapter.unfreeze_every: AdaLoRA's rank budget"),
+])
+def test_keys_a_method_would_ignore_or_break_are_refused(adapter: dict, refusal: str) -> None:
+    """Accepted and silently without effect (rsLoRA on IA3), or a run that can never be evaluated (PiSSA rewrites
+    the frozen weights) or crashes at its first step (AdaLoRA prunes frozen layers from their missing gradients)."""
+    with pytest.raises(TuneguardError, match=refusal.replace("(", r"\(")):
+        validate({"adapter": adapter, "data": DATA}, "r.yaml")
+
+
 def test_flags_per_method() -> None:
     """The few methods that are exceptions, so a changed flag is a visible decision."""
     assert {m for m, s in METHODS.items() if not s.four_bit} == {"loha", "lokr"}

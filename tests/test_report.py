@@ -360,7 +360,7 @@ def test_cv_summary_flags_folds_whose_step_was_picked_on_their_own_rows(tmp_path
 
 def test_missing_files_are_named(tmp_path: Path, run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, _ = run
-    with pytest.raises(TuneguardError, match="report.json: file not found"):
+    with pytest.raises(TuneguardError, match="no report.json \\(trained with --no-eval\\?\\); evaluate the run first"):
         compare_run_dirs([run_dir], None)
     with pytest.raises(TuneguardError, match="not a directory"):
         compare_run_dirs([tmp_path / "nope"], None)

@@ -229,3 +229,19 @@ def test_training_without_a_scorer_refuses_a_task_metric_before_loading(tmp_path
     with pytest.raises(TuneguardError, match="which this command does not run: use `tuneguard train`"):
         train(recipe, recipe.run_dir(path))
     assert not (tmp_path / "runs/recipe/recipe.yaml").exists()
+
+
+def test_a_resume_with_more_patience_trains_on(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """A run stopped early is judged again under the new patience (it used to stay stopped and train nothing)."""
+    train_keys = {"max_steps": 10, "eval_every": 2, "save_every": 2, "lr": 1e-9, "early_stopping_metric": "f1_macro",
+                  "early_stopping_patience": 2}
+    path = make_run(tmp_path, tiny_llama_dir, train=train_keys)
+    recipe = load_recipe(path)
+    train(recipe, recipe.run_dir(path), scorer=validation_scorer)
+    run_dir = tmp_path / "runs/recipe"
+    assert json.loads((run_dir / "run.json").read_text())["steps"] == 6
+    longer = load_recipe(path, ["train.early_stopping_patience=10"])
+    train(longer, recipe.run_dir(path), resume=True, resume_changed=["train.early_stopping_patience"],
+          scorer=validation_scorer)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["steps"] == 10 and not record["stopped_early"]

@@ -100,7 +100,15 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
     import tuneguard.lm_eval_model  # noqa: F401  (registers --model tuneguard)
 
     sys.argv = ["lm_eval", *lm_eval_args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except OSError as exc:  # datasets' "Couldn't reach ... on the Hub": say what to do offline, as eval does
+        if "Hub" not in str(exc):
+            raise
+        from tuneguard.eval.lm_eval_bridge import load_error
+
+        named = lm_eval_args[lm_eval_args.index("--tasks") + 1] if "--tasks" in lm_eval_args[:-1] else "the task"
+        raise load_error(named.split(",")[0], exc) from None
     return 0
 
 
@@ -206,7 +214,7 @@ def _add_cv_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="k-fold cross-validation: one adapter per fold, the mean and spread of every metric")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere on the line)")
-    p.add_argument("--folds", type=positive_int, default=5, help="number of folds (default 5)")
+    p.add_argument("--folds", type=positive_int, default=5, help="number of folds, at least 2 (default 5)")
     p.add_argument("--stratify", action="store_true", help="keep each label's share in every fold (classification)")
     p.add_argument("--general", action="store_true",
                    help="also score eval.suites on every fold (default: the recipe's own task only)")
@@ -254,7 +262,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_monitoring_parsers(sub: argparse._SubParsersAction) -> None:
     """``history`` (results and checks over time) and ``check`` (a trained run on new data)."""
-    p = sub.add_parser("history", help="results of past runs, newest first")
+    p = sub.add_parser("history", help="results of past runs and checks over time, oldest first (--last N: the newest N)")
     p.add_argument("--task")
     p.add_argument("--recipe")
     p.add_argument("--last", type=positive_int, default=20)

@@ -52,6 +52,8 @@ def _evaluates(recipe: Recipe) -> bool:
 
 def plan_folds(args: argparse.Namespace) -> tuple[Recipe, list[Fold]]:
     """The recipe as given and one validated recipe per fold; refuses what cross-validation cannot run."""
+    if args.folds < 2:
+        raise TuneguardError(f"--folds {args.folds}: at least 2 (one fold would validate on the rows it trained on)")
     base = load_recipe(args.recipe, args.overrides)
     if base.data.folds is not None:
         raise TuneguardError(f"{args.recipe}: already selects fold {base.data.fold} of {base.data.folds} "

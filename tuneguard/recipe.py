@@ -83,6 +83,23 @@ class AdapterConfig(Section):
     unfreeze_every: int = Field(0, ge=0)
     """Gradual unfreezing: every N steps, one more frozen layer (top-down) starts training."""
 
+    def method_problem(self) -> str | None:
+        """Keys the method would ignore or cannot honour, which a run should not silently train without."""
+        if self.init in ("pissa", "olora"):
+            return (f"adapter.init '{self.init}' rewrites the frozen weights (W - B0 A0) when the adapter is built, so "
+                    "'base' (the same weights, adapter disabled) could not be scored and every evaluation would be "
+                    "refused; use default or gaussian")
+        lora_only = {"adapter.use_rslora": self.use_rslora, "adapter.init": self.init != "default"}
+        if self.method != "lora" and (used := [key for key, on in lora_only.items() if on]):
+            return f"{used[0]} applies to adapter.method 'lora' only (this recipe trains '{self.method}')"
+        if self.method == "prompt_tuning" and self.layers_to_transform is not None:
+            return "adapter.layers_to_transform: prompt tuning adds virtual tokens, in no layer"
+        if self.method == "adalora" and (self.freeze_layers_below or self.unfreeze_every):
+            key = "adapter.freeze_layers_below" if self.freeze_layers_below else "adapter.unfreeze_every"
+            return (f"{key}: AdaLoRA's rank budget updates and prunes every layer's singular values from their "
+                    "gradients, so a frozen layer cannot stay frozen; use lora, or no layer-wise freezing")
+        return None
+
 
 AUGMENT_OPS = ("synonym", "insert", "swap", "delete", "char_noise")
 """EDA's synonym replacement, random insertion, random swap and random deletion, then typo-like letter noise
@@ -304,6 +321,12 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_no(cls, value: Any) -> Any:
+        """YAML reads a bare ``no`` (``train.mixed_precision=no``, as in Accelerate's configs) as false."""
+        return "no" if value is False else value
+
     @field_validator("trackers")
     @classmethod
     def _trackers_installed(cls, trackers: list[str]) -> list[str]:
@@ -427,6 +450,8 @@ class Recipe(Section):
         if self.adapter.use_dora and not caps.dora:
             takes = " or ".join(f"'{m}'" for m, c in CAPABILITIES.items() if c.dora)
             raise ValueError(f"adapter.use_dora applies to method {takes} only")
+        if problem := self.adapter.method_problem():
+            raise ValueError(problem)
         if not caps.four_bit and self.quantization.method in ("nf4", "fp4"):
             raise ValueError(
                 f"adapter.method '{self.adapter.method}' does not work on a 4-bit backbone "

@@ -28,6 +28,7 @@ from peft import (
     TaskType,
     get_peft_model,
 )
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from tuneguard.adapters.capabilities import CAPABILITIES, Capabilities
@@ -96,7 +97,7 @@ def _targets(cfg: AdapterConfig, model: PreTrainedModel) -> list[str]:
 
 
 def _lora_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType, total_steps: int) -> PeftConfig:
-    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[cfg.init]
+    init = {"default": True, "gaussian": "gaussian"}[cfg.init]  # PiSSA/OLoRA: refused (AdapterConfig.method_problem)
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
         init_lora_weights=init, target_modules=_targets(cfg, model), task_type=task_type,
@@ -324,8 +325,21 @@ def load_adapter(model: PreTrainedModel | PeftModel, adapter_dir: Path, *, name:
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
         if isinstance(model, PeftModel):
             model.load_adapter(str(adapter_dir), adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    if model.peft_config[name].peft_type == PeftType.ADALORA:
+        _exact_adalora(model, adapter_dir, name)
+    return model
+
+
+def _exact_adalora(model: PeftModel, adapter_dir: Path, name: str) -> None:
+    """PEFT rebuilds AdaLoRA's layers at their saved ranks in the base layer's dtype (bf16 compute) before it loads
+    the weights, so the saved fp32 values arrive rounded (0.2%, logits off by up to 0.7); they are copied in
+    again now that the layers are fp32 again. Keys as PEFT saves them, with the adapter's name added."""
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    result = model.load_state_dict({f"{key}.{name}": value for key, value in saved.items()}, strict=False)
+    if result.unexpected_keys:
+        raise TuneguardError(f"{adapter_dir}: AdaLoRA weights that match no layer: {result.unexpected_keys[:3]}")
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -274,7 +274,8 @@ def _hub_dataset(spec: str) -> tuple[str | None, Path | None]:
             entry.yaml_path)
 
 
-def _load_error(spec: str, exc: Exception) -> TuneguardError:
+def load_error(spec: str, exc: Exception) -> TuneguardError:
+    """One line for a task lm-eval could not load; for a dataset on the Hub, how to point it at local files."""
     dataset, yaml_path = _hub_dataset(spec)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if dataset is None and isinstance(exc, (ConnectionError, OSError)) and "Hub" in first:
@@ -326,7 +327,7 @@ def _load(spec: str) -> dict[str, Any]:
     except TuneguardError:
         raise
     except Exception as exc:  # datasets / hub / YAML errors: one line naming the task
-        raise _load_error(spec, exc) from None
+        raise load_error(spec, exc) from None
 
 
 def _configure(task: Any, options: LmEvalConfig) -> None:

@@ -113,7 +113,7 @@ def verdict_lines(report: dict[str, Any], *, key_too: bool = True) -> list[Cell]
     lines: list[Cell] = []
     if general:
         how = _FAMILY.get(general[0].get("correction"), general[0].get("correction") or "no correction")
-        lines.append(f"general suite: {len(general)} tasks tested as one family, corrected by {how}; p-values are "
+        lines.append(f"general suite: {len(general)} task{'s' * (len(general) != 1)} tested as one family, corrected by {how}; p-values are "
                      "adjusted and each interval is drawn at the level its test was run at")
     if task:
         lines.append("the recipe's task: a family of its own, 95% intervals")

@@ -109,7 +109,8 @@ def loss_curves_png(curves: dict[str, list[list[float]]]) -> str | None:
     fig = Figure(figsize=(7, 3.2))
     ax = fig.add_subplot(1, 1, 1)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="#4285f4", linewidth=1.2)
+        few = "o-" if len(train) < 8 else "-"  # a line of one logged point is invisible; a marker is not
+        ax.plot(*zip(*train, strict=True), few, label="train loss", color="#4285f4", linewidth=1.2, markersize=4)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss", color="#ea4335", linewidth=1.2, markersize=4)
     ax.set_xlabel("step")
@@ -132,10 +133,13 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
     for i, p in enumerate(points):
         colour = PALETTE[i % len(PALETTE)]
         (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
+        hidden = next((q["adapter"] for q in points[:i] if (q["gain"], q["forgetting"]) == (p["gain"], p["forgetting"])),
+                      None)  # drawn on top of an earlier point: the legend says so
         ax.errorbar(p["gain"], p["forgetting"], xerr=[[p["gain"] - g_lo], [g_hi - p["gain"]]],
                     yerr=[[p["forgetting"] - f_lo], [f_hi - p["forgetting"]]], fmt="o", color=colour, capsize=4,
                     markersize=9, elinewidth=1.4, markerfacecolor=colour if p["pareto"] else "white",
-                    label=f"{p['adapter']} (worst: {p['worst_task']})" + ("" if p["pareto"] else ", dominated"))
+                    label=f"{p['adapter']} (worst: {p['worst_task']})" + ("" if p["pareto"] else ", dominated")
+                    + (f", on top of {hidden}" if hidden else ""))
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["gain"])
     if len(front) > 1:
         ax.plot([p["gain"] for p in front], [p["forgetting"] for p in front], "--", color="#202124", linewidth=1,

@@ -21,7 +21,7 @@ def _general(row: dict[str, Any]) -> str:
     if row.get("kind") == "encoder":
         return "n/a (encoder)"
     accs = [g["value"] for g in (row.get("general") or {}).values() if g.get("aggregate") == "mean"]
-    return f"{fmt_value(sum(accs) / len(accs))} ({len(accs)} tasks)" if accs else DASH
+    return f"{fmt_value(sum(accs) / len(accs))} ({len(accs)} task{'s' * (len(accs) != 1)})" if accs else DASH
 
 
 def _versus(v: dict[str, Any] | None) -> str:

@@ -16,9 +16,10 @@ from tuneguard.recipe import Recipe
 
 
 def planned_steps(recipe: Recipe, n_rows: int, n_processes: int) -> tuple[int, int]:
-    """(optimizer steps in total, micro-batches per epoch per process); ``max_steps`` overrides epochs."""
+    """(optimizer steps in total, micro-batches per epoch per process); ``max_steps`` overrides epochs. An epoch's
+    last step takes the micro-batches left (:func:`step_windows`), so epochs x its steps."""
     per_epoch = math.ceil(n_rows / (recipe.train.batch_size * n_processes))
-    steps = recipe.train.max_steps or math.ceil(per_epoch * recipe.train.epochs / recipe.train.grad_accum)
+    steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * math.ceil(per_epoch / recipe.train.grad_accum))
     return steps, per_epoch
 
 
@@ -71,18 +72,21 @@ def _size(row: Any) -> int:
     return 1 if isinstance(row, ImageExample) else len(row.input_ids)
 
 
-def micro_batches(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int | None,
-                  start: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """An endless stream of (collated micro-batch, its real tokens), from micro-batch number ``start``."""
-    rows = data.train
+def step_windows(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int | None,
+                 start: int = 0) -> Iterator[list[tuple[dict[str, torch.Tensor], int]]]:
+    """An endless stream of optimizer steps from step number ``start``: each ``train.grad_accum`` micro-batches
+    (collated, with their real tokens), never reaching into the next epoch. An epoch's last step takes what is
+    left, so ``train.epochs`` trains every row that many times; the step's loss is the mean over its own targets."""
+    rows, accum = data.train, recipe.train.grad_accum
     per_epoch = len(epoch_batches(len(rows), recipe.train.batch_size, 0, 0, rank, world))
-    epoch, index = divmod(start, per_epoch)
+    steps_per_epoch = math.ceil(per_epoch / accum)
+    epoch, window = divmod(start, steps_per_epoch)
     while True:
         batches = epoch_batches(len(rows), recipe.train.batch_size, recipe.train.seed, epoch, rank, world)
-        for idx in batches[index:]:
-            chosen = [rows[i] for i in idx]
-            yield _collate(chosen, pad_id, epoch), sum(_size(r) for r in chosen)
-        epoch, index = epoch + 1, 0
+        for w in range(window, steps_per_epoch):
+            chosen = [[rows[i] for i in idx] for idx in batches[w * accum:(w + 1) * accum]]
+            yield [(_collate(c, pad_id, epoch), sum(_size(r) for r in c)) for c in chosen]
+        epoch, window = epoch + 1, 0
 
 
 def eval_batches(rows: list[Any], batch_size: int, pad_id: int | None) -> Iterator[dict[str, torch.Tensor]]:

@@ -44,6 +44,8 @@ class TrainState:
     """The validation scorer on the base model (adapter disabled), measured once before the first step."""
     diverged: str | None = None
     """Why training diverged (see tuneguard.train.divergence), or None."""
+    divergence: dict[str, Any] = field(default_factory=dict)
+    """The divergence watch's history (best loss, steps at the uniform value, gradient norms) at the checkpoint."""
 
 
 def only_trainable_weights(accelerator: Accelerator, loss_model: torch.nn.Module) -> None:
@@ -129,8 +131,10 @@ def use_new_lr(scheduler: Any, lr: float) -> None:
 
 
 _KEPT = "the kept adapter and the best value so far were chosen by the old rule"
+_POSITION = "the data position is counted in optimizer steps of the old batch, so rows would be skipped or repeated"
 NOT_RESUMABLE = {
     "train.layer_lr_decay": "the optimizer keeps its state in one group per layer, set by the decay",
+    "train.batch_size": _POSITION, "train.grad_accum": _POSITION,
     "train.early_stopping_metric": _KEPT, "train.select": _KEPT, "train.forgetting_bound": _KEPT,
 }
 """Recipe keys ``--resume-changed`` cannot accept, and why."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from tuneguard.errors import TuneguardError
 
@@ -50,6 +51,16 @@ class DivergenceWatch:
     best_loss: float = math.inf
     stuck: int = 0
     norms: list[float] = field(default_factory=list)
+
+    def to_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON: an infinite best as None)."""
+        best = self.best_loss if math.isfinite(self.best_loss) else None
+        return {"best_loss": best, "stuck": self.stuck, "norms": list(self.norms)}
+
+    @classmethod
+    def from_state(cls, uniform_loss: float, state: dict[str, Any]) -> DivergenceWatch:
+        best = state.get("best_loss")
+        return cls(uniform_loss, math.inf if best is None else best, state.get("stuck", 0), list(state.get("norms", [])))
 
     def update(self, loss: float, grad_norm: float | None) -> str | None:
         """Why training diverged at this step, or None."""

@@ -41,8 +41,8 @@ from tuneguard.rundir import FINISHED_HINT, Mode, RunDir
 from tuneguard.train.batches import (
     eval_batches,
     masked_batches,
-    micro_batches,
     planned_steps,
+    step_windows,
     target_count,
     widest_batch,
 )
@@ -117,8 +117,10 @@ class Session:
 
     @property
     def lr(self) -> float:
-        """``train.lr`` as the schedule has it now (with layer-wise decay: the top layer's rate)."""
-        return self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
+        """``train.lr`` as the next optimizer step applies it (with layer-wise decay: the top layer's rate); read
+        from the optimizer, which a resume with a changed rate sets (the scheduler's last rate is the old one)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl line (main process) and the trackers (each process, as Accelerate wants)."""
@@ -151,6 +153,9 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         log_with=recipe.train.trackers or None,
         project_dir=str(run_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.adapter.freeze_layers_below > 0)],
+        # The schedule counts optimizer steps of one process (``planned_steps``); Accelerate's default steps the
+        # prepared scheduler once per process at each call, which ran N processes' warmup and decay N times faster.
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -210,7 +215,7 @@ def lr_notes(recipe: Recipe, groups: list[dict[str, Any]], *, warn: bool = True)
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int,
                    lr_factor: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """The recipe's warmup and decay, as a factor on every group's lr; ``lr_factor`` replaces it (the range test)."""
-    warmup = round(total_steps * recipe.train.warmup_ratio)
+    warmup = min(round(total_steps * recipe.train.warmup_ratio), total_steps - 1)  # the peak is reached, if once
     kind = recipe.train.scheduler
 
     def factor(step: int) -> float:
@@ -306,6 +311,9 @@ def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tu
     state, best = restore_checkpoint(s.accelerator, checkpoint, s.run_dir)
     if "train.lr" in resume_changed:
         use_new_lr(s.scheduler, s.recipe.train.lr)
+    if "train.early_stopping_patience" in resume_changed:  # stopped under the old patience; judge by the new one
+        patience = s.recipe.train.early_stopping_patience
+        state.stopped_early = patience is not None and state.evals_without_improvement >= patience
     s.accelerator.print(f"resumed from {checkpoint.name}")
     return state, best
 
@@ -475,23 +483,24 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
         refuse_unresumable(resume_changed)
     if resume_run and not resume_changed and run_dir.run_json.exists():
         raise TuneguardError(f"{run_dir.path}: training already finished, nothing to resume; {FINISHED_HINT}")
-    elif resume_run and is_main_process():
+    if resume_run and checkpoint is None and is_main_process():
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
         run_dir.metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
     s = setup(recipe, run_dir, make_scorer)
     state, best = resume(s, checkpoint, resume_changed)
     t = recipe.train
-    stream = micro_batches(s.data, recipe, s.accelerator.process_index, s.accelerator.num_processes, s.pad_id,
-                           start=state.step * t.grad_accum)
+    steps = step_windows(s.data, recipe, s.accelerator.process_index, s.accelerator.num_processes, s.pad_id,
+                         start=state.step)
     progress = TrainProgress(s.total_steps, start=state.step, enabled=s.accelerator.is_main_process)
-    watch = divergence_watch(s)
+    watch = divergence_watch(s, state.divergence)
     window_tokens, window_seconds = 0, 0.0  # training steps only: a validation or a save is not training speed
     s.loss_model.train()
     with progress:
         measure_base(s, state, progress)
         while state.step < s.total_steps and not state.stopped_early:
             step_start = time.time()
-            micro, real_tokens = zip(*(next(stream) for _ in range(t.grad_accum)), strict=True)
+            micro, real_tokens = zip(*next(steps), strict=True)
+            lr = s.lr  # the rate this step trains at (the scheduler moves on inside train_step)
             loss, grad_norm, step_tokens = train_step(s, state, micro, sum(real_tokens))
             state.step += 1
             state.diverged = watch.update(loss, grad_norm)
@@ -500,9 +509,9 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
             state.tokens += step_tokens
             window_tokens, window_seconds = window_tokens + step_tokens, window_seconds + step_seconds
             rate = window_tokens / max(window_seconds, 1e-9)
-            progress.update(state.step, loss=loss, lr=s.lr, tokens_per_s=rate)
+            progress.update(state.step, loss=loss, lr=lr, tokens_per_s=rate)
             if state.step % t.log_every == 0 or state.step == s.total_steps:
-                record = {"step": state.step, "loss": round(loss, 6), "lr": s.lr,
+                record = {"step": state.step, "loss": round(loss, 6), "lr": lr,
                           "tokens": state.tokens, "tokens_per_s": round(rate, 2)}
                 s.log(record)
                 progress.log(record)
@@ -515,6 +524,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
             if t.save_every and state.step % t.save_every == 0 and state.step < s.total_steps:
                 state.elapsed += time.time() - started
                 started = time.time()
+                state.divergence = watch.to_state()
                 save_checkpoint(s.accelerator, run_dir, state, best, recipe)
     state.elapsed += time.time() - started
     return finish(s, state, best)
@@ -605,9 +615,10 @@ def run_record(s: Session, state: TrainState, final_val: float | None) -> dict[s
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def divergence_watch(s: Session) -> DivergenceWatch:
-    """The run's divergence rules (a loss back at the uniform guess, an exploding gradient), fresh."""
-    return DivergenceWatch(uniform_loss(s.backbone.model.config, s.backbone.is_encoder))
+def divergence_watch(s: Session, saved: dict[str, Any] | None = None) -> DivergenceWatch:
+    """The run's divergence rules (a loss back at the uniform guess, an exploding gradient), fresh or as a
+    checkpoint left them (a resumed run judges its steps against the whole run's history)."""
+    return DivergenceWatch.from_state(uniform_loss(s.backbone.model.config, s.backbone.is_encoder), saved or {})
 
 
 def uniform_loss(config: Any, is_encoder: bool) -> float:

@@ -22,7 +22,7 @@ from tuneguard.errors import TuneguardError
 from tuneguard.progress import TrainProgress, quiet_libraries
 from tuneguard.recipe import Recipe, TrainConfig
 from tuneguard.rundir import RECIPE, RunDir
-from tuneguard.train.batches import micro_batches
+from tuneguard.train.batches import step_windows
 from tuneguard.train.checkpoints import TrainState
 from tuneguard.train.divergence import NonFiniteStep
 from tuneguard.train.loop import divergence_watch, setup, train_step
@@ -136,13 +136,13 @@ def range_test(recipe: Recipe, out: Path, *, start: float = 1e-6, end: float = 1
 
     s = setup(test, RunDir(out), lr_factor=factor)
     acc = s.accelerator
-    stream = micro_batches(s.data, test, acc.process_index, acc.num_processes, s.pad_id)
+    windows = step_windows(s.data, test, acc.process_index, acc.num_processes, s.pad_id)
     state, running, lowest, watch = TrainState(), 0.0, math.inf, divergence_watch(s)
     s.loss_model.train()
     with TrainProgress(steps, enabled=acc.is_main_process) as progress:
         for k in range(steps):
             lr = start * factor(k)
-            micro, tokens = zip(*(next(stream) for _ in range(test.train.grad_accum)), strict=True)
+            micro, tokens = zip(*next(windows), strict=True)
             step_start = time.time()
             try:
                 loss, grad_norm, step_tokens = train_step(s, state, micro, sum(tokens))
