@@ -107,6 +107,7 @@ def _finished_with_checkpoint(tmp: Path, path: Path, run_dir: Path) -> list[str]
     """Finished, with the checkpoint of an earlier step kept: --resume would train again from it."""
     _killed(tmp, path, run_dir)
     _existing(tmp, path, run_dir)
+    (run_dir / "run.json").write_text('{"steps": 3}')  # finished after the kept checkpoint (step 2)
     return ["--resume"]
 
 

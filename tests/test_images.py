@@ -358,12 +358,3 @@ def test_shipped_digits_recipe_finds_its_model_and_data_beside_it(monkeypatch: p
     assert (len(data.train), len(data.val)) == (500, 200)
     assert sorted(e.label for e in data.val) == sorted(list(range(10)) * 20)
 
-
-def test_the_preview_takes_the_classes_in_turn() -> None:
-    """A folder of class folders lists one class first: a preview of its first rows would show one class only."""
-    from tuneguard.data.preview import _by_class_in_turn
-    from tuneguard.data.readers import Row
-
-    rows = [Row(f"{c}/{i}.png", {"label": c}) for c in "001" for i in range(2)] + [Row("2/0.png", {"label": "2"})]
-    assert [r.where for r in _by_class_in_turn(rows, "label")] == ["0/0.png", "1/0.png", "2/0.png", "0/1.png",
-                                                                   "1/1.png", "0/0.png", "0/1.png"]

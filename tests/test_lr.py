@@ -247,8 +247,11 @@ def test_the_range_test_never_writes_into_a_run(tmp_path: Path, tiny_llama_dir: 
     other = tmp_path / "runs" / "other"
     other.mkdir(parents=True)
     (other / "recipe.yaml").write_text("model: {}\n")
+    (other / "metrics.jsonl").write_text("")
     with pytest.raises(TuneguardError, match="not an earlier range test's output"):
         lr_folder(recipe, other)
+    (other / "metrics.jsonl").unlink()
+    assert lr_folder(recipe, other) == other  # what a test that stopped early leaves
     (other / LR_JSON).write_text("{}")
     assert lr_folder(recipe, other) == other  # an earlier test's folder is written again
     (other / "run.json").write_text("{}")

@@ -166,3 +166,14 @@ def test_atomic_dir_replaces_a_link_not_what_it_points_to(tmp_path: Path) -> Non
         (tmp / "new").write_text("y")
     assert not (tmp_path / "adapter").is_symlink() and (tmp_path / "adapter" / "new").exists()
     assert (outside / "keep").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "outside"]
+
+
+def test_a_killed_extension_of_a_finished_run_is_resumable(tmp_path: Path) -> None:
+    """run.json stays at the old end while ``--resume-changed train.max_steps`` trains on: a checkpoint past it
+    is something to resume; one at or before it, or none, is a finished run."""
+    run = RunDir(tmp_path / "run")
+    assert not run.finished_after(None)  # no run.json: not finished
+    run.path.mkdir()
+    run.write_record({"steps": 4})
+    assert run.finished_after(None) and run.finished_after(run.checkpoint(4))
+    assert not run.finished_after(run.checkpoint(6))

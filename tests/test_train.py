@@ -173,6 +173,20 @@ def test_adalora_rank_count_stays_constant_and_reloads(tmp_path: Path, tiny_llam
     assert all(torch.equal(named[f"{key}.default"].detach(), value) for key, value in saved.items())
 
 
+def test_an_adalora_classifier_reloads_with_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """The head is saved under its module's name (modules_to_save), not an AdaLoRA layer's: both come back."""
+    path = make_run(tmp_path, tiny_bert_dir, adapter={"method": "adalora", "r": 4}, train={"max_steps": 3})
+    run_train(path)
+    recipe = load_recipe(path)
+    reloaded = load_adapter(load_backbone(recipe.model, recipe.quantization, num_labels=2).model,
+                            tmp_path / "runs/recipe/adapter")
+    named = dict(reloaded.named_parameters())
+    saved = load_file(str(tmp_path / "runs/recipe/adapter/adapter_model.safetensors"))
+    heads = [key for key in saved if "lora_" not in key and "ranknum" not in key]
+    assert heads and all(torch.equal(named[f"{key}.default"].detach(), value)
+                         for key, value in saved.items() if key not in heads)
+
+
 def test_encoder_classifier_trains_head_and_adapter(tmp_path: Path, tiny_bert_dir: Path) -> None:
     path = make_run(tmp_path, tiny_bert_dir, train={"max_steps": 20, "lr": 1e-2})
     out = run_train(path)

@@ -159,8 +159,10 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        weights = {f.name: file_sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf), "weights": weights}))
+    # Hashed where they now lie (the memo is keyed by path and ctime), then recorded: until then the entry is not
+    # intact, so a kill here means converting again, never trusting unhashed files.
+    weights = {f.name: file_sha256(f) for f in sorted(target.glob("*.safetensors"))}
+    atomic_write_text(target / GGUF_SOURCE, json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf), "weights": weights}))
     return target
 
 

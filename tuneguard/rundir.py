@@ -152,6 +152,12 @@ class RunDir:
         found = self.checkpoint_list()
         return found[-1] if found else None
 
+    def finished_after(self, checkpoint: Path | None) -> bool:
+        """Training finished (run.json) at or after ``checkpoint``: nothing is left to resume from it. A killed
+        extension (``--resume-changed train.max_steps``) leaves checkpoints past the old run.json's steps."""
+        steps = self.record().get("steps", 0)
+        return self.run_json.exists() and (checkpoint is None or int(checkpoint.name.split("-")[1]) <= steps)
+
     def record(self) -> dict[str, Any]:
         """run.json, or {} for a run that has not finished training."""
         return read_json(self.run_json) if self.run_json.exists() else {}

@@ -79,22 +79,13 @@ class ImagePreview:
     """(1 + epochs, C, H, W) in [0, 1]: the image as validation sees it, then as each training epoch sees it."""
 
 
-def _by_class_in_turn(rows: list[Row], label_field: str) -> list[Row]:
-    """The first row of each label, then the second of each, ... (labels in order of first appearance)."""
-    queues: dict[Any, list[Row]] = {}
-    for row in rows:
-        queues.setdefault(str((row.fields or {}).get(label_field)), []).append(row)
-    return [q[i] for i in range(max(map(len, queues.values()), default=0)) for q in queues.values() if i < len(q)]
-
-
 def image_augmentation_preview(cfg: DataConfig, spec: ImageSpec, seed: int, n: int, epochs: int) -> list[ImagePreview]:
-    """``n`` usable training images, one class after another in file order (a folder of class folders lists one
-    class first), beside their augmented copies in epochs 0 to ``epochs`` - 1, drawn by the pipeline training
-    uses (so with this seed, exactly what training sees)."""
+    """The first ``n`` usable training images (in file order) beside their augmented copies in epochs 0 to
+    ``epochs`` - 1, drawn by the pipeline training uses (so with this seed, exactly what training sees)."""
     if not cfg.image_augment:
         raise TuneguardError("data.image_augment is empty: training images are used as they are; set it to preview "
                              "copies, e.g. data.image_augment=[rotate,scale,color]")
-    train_rows = _by_class_in_turn(read_split(cfg, seed)[0], cfg.label_field)
+    train_rows, _ = read_split(cfg, seed)
     lenient = cfg.model_copy(update={"max_bad_fraction": 1.0})  # a preview shows the good rows, training counts bad ones
     examples = build_images(train_rows[: n * 4], lenient, ImagePipeline(spec, cfg, seed), "training", Problems())[:n]
     if not examples:

@@ -98,7 +98,9 @@ def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> N
         raise TuneguardError(f"{path}: no model.safetensors (tuneguard writes the adapter's state only as "
                              "safetensors and never loads a pickled model file); delete this checkpoint to resume "
                              "from the one before, or start again with --overwrite")
-    rng = path / f"random_states_{process_index}.pkl"
+    if process_index:  # the main process saves the checkpoint, so only its random state is there
+        return
+    rng = path / "random_states_0.pkl"
     try:
         states = load(rng)  # Accelerate's own reader, weights_only: nothing in it is executed
         missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed") if k not in states]

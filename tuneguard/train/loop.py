@@ -481,7 +481,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
     if checkpoint is not None:
         run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed, recipe_defaults())
         refuse_unresumable(resume_changed)
-    if resume_run and not resume_changed and run_dir.run_json.exists():
+    if resume_run and not resume_changed and run_dir.finished_after(checkpoint):
         raise TuneguardError(f"{run_dir.path}: training already finished, nothing to resume; {FINISHED_HINT}")
     if resume_run and checkpoint is None and is_main_process():
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")

@@ -99,7 +99,7 @@ def lr_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
         raise TuneguardError(f"--out {folder}: that is the recipe's run directory {run} (or inside it); the range "
                              "test writes beside runs, never into one")
     held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
-    if held and (LR_JSON not in held or set(held) - {LR_JSON, LR_PNG, RECIPE}):
+    if set(held) - {LR_JSON, LR_PNG, RECIPE}:  # a test that stopped early left its recipe.yaml alone
         raise TuneguardError(f"--out {folder}: holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}, not "
                              "an earlier range test's output; the test writes into an empty folder or its own")
     return folder

@@ -154,10 +154,10 @@ def fit_probe(model: torch.nn.Module, rows: list[Example], recipe: Recipe, pad_i
     lr = max(t.lr, PROBE_LR)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(recipe, optimizer, total)
-    order = _row_order(len(rows), recipe)
+    order = _step_rows(len(rows), recipe)
     loss = torch.tensor(math.nan)
     for _ in range(total):
-        idx = torch.tensor([i for _ in range(t.grad_accum) for i in next(order)])
+        idx = torch.tensor(next(order))
         loss = F.cross_entropy(head(features[idx]).float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,9 +171,12 @@ def fit_probe(model: torch.nn.Module, rows: list[Example], recipe: Recipe, pad_i
                  round(float(loss.detach()), 6), round(time.time() - started, 2))
 
 
-def _row_order(n_rows: int, recipe: Recipe) -> Iterator[list[int]]:
-    """Micro-batches of row indices in training's own seeded order, epoch after epoch."""
-    epoch = 0
+def _step_rows(n_rows: int, recipe: Recipe) -> Iterator[list[int]]:
+    """Each step's row indices in training's own seeded order: ``train.grad_accum`` micro-batches that never
+    reach into the next epoch, as :func:`tuneguard.train.batches.step_windows` gives training."""
+    epoch, accum = 0, recipe.train.grad_accum
     while True:
-        yield from epoch_batches(n_rows, recipe.train.batch_size, recipe.train.seed, epoch, 0, 1)
+        batches = epoch_batches(n_rows, recipe.train.batch_size, recipe.train.seed, epoch, 0, 1)
+        for start in range(0, len(batches), accum):
+            yield [i for batch in batches[start:start + accum] for i in batch]
         epoch += 1
