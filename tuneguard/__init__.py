@@ -19,7 +19,7 @@ bench's reference runs (plain Trainer, TRL, lm-eval) get them."""
 _os.environ.update({k: OPENMP_DEFAULTS[k] for k in OPENMP_SET})
 
 _os.environ.setdefault("USE_HUB_KERNELS", "NO")
-HUB_KERNELS_OFF = _os.environ["USE_HUB_KERNELS"].upper() not in ("1", "ON", "YES", "TRUE")  # as transformers reads it
+HUB_KERNELS_OFF = _os.environ["USE_HUB_KERNELS"].lower() not in ("true", "1", "y", "yes", "on")  # transformers' reading
 """Compiled kernels from the Hugging Face Hub stay off unless you set ``USE_HUB_KERNELS`` yourself. transformers 5
 "kernelizes" every model it loads by default (on CUDA: Liger's RMSNorm and others, downloaded when online), and
 bitsandbytes, on a CPU with AVX512-BF16, asks the Hub for its own at import (``kernels.get_kernel``): native code
