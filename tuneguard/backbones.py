@@ -140,7 +140,8 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     """Dequantize a GGUF file once into a plain safetensors folder in the cache; reuse it afterwards."""
     if importlib.util.find_spec("gguf") is None:
         raise TuneguardError(f"loading {gguf.name} needs the 'gguf' package: pip install gguf")
-    target = cache_dir() / "gguf" / file_sha256(gguf)[:32]
+    digest = file_sha256(gguf)
+    target = cache_dir() / "gguf" / digest[:32]
     if _intact(target):
         return target
     tensors = check_gguf(gguf)
@@ -162,7 +163,7 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     # Hashed where they now lie (the memo is keyed by path and ctime), then recorded: until then the entry is not
     # intact, so a kill here means converting again, never trusting unhashed files.
     weights = {f.name: file_sha256(f) for f in sorted(target.glob("*.safetensors"))}
-    atomic_write_text(target / GGUF_SOURCE, json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf), "weights": weights}))
+    atomic_write_text(target / GGUF_SOURCE, json.dumps({"gguf": str(gguf), "sha256": digest, "weights": weights}))
     return target
 
 

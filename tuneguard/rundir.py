@@ -146,7 +146,7 @@ class RunDir:
     def checkpoint_list(self) -> list[Path]:
         """Complete checkpoints (their train state was the last thing written), oldest first."""
         found = [p for p in self.checkpoints.glob("step-*") if (p / TRAIN_STATE).exists()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return sorted(found, key=checkpoint_step)
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoint_list()
@@ -156,7 +156,7 @@ class RunDir:
         """Training finished (run.json) at or after ``checkpoint``: nothing is left to resume from it. A killed
         extension (``--resume-changed train.max_steps``) leaves checkpoints past the old run.json's steps."""
         steps = self.record().get("steps", 0)
-        return self.run_json.exists() and (checkpoint is None or int(checkpoint.name.split("-")[1]) <= steps)
+        return self.run_json.exists() and (checkpoint is None or checkpoint_step(checkpoint) <= steps)
 
     def record(self) -> dict[str, Any]:
         """run.json, or {} for a run that has not finished training."""
@@ -496,6 +496,11 @@ class RunDir:
 
     def write_checkpoint_recipe(self, folder: Path, recipe_view: dict[str, Any]) -> None:
         atomic_write_json(folder / CHECKPOINT_RECIPE, recipe_view)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """N of a ``step-N`` checkpoint folder."""
+    return int(folder.name.split("-")[1])
 
 
 def safe_name(name: str) -> str:

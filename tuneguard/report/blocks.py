@@ -28,6 +28,11 @@ def missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def count_of(n: int, noun: str) -> str:
+    """``1 task``, ``3 tasks``."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def fmt_value(v: float | None, how: str = "mean") -> str:
     """Mean metrics (in [0, 1]) as percentages, perplexity-like ones in their own units."""
     if missing(v):

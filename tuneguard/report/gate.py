@@ -24,6 +24,7 @@ from tuneguard.report.blocks import (
     DASH,
     Block,
     Cell,
+    count_of,
     fmt_ci,
     fmt_delta,
     fmt_int,
@@ -128,7 +129,7 @@ def plan_block(rows: list[dict[str, Any]], margin: float, power: float) -> Block
         table.append([r["task"], r["source"], fmt_int(r["needed"]), fmt_int(r.get("available")), enough])
     level = rows[0]["alpha"] if rows else 0.05
     return Block(f"Items for {100 * power:.0f}% power to show non-inferiority at a {margin:g}-point margin "
-                 f"(each task at alpha {level:.3g}: {len(rows)} task{'s' * (len(rows) != 1)}, Holm's first step)",
+                 f"(each task at alpha {level:.3g}: {count_of(len(rows), 'task')}, Holm's first step)",
                  ["task", "spread from", "items needed", "items available", "enough"], table)
 
 

@@ -10,6 +10,7 @@ from tuneguard.report.blocks import (
     Block,
     Cell,
     comparison_row,
+    count_of,
     fmt_value,
     missing,
     summary_rows,
@@ -113,7 +114,7 @@ def verdict_lines(report: dict[str, Any], *, key_too: bool = True) -> list[Cell]
     lines: list[Cell] = []
     if general:
         how = _FAMILY.get(general[0].get("correction"), general[0].get("correction") or "no correction")
-        lines.append(f"general suite: {len(general)} task{'s' * (len(general) != 1)} tested as one family, corrected by {how}; p-values are "
+        lines.append(f"general suite: {count_of(len(general), 'task')} tested as one family, corrected by {how}; p-values are "
                      "adjusted and each interval is drawn at the level its test was run at")
     if task:
         lines.append("the recipe's task: a family of its own, 95% intervals")

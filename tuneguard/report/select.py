@@ -8,7 +8,17 @@ from typing import Any
 from rich.console import Console
 
 from tuneguard.io import atomic_write_json, atomic_write_text
-from tuneguard.report.blocks import DASH, Block, Cell, fmt_float, fmt_memory, fmt_p, fmt_value, md_block
+from tuneguard.report.blocks import (
+    DASH,
+    Block,
+    Cell,
+    count_of,
+    fmt_float,
+    fmt_memory,
+    fmt_p,
+    fmt_value,
+    md_block,
+)
 from tuneguard.report.terminal import print_block
 
 SELECT_JSON, SELECT_MD = "select.json", "select.md"
@@ -21,7 +31,7 @@ def _general(row: dict[str, Any]) -> str:
     if row.get("kind") == "encoder":
         return "n/a (encoder)"
     accs = [g["value"] for g in (row.get("general") or {}).values() if g.get("aggregate") == "mean"]
-    return f"{fmt_value(sum(accs) / len(accs))} ({len(accs)} task{'s' * (len(accs) != 1)})" if accs else DASH
+    return f"{fmt_value(sum(accs) / len(accs))} ({count_of(len(accs), 'task')})" if accs else DASH
 
 
 def _versus(v: dict[str, Any] | None) -> str:

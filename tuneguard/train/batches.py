@@ -72,21 +72,30 @@ def _size(row: Any) -> int:
     return 1 if isinstance(row, ImageExample) else len(row.input_ids)
 
 
-def step_windows(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int | None,
-                 start: int = 0) -> Iterator[list[tuple[dict[str, torch.Tensor], int]]]:
-    """An endless stream of optimizer steps from step number ``start``: each ``train.grad_accum`` micro-batches
-    (collated, with their real tokens), never reaching into the next epoch. An epoch's last step takes what is
-    left, so ``train.epochs`` trains every row that many times; the step's loss is the mean over its own targets."""
-    rows, accum = data.train, recipe.train.grad_accum
-    per_epoch = len(epoch_batches(len(rows), recipe.train.batch_size, 0, 0, rank, world))
+def step_indices(n_rows: int, recipe: Recipe, rank: int, world: int,
+                 start: int = 0) -> Iterator[tuple[int, list[list[int]]]]:
+    """Each optimizer step's micro-batches of row indices, with their epoch, from step number ``start``: up to
+    ``train.grad_accum`` micro-batches that never reach into the next epoch (an epoch's last step takes what is
+    left), so ``train.epochs`` trains every row that many times."""
+    accum = recipe.train.grad_accum
+    per_epoch = len(epoch_batches(n_rows, recipe.train.batch_size, 0, 0, rank, world))
     steps_per_epoch = math.ceil(per_epoch / accum)
     epoch, window = divmod(start, steps_per_epoch)
     while True:
-        batches = epoch_batches(len(rows), recipe.train.batch_size, recipe.train.seed, epoch, rank, world)
+        batches = epoch_batches(n_rows, recipe.train.batch_size, recipe.train.seed, epoch, rank, world)
         for w in range(window, steps_per_epoch):
-            chosen = [[rows[i] for i in idx] for idx in batches[w * accum:(w + 1) * accum]]
-            yield [(_collate(c, pad_id, epoch), sum(_size(r) for r in c)) for c in chosen]
+            yield epoch, batches[w * accum:(w + 1) * accum]
         epoch, window = epoch + 1, 0
+
+
+def step_windows(data: Prepared, recipe: Recipe, rank: int, world: int, pad_id: int | None,
+                 start: int = 0) -> Iterator[list[tuple[dict[str, torch.Tensor], int]]]:
+    """An endless stream of optimizer steps (:func:`step_indices`), each its micro-batches collated, with their
+    real tokens; the step's loss is the mean over its own targets."""
+    rows = data.train
+    for epoch, step in step_indices(len(rows), recipe, rank, world, start):
+        chosen = [[rows[i] for i in idx] for idx in step]
+        yield [(_collate(c, pad_id, epoch), sum(_size(r) for r in c)) for c in chosen]
 
 
 def eval_batches(rows: list[Any], batch_size: int, pad_id: int | None) -> Iterator[dict[str, torch.Tensor]]:

@@ -80,13 +80,15 @@ def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: RunDir) ->
     try:
         accelerator.load_state(str(path), strict=False)
     except Exception as exc:  # a damaged or foreign file: one line, not Accelerate's traceback
-        raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); delete this checkpoint to resume "
-                             "from the one before, or start again with --overwrite") from None
+        raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); {_INSTEAD}") from None
     state = TrainState(**read_json(path / TRAIN_STATE))
     best = load_file(str(path / BEST)) if (path / BEST).exists() else None
     if accelerator.is_main_process:
         run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
     return state, best
+
+
+_INSTEAD = "delete this checkpoint to resume from the one before, or start again with --overwrite"
 
 
 def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> None:
@@ -96,8 +98,7 @@ def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> N
     its own sharded format instead."""
     if not sharded and not (path / "model.safetensors").is_file():
         raise TuneguardError(f"{path}: no model.safetensors (tuneguard writes the adapter's state only as "
-                             "safetensors and never loads a pickled model file); delete this checkpoint to resume "
-                             "from the one before, or start again with --overwrite")
+                             f"safetensors and never loads a pickled model file); {_INSTEAD}")
     if process_index:  # the main process saves the checkpoint, so only its random state is there
         return
     rng = path / "random_states_0.pkl"
@@ -108,8 +109,7 @@ def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> N
         missing = [_first_line(exc)]
     if missing:
         raise TuneguardError(f"{rng}: the random state cannot be restored ({', '.join(missing)}), so the resumed "
-                             "run would not continue exactly; delete this checkpoint to resume from the one before, "
-                             "or start again with --overwrite")
+                             f"run would not continue exactly; {_INSTEAD}")
 
 
 def _first_line(exc: Exception) -> str:

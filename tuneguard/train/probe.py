@@ -26,7 +26,7 @@ from tuneguard.backbones import ENCODER_HEADS
 from tuneguard.data.examples import Example
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import Recipe
-from tuneguard.train.batches import epoch_batches, eval_batches, planned_steps
+from tuneguard.train.batches import eval_batches, planned_steps, step_indices
 from tuneguard.train.loop import make_scheduler
 
 PROBE_LR = 1e-3
@@ -154,10 +154,10 @@ def fit_probe(model: torch.nn.Module, rows: list[Example], recipe: Recipe, pad_i
     lr = max(t.lr, PROBE_LR)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(recipe, optimizer, total)
-    order = _step_rows(len(rows), recipe)
+    steps = step_indices(len(rows), recipe, 0, 1)  # training's own order and windows
     loss = torch.tensor(math.nan)
     for _ in range(total):
-        idx = torch.tensor(next(order))
+        idx = torch.tensor([i for micro in next(steps)[1] for i in micro])
         loss = F.cross_entropy(head(features[idx]).float(), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,13 +170,3 @@ def fit_probe(model: torch.nn.Module, rows: list[Example], recipe: Recipe, pad_i
     return Probe(head.to(device=like.device, dtype=like.dtype), total, t.batch_size * t.grad_accum, lr, len(rows),
                  round(float(loss.detach()), 6), round(time.time() - started, 2))
 
-
-def _step_rows(n_rows: int, recipe: Recipe) -> Iterator[list[int]]:
-    """Each step's row indices in training's own seeded order: ``train.grad_accum`` micro-batches that never
-    reach into the next epoch, as :func:`tuneguard.train.batches.step_windows` gives training."""
-    epoch, accum = 0, recipe.train.grad_accum
-    while True:
-        batches = epoch_batches(n_rows, recipe.train.batch_size, recipe.train.seed, epoch, 0, 1)
-        for start in range(0, len(batches), accum):
-            yield [i for batch in batches[start:start + accum] for i in batch]
-        epoch += 1
