@@ -21,7 +21,7 @@ from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import Block, fmt_level, fmt_steps, md_block
 from tuneguard.report.cv import render_cv_markdown, summarize_folds
 from tuneguard.report.files import build_report, render_markdown, write_reports
-from tuneguard.report.history import list_history, record_run
+from tuneguard.report.history import list_history, record_run, unknown_filter
 from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 from tuneguard.report.terminal import print_block, print_history, print_report
 from tuneguard.train.selection import selection_record
@@ -234,6 +234,10 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert {r["recipe"] for r in list_history(last=1)} == {"sst2-ia3"}
     assert len(list_history(recipe="sst2-lora", last=1)) == 3  # the newest run *of that recipe*
     assert len(list_history(recipe="sst2-lora")) == 3
+    assert unknown_filter("sst2", "sst2-ia3") is None
+    assert unknown_filter("arc_easyy", None) == ("--task 'arc_easyy': no run or check in the history has it; did you "
+                                                 "mean 'arc_easy'? 3 known: arc_easy, sst2, wikitext")
+    assert unknown_filter(None, "agnews").startswith("--recipe 'agnews': no run or check in the history has it; 2 known")
 
     out = io.StringIO()
     print_history(sst2, Console(file=out, width=200))
@@ -291,7 +295,9 @@ def test_compare_runs_side_by_side(tmp_path: Path) -> None:
     assert re.search(r"^\| arc_easy \(acc\) · general \| .*\(-8\.0 pp\) \| .* \| – \|$", md, re.M)
     assert re.search(r"^\| steps · tokens trained \| 20 · 40,960 \| 20 · 40,960 \| 20 · 40,960 \|$", md, re.M)
     assert re.search(r"^\| general-text loss \(Δ vs base\) \| 2\.950 \(\+0\.040\) \|", md, re.M)
-    assert "https://" not in files[2].read_text()
+    page = files[2].read_text()
+    assert "https://" not in page and page.count('<img src="data:image/png;base64,') == 1  # each run against its base
+    assert "coloured by the verdict on that change" in page
 
     out = io.StringIO()
     print_run_comparison(comparison, Console(file=out, width=200))

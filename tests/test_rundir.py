@@ -4,7 +4,9 @@ spells the directory's file names (so renaming one is a one-line change)."""
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,33 @@ def test_a_killed_extension_of_a_finished_run_is_resumable(tmp_path: Path) -> No
     run.write_record({"steps": 4})
     assert run.finished_after(None) and run.finished_after(run.checkpoint(4))
     assert not run.finished_after(run.checkpoint(6))
+
+
+def test_eval_and_check_hold_a_finished_run_and_clear_what_a_killed_one_left(tmp_path: Path) -> None:
+    """``tuneguard eval`` and ``check`` write into a finished run: they hold its lock as training does, and a
+    killed one's temporary files (its names only) are gone the next time."""
+    run = RunDir(tmp_path / "run")
+    run.write_recipe("output: {name: demo}\n")
+    with pytest.raises(TuneguardError, match="training did not finish"), run.hold_results():
+        pass
+    run.write_record({"steps": 3})
+    left = [run.path / ".report.html.a1.tmp", run.path / ".eval.json.b2.tmp", run.scores / ".k.json.c3.tmp",
+            run.checks / ".check-20261205-000000.json.d4.tmp"]
+    kept = [run.path / ".run.json.e5.tmp", run.path / ".notes.txt.f6.tmp"]  # training's, and not tuneguard's
+    for path in left + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("partial")
+    with run.hold_results():
+        assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+        fd = os.open(run.lock_file, os.O_RDWR)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    assert not run.lock_file.exists()
+    fd = os.open(run.lock_file, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(TuneguardError, match="another run is writing into it"), run.hold_results():
+            pass
+    finally:
+        os.close(fd)

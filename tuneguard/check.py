@@ -67,10 +67,14 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
     file's first N rows only (a quick look at a large file; the tests' power falls with N)."""
     if not 0 < alpha < 0.5:
         raise TuneguardError(f"--alpha must be between 0 and 0.5 (one-sided tests); got {alpha}")
-    started = time.time()
     quiet_libraries()
-    run = RunDir(run_dir)
-    run.ensure_finished(writable=True)
+    with RunDir(run_dir).hold_results() as run:
+        return _check(run, data, alpha, allow_overlap, limit)
+
+
+def _check(run: RunDir, data: Path, alpha: float, allow_overlap: bool, limit: int | None) -> int:
+    started = time.time()
+    run_dir = run.path
     recipe = load_recipe(run.recipe)
     if recipe.data.kind != "classification" or not recipe.eval.task:
         raise TuneguardError(f"{run_dir}: tuneguard check scores the recipe's own classification task "

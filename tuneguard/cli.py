@@ -123,11 +123,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
-    from tuneguard.report.history import list_checks, list_history
+    from tuneguard.report.history import list_checks, list_history, unknown_filter
     from tuneguard.report.terminal import print_history
 
     results = list_history(task=args.task, recipe=args.recipe, last=args.last)
     checks = list_checks(task=args.task, recipe=args.recipe, last=args.last)
+    if not results and not checks and (problem := unknown_filter(args.task, args.recipe)):
+        raise TuneguardError(problem)
     if args.plot:
         from tuneguard.io import atomic_write_bytes
         from tuneguard.report.monitor import trend_png

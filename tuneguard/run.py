@@ -72,9 +72,9 @@ def report(recipe: Recipe, run_dir: Path, evaluation: Evaluation) -> int:
 def reevaluate(run_dir: Path, *, suites: list[str] | None, limit: int | None, with_original: bool) -> int:
     """``tuneguard eval RUN``: reload the backbone and the saved adapter, and evaluate again."""
     quiet_libraries()
-    RunDir(run_dir).ensure_finished(writable=True)
-    recipe, trained = load_run(run_dir)
-    return evaluate(recipe, run_dir, trained, suites=suites, limit=limit, with_original=with_original)
+    with RunDir(run_dir).hold_results():
+        recipe, trained = load_run(run_dir)
+        return evaluate(recipe, run_dir, trained, suites=suites, limit=limit, with_original=with_original)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ from tuneguard.adapters.capabilities import reports_rank
 from tuneguard.errors import TuneguardError
 from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text, read_yaml, recover_partial_writes
 
-Mode = Literal["new", "resume", "overwrite"]
+Mode = Literal["new", "resume", "overwrite", "results"]
+"""How a run is claimed: ``results`` is a finished run that eval or check writes into."""
 FINISHED_HINT = ("evaluate it with tuneguard eval, train it longer with --resume-changed train.max_steps "
                  "train.max_steps=N, or start again with --overwrite (it is moved aside)")
 
@@ -383,6 +384,14 @@ class RunDir:
         if writable and not os.access(self.path, os.W_OK):
             raise TuneguardError(f"{self.path}: not writable; results could not be saved")
 
+    @contextlib.contextmanager
+    def hold_results(self) -> Iterator[RunDir]:
+        """For verbs that write a finished run's results (eval, check): held as training holds it, so two never
+        write one run's eval.json and reports at once and a resumed training never starts under them."""
+        self.ensure_finished(writable=True)
+        with self.claim("results"):
+            yield self
+
     def _make_dirs(self) -> None:
         missing = []
         for parent in [self.path, *self.path.parents]:
@@ -424,7 +433,9 @@ class RunDir:
         held = self.contents()
         if mode != "overwrite":
             self.refuse_links()
-        if mode == "overwrite" and held:
+        if mode == "results":
+            self._recover_result_writes()
+        elif mode == "overwrite" and held:
             self._move_aside(held)
         elif mode == "resume" and not held:
             raise TuneguardError(f"{self.path}: nothing to resume (no run there: is output.name right?); drop "
@@ -448,6 +459,12 @@ class RunDir:
         while this run holds the directory (``eval`` and ``export`` take no lock)."""
         recover_partial_writes(self.path, lambda name: name in (RECIPE, RUN, METRICS, ADAPTER))
         recover_partial_writes(self.checkpoints, lambda name: re.fullmatch(r"step-\d+", name) is not None)
+
+    def _recover_result_writes(self) -> None:
+        """What a killed eval or check left: the temporary files of its results (nothing else writes them)."""
+        recover_partial_writes(self.path, lambda name: name in (EVAL, *REPORTS))
+        recover_partial_writes(self.scores, lambda name: name.endswith(".json"))
+        recover_partial_writes(self.checks, lambda name: name.startswith("check-"))
 
     @staticmethod
     def unfinished_start(held: list[str]) -> bool:

@@ -9,6 +9,7 @@ training run in the same directory is a new row.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -156,6 +157,24 @@ def list_history(
     )
     with closing(_connect(db)) as con:
         return [dict(row) | {"is_general": bool(row["is_general"])} for row in con.execute(sql, args)]
+
+
+def unknown_filter(task: str | None, recipe: str | None, *, db: Path | None = None) -> str | None:
+    """Why a ``--task``/``--recipe`` filter cannot match (a name no run or check has), with the closest known name;
+    None when it can."""
+    queries = {"task": ("SELECT task FROM results UNION SELECT task FROM checks", task),
+               "recipe": ("SELECT recipe FROM runs UNION SELECT recipe FROM checks", recipe)}
+    with closing(_connect(db)) as con:
+        for what, (sql, value) in queries.items():
+            if value is None:
+                continue
+            known = sorted(str(row[0]) for row in con.execute(sql) if row[0] is not None)
+            if value not in known:
+                close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                return (f"--{what} {value!r}: no run or check in the history has it; {hint}"
+                        f"{len(known)} known{': ' + ', '.join(known[:8]) if known else ''}{', ...' if len(known) > 8 else ''}")
+    return None
 
 
 def _check_row(check: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -50,7 +50,9 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
         if c.get("delta") is not None:
             ax.plot(_gain(c, c["delta"]), y, "o", color=colour, markersize=7, zorder=3)
     ax.axvline(0, color="#202124", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"{c['task']} ({c['metric']})\n{fmt_verdict(c)}" for c in rows], fontsize=8.5)
+    names = [c.get("label") or f"{c['task']} ({c['metric']})" for c in rows]
+    ax.set_yticks(range(len(rows)), [f"{name}\n{fmt_verdict(c)}" for name, c in zip(names, rows, strict=True)],
+                  fontsize=8.5)
     for label, c in zip(ax.get_yticklabels(), rows, strict=True):
         label.set_color(COLOURS.get(c["verdict"], _OTHER))
     ax.set_ylim(len(rows) - 0.5, -0.5)
@@ -64,7 +66,8 @@ def forest_png(groups: list[tuple[str, list[dict[str, Any]]]]) -> str | None:
 
     Changes are drawn as improvement (right is better, whichever way the metric runs) in budget
     points, so accuracies and perplexities share one axis. Each group (the recipe's task, the
-    general suite) gets its own panel and x scale: a +25 pp task gain would flatten a ±2 pp suite.
+    general suite; or one task across several runs) gets its own panel and x scale: a +25 pp task
+    gain would flatten a ±2 pp suite. A row's ``label`` replaces "task (metric)" on its line.
     """
     groups = [(title, rows) for title, rows in groups if rows]
     if not groups:

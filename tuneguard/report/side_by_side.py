@@ -7,6 +7,7 @@ the first rows say what each run was (adapter, rank, quantization) and what it c
 from __future__ import annotations
 
 import hashlib
+import html
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,12 @@ from tuneguard.report.blocks import (
     verdict_class,
 )
 from tuneguard.report.layout import picked_among
+from tuneguard.report.plots import forest_png
 from tuneguard.report.terminal import print_block
 from tuneguard.rundir import RunDir
 
-_CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate", "n")
+_CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate", "n", "higher_is_better",
+              "margin")
 
 
 def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[str, Any]:
@@ -150,16 +153,32 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
     for t in comparison["tasks"]:
         label = f"{t['task']} ({t['metric']})" + (" · general" if t["is_general"] else "")
         rows.append([label, *map(_cell, t["cells"])])
-    lines = [_picked_line(r) for r in runs if r.get("picked_among")]
+    lines: list[Cell] = ["a cell: the tuned value (its change against that run's own base), coloured by the verdict on "
+                         "that change: green improved, blue non-inferior, orange inconclusive, red regressed"]
+    lines += [_picked_line(r) for r in runs if r.get("picked_among")]
     return Block("Runs side by side (tuned value, Δ vs its base)", ["", *(r["label"] for r in runs)], rows, lines)
+
+
+def comparison_png(comparison: dict[str, Any]) -> str | None:
+    """One panel per task, one line per run: its change against its own base with the interval and margin."""
+    labels = [r["label"] for r in comparison["runs"]]
+    groups = [(f"{t['task']} ({t['metric']})" + (" · general" if t["is_general"] else ""),
+               [cell | {"task": t["task"], "metric": t["metric"], "label": label}
+                for label, cell in zip(labels, t["cells"], strict=True) if cell and "higher_is_better" in cell])
+              for t in comparison["tasks"]]
+    return forest_png(groups)
 
 
 def _write(out_dir: Path, comparison: dict[str, Any]) -> list[Path]:
     block = comparison_block(comparison)
+    title = f"tuneguard: {len(comparison['runs'])} runs compared"
+    chart = comparison_png(comparison)
+    img = (f'<h2>Each run against its own base</h2><img src="data:image/png;base64,{chart}" '
+           'alt="change against base per task and run, with intervals">\n') if chart else ""
     paths = [out_dir / "comparison.json", out_dir / "comparison.md", out_dir / "comparison.html"]
     atomic_write_json(paths[0], comparison)
-    atomic_write_text(paths[1], f"# tuneguard: {len(comparison['runs'])} runs compared\n\n" + md_block(block))
-    atomic_write_text(paths[2], html_page("tuneguard: runs compared", "<h1>tuneguard: runs compared</h1>\n" + html_block(block)))
+    atomic_write_text(paths[1], f"# {title}\n\n" + md_block(block))
+    atomic_write_text(paths[2], html_page(title, f"<h1>{html.escape(title)}</h1>\n" + html_block(block) + img))
     return paths
 
 
