@@ -27,6 +27,7 @@ from tuneguard.cli import main as cli_main
 from tuneguard.data.image_augment import Draw, adjust_color, augment, draw, rotate_zoom
 from tuneguard.data.images import ImagePipeline
 from tuneguard.data.prepare import Prepared, prepare_data
+from tuneguard.data.preview import image_augmentation_preview
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
 from tuneguard.train.batches import eval_batches, step_windows
@@ -326,6 +327,23 @@ def test_preview_writes_a_grid_of_originals_and_copies(tmp_path: Path, resnet_di
     assert "3 training images" in capsys.readouterr().out
     assert cli_main(["data", "preview", str(path), "data.image_augment=[]", "--out", str(out)]) == 2
     assert "data.image_augment is empty" in capsys.readouterr().err
+
+
+def test_preview_takes_each_class_in_turn_and_draws_what_training_draws(tmp_path: Path) -> None:
+    """Class folders list one class after another: the preview takes a row of each class in turn (not the first
+    class n times), and each copy is the one training draws for that row (its index among the training rows)."""
+    save_digits(tmp_path / "digits", per_class=3)
+    path = write_recipe(tmp_path, tmp_path, {"train": "digits", "validation": None, "image_augment": ["rotate", "color"]})
+    cfg = load_recipe(path).data
+    rows = image_augmentation_preview(cfg, SPEC, seed=0, n=4, epochs=2)
+    assert len({r.answer for r in rows}) == 4
+    unscaled = ImagePipeline(ImageSpec(1, (0.0,), (1.0,)), cfg, 0)
+    training = {e.where: e for e in prepared(path).train}
+    for row in rows:
+        seen = training[row.where]
+        assert torch.equal(row.images[0], unscaled.batch([seen])["pixel_values"][0])
+        for epoch in range(2):
+            assert torch.equal(row.images[1 + epoch], unscaled.batch([seen], epoch)["pixel_values"][0])
 
 
 def test_digits_end_to_end_beats_chance(tmp_path: Path, capsys) -> None:

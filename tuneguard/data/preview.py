@@ -6,6 +6,8 @@ function (:func:`augmented_copies`), so what ``tuneguard data preview`` shows is
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,15 +81,32 @@ class ImagePreview:
     """(1 + epochs, C, H, W) in [0, 1]: the image as validation sees it, then as each training epoch sees it."""
 
 
+def _class_turns(rows: list[Row], cfg: DataConfig) -> list[int]:
+    """Row indices taking each class in turn (file order within a class): a folder sorted by class would otherwise
+    show its first class alone. Rows without a readable label come last."""
+    mapping, _ = label_index(cfg)
+    by_class: dict[int, list[int]] = {}
+    unlabelled = []
+    for i, row in enumerate(rows):
+        try:
+            by_class.setdefault(class_index(row.fields or {}, cfg, mapping), []).append(i)
+        except (KeyError, ValueError):
+            unlabelled.append(i)
+    turns = [i for group in itertools.zip_longest(*by_class.values()) for i in group if i is not None]
+    return turns + unlabelled
+
+
 def image_augmentation_preview(cfg: DataConfig, spec: ImageSpec, seed: int, n: int, epochs: int) -> list[ImagePreview]:
-    """The first ``n`` usable training images (in file order) beside their augmented copies in epochs 0 to
+    """``n`` usable training images, taken from each class in turn, beside their augmented copies in epochs 0 to
     ``epochs`` - 1, drawn by the pipeline training uses (so with this seed, exactly what training sees)."""
     if not cfg.image_augment:
         raise TuneguardError("data.image_augment is empty: training images are used as they are; set it to preview "
                              "copies, e.g. data.image_augment=[rotate,scale,color]")
     train_rows, _ = read_split(cfg, seed)
     lenient = cfg.model_copy(update={"max_bad_fraction": 1.0})  # a preview shows the good rows, training counts bad ones
-    examples = build_images(train_rows[: n * 4], lenient, ImagePipeline(spec, cfg, seed), "training", Problems())[:n]
+    pipeline = ImagePipeline(spec, cfg, seed)
+    examples = [dataclasses.replace(e, index=i) for i in _class_turns(train_rows, cfg)[: n * 4]
+                for e in build_images([train_rows[i]], lenient, pipeline, "training", Problems())][:n]
     if not examples:
         raise TuneguardError(f"{cfg.train}: none of the first training rows has a readable image")
     _, verbalizers = label_index(cfg)
