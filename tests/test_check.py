@@ -6,6 +6,7 @@ import random
 import re
 import shutil
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stats import two_sample_interval, two_sample_z, wilson_interval
 from tuneguard.recipe import load_recipe
 from tuneguard.report.history import list_checks, record_check
-from tuneguard.report.monitor import print_checks
+from tuneguard.report.monitor import print_checks, time_limits
 from tuneguard.run import evaluate
 from tuneguard.train.loop import train
 
@@ -309,7 +310,8 @@ def test_unfinished_read_only_or_wrong_runs_are_refused_before_the_model_loads(f
 def test_history_plot_draws_runs_and_checks_and_refuses_nothing(finished, tmp_path: Path, capsys) -> None:
     run_dir, val, _ = finished
     assert cli_main(["history", "--plot", str(tmp_path / "empty.png"), "--task", "no such task"]) == 2
-    assert "nothing to plot" in capsys.readouterr().err and not (tmp_path / "empty.png").exists()
+    assert "--task 'no such task': no run or check in the history has it" in capsys.readouterr().err
+    assert not (tmp_path / "empty.png").exists()
     run_check(run_dir, write_jsonl(tmp_path / "same.jsonl", val))
     run_check(run_dir, write_jsonl(tmp_path / "drift.jsonl", [{"text": r["text"]} for r in val]))
     out = tmp_path / "trend.png"
@@ -319,6 +321,14 @@ def test_history_plot_draws_runs_and_checks_and_refuses_nothing(finished, tmp_pa
     assert cli_main(["history", "--task", "recipe (validation)"]) == 0
     tables = "".join(capsys.readouterr())
     assert "History" in tables and "Checks" in tables and "drift" in tables and "accuracy" in tables
+
+
+def test_a_trend_of_moments_spans_an_hour_around_them() -> None:
+    """matplotlib draws a lone point on a time axis years wide; within an hour the axis is that hour."""
+    assert time_limits(["2026-12-05T06:40:00+00:00"]) == (datetime(2026, 12, 5, 6, 10, tzinfo=timezone.utc),
+                                                          datetime(2026, 12, 5, 7, 10, tzinfo=timezone.utc))
+    assert time_limits(["2026-12-05T06:40:00+00:00", "2026-12-05T06:50:00+00:00"])[0].minute == 15
+    assert time_limits(["2026-12-05T06:40:00+00:00", "2026-12-06T06:40:00+00:00"]) is None
 
 
 def test_an_older_history_database_gains_the_checks_table(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ _ITEMS = {"two-sample": "new items vs stored (two-sample score test)",
           "paired": "items shared with validation (paired, McNemar)"}
 MAX_PANELS = 6
 """Tasks drawn at most in one trend chart: those checked first, then the recipes' own, then general ones."""
+MIN_SPAN = timedelta(hours=1)
+"""The narrowest time axis drawn: runs and checks within one hour sit inside it, not at its ends."""
 
 
 def _drop_cell(t: dict[str, Any]) -> Cell:
@@ -113,6 +115,16 @@ def _legend() -> list[Line2D]:
             mark("v", COLOURS["regressed"], "drift check: drift")]
 
 
+def time_limits(created: list[str]) -> tuple[datetime, datetime] | None:
+    """The time axis for entries within :data:`MIN_SPAN` of each other (matplotlib spans one point over years);
+    None leaves wider spans to matplotlib."""
+    times = [_time(text) for text in created]
+    if not times or max(times) - min(times) >= MIN_SPAN:
+        return None
+    middle = min(times) + (max(times) - min(times)) / 2
+    return middle - MIN_SPAN / 2, middle + MIN_SPAN / 2
+
+
 def trend_png(results: list[dict[str, Any]], checks: list[dict[str, Any]]) -> tuple[bytes, list[str], int]:
     """Each task's metric over time: runs' tuned values, checks' accuracies with their intervals (red where a drop
     was flagged), unlabelled drift checks as triangles along the top (red where drift was flagged).
@@ -125,6 +137,10 @@ def trend_png(results: list[dict[str, Any]], checks: list[dict[str, Any]]) -> tu
     axes = fig.subplots(len(tasks), 1, squeeze=False, sharex=True)[:, 0]
     for ax, task in zip(axes, tasks, strict=True):
         _panel(ax, task, [r for r in results if r["task"] == task], [c for c in checks if c["task"] == task])
+    limits = time_limits([r["created"] for r in results if r["task"] in tasks]
+                         + [c["created"] for c in checks if c["task"] in tasks])
+    if limits:
+        axes[0].set_xlim(*limits)
     fig.legend(handles=_legend(), loc="outside upper center", ncol=3, fontsize=8, frameon=False)
     return png_bytes(fig), tasks, len(every)
 
