@@ -39,7 +39,7 @@ from tuneguard.allocator import keep_freed_memory, trim_heap
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
 from tuneguard.numerics import linear, resolve_dtype
-from tuneguard.progress import Advance, phase
+from tuneguard.progress import Advance, console, phase
 from tuneguard.recipe import ModelConfig, QuantizationConfig
 from tuneguard.weights import check_gguf, check_weights_dir
 
@@ -146,8 +146,7 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
         return target
     tensors = check_gguf(gguf)
     folder, name = str(gguf.parent), gguf.name
-    with phase(f"dequantizing {name} to safetensors (once; cached in {target.parent})", tensors,
-               unit="tensors") as advance, _gguf_bar(advance):
+    with phase(f"dequantizing {name} (once)", tensors, unit="tensors") as advance, _gguf_bar(advance):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32, trust_remote_code=trust_remote_code
@@ -164,6 +163,7 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     # intact, so a kill here means converting again, never trusting unhashed files.
     weights = {f.name: file_sha256(f) for f in sorted(target.glob("*.safetensors"))}
     atomic_write_text(target / GGUF_SOURCE, json.dumps({"gguf": str(gguf), "sha256": digest, "weights": weights}))
+    console.print(f"{name}: dequantized to safetensors in {target}", soft_wrap=True)
     return target
 
 

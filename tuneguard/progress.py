@@ -86,10 +86,11 @@ def phase(label: str, items: int | None = None, *, unit: str = "items", enabled:
     packed rows or batches still shows items.
     """
     columns = [SpinnerColumn(), TextColumn("{task.description}")]
-    if items:
+    if items:  # the time taken is in the closing line; an 80-column terminal has no room for it here
         columns += [BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TextColumn("eta"),
                     TimeRemainingColumn()]
-    columns.append(TimeElapsedColumn())
+    else:
+        columns.append(TimeElapsedColumn())
     start = time.perf_counter()
     # Live only on a terminal: in logs (CI, nohup) the closing line below says it all.
     bar = Progress(*columns, console=console, transient=True, disable=not (enabled and console.is_terminal))
