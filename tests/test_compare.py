@@ -13,7 +13,7 @@ from scipy.stats import norm
 
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
 from tuneguard.eval.records import TaskResult, aggregate
-from tuneguard.eval.stats import aggregate_rows, bootstrap_p, tango_interval
+from tuneguard.eval.stats import SignFlips, tango_interval, theta_to_delta
 from tuneguard.eval.verdicts import (
     Comparison,
     check_budget,
@@ -145,22 +145,25 @@ def test_quantization_cost_uses_the_tasks_the_original_was_scored_on(outcomes: n
     assert cost.regression_points == pytest.approx(3.0)
 
 
-def test_vectorised_resampling_equals_records_aggregate() -> None:
+def test_a_change_per_unit_weight_is_the_metrics_change() -> None:
+    """The sign-flip test works on θ = Σd / Σw; mapped back, θ's estimate is exactly after - before."""
     rng = np.random.default_rng(0)
     nll, tokens = rng.gamma(2.0, 20.0, 50), rng.integers(5, 40, 50).astype(float)
-    idx = rng.integers(0, 50, size=(4, 50))
+    tuned = nll + rng.normal(0, 2.0, 50)
     for how in ("mean", "perplexity", "bits_per_byte"):
-        got = aggregate_rows(nll, tokens, how, idx)
-        want = [aggregate(list(nll[row]), list(tokens[row]), how) for row in idx]
-        np.testing.assert_allclose(got, want, rtol=1e-12)
+        weights = np.ones(50) if how == "mean" else tokens
+        before, after = (aggregate(list(v), list(tokens), how) for v in (nll, tuned))
+        theta = (tuned - nll).sum() / weights.sum()
+        assert before + theta_to_delta(theta, how, before) == pytest.approx(after, rel=1e-12)
 
 
-def test_perplexity_bootstrap_is_sane() -> None:
+def test_perplexity_comparison_is_sane() -> None:
     rng = np.random.default_rng(0)
     nll, tokens = rng.gamma(2.0, 20.0, 800), rng.integers(10, 60, 800).astype(float)
     same = compare_task(ppl("wiki", nll, tokens), ppl("wiki", nll, tokens))
-    assert (same.delta, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
-    assert same.test == "paired-bootstrap" and same.verdict == "non-inferior"
+    assert (same.delta, same.p_value) == (0.0, 1.0) and same.ci_low == pytest.approx(0, abs=1e-9)
+    assert same.ci_high == pytest.approx(0, abs=1e-9)
+    assert same.test == "sign-flip" and same.verdict == "non-inferior"
 
     worse = compare_task(ppl("wiki", nll, tokens), ppl("wiki", nll * 1.03 + rng.normal(0, 0.5, 800), tokens))
     assert worse.base == pytest.approx(math.exp(nll.sum() / tokens.sum()))
@@ -175,10 +178,20 @@ def test_perplexity_bootstrap_is_sane() -> None:
     assert noisy.verdict == ("non-inferior" if worst >= -2.0 else "inconclusive")
 
 
-def test_bootstrap_p_matches_the_interval() -> None:
-    assert bootstrap_p(np.zeros(100)) == 1.0
-    assert bootstrap_p(np.full(999, 0.1)) == pytest.approx(2 / 1000)
-    assert 0.4 < bootstrap_p(np.random.default_rng(0).normal(0, 1, 4000)) <= 1.0
+def test_sign_flip_p_and_interval_agree() -> None:
+    """Exact on few items (two that both got worse: p = 2/4, whatever the size), and the interval excludes 0
+    exactly when p is at most its level, exact or drawn."""
+    two = SignFlips.draw(np.array([5.0, 7.0]), np.array([100.0, 120.0]), 1000, [0])
+    assert two.exact and two.p() == 0.5 and two.interval(0.05) == (-math.inf, math.inf)
+    rng = np.random.default_rng(3)
+    for n in (6, 9, 12, 40, 300):
+        for shift in (0.0, 0.02, 0.05, 0.2):
+            w = rng.integers(10, 60, n).astype(float)
+            flips = SignFlips.draw(rng.normal(shift, 0.3, n) * w, w, 2000, [n])
+            for level in (0.05, 0.01):
+                low, high = flips.interval(level)
+                assert low <= flips.estimate <= high
+                assert (not low <= 0 <= high) == (flips.p() <= level), (n, shift, level)
 
 
 def test_ten_thousand_resamples_of_a_thousand_items_are_fast(outcomes: np.ndarray) -> None:

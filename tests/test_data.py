@@ -90,6 +90,19 @@ def test_label_index_accepts_dict_and_names() -> None:
     assert mapping["pos"] == 0 and mapping["negative"] == 1
 
 
+def test_raw_labels_that_share_a_name_are_one_class(tmp_path: Path, tokenizer) -> None:
+    """Star ratings merged by a mapping: two classes, not four of which two could never be predicted (a tie between
+    equal answers went to the first, so every row rated 2 or 5 was counted wrong)."""
+    cfg = DataConfig(kind="classification", train="x", labels={1: "negative", 2: "negative", 4: "positive", 5: "positive"})
+    mapping, verbalizers = label_index(cfg)
+    assert verbalizers == cfg.classes == ["negative", "positive"]
+    assert [mapping[k] for k in ("1", "2", "4", "5", "negative", "positive")] == [0, 0, 1, 1, 0, 1]
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "bad", "label": 2}, {"text": "good", "label": 5}])
+    examples, _ = build_examples(read_rows(path), cfg.model_copy(update={"train": str(path)}), tokenizer,
+                                 is_encoder=True, what="training")
+    assert [e.label for e in examples] == [0, 1]
+
+
 def test_instruction_loss_only_on_assistant_turns(tmp_path: Path, tokenizer) -> None:
     msgs = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"},
             {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]

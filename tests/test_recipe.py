@@ -87,6 +87,7 @@ def test_anchors_and_merge_keys_read_as_yaml_reads_them(tmp_path: Path) -> None:
     ('["1", "2", "3", "4", "5"]', "'1', the name of class 0, is also the raw label of class 1 (the list's indices)"),
     ("[1, 2]", "'1', the name of class 0, is also the raw label of class 1"),
     ('{"1": "0", "0": "1"}', "'0', the name of class 0, is also the raw label of class 1 (the mapping's keys)"),
+    ("[neg, pos, neg]", "'neg' names two classes; list each class once (a mapping may give several raw labels one"),
 ])
 def test_labels_that_read_as_another_class_are_refused(tmp_path: Path, labels: str, problem: str) -> None:
     """Star ratings listed as names would shift every class by one (raw 1 read as index 1, i.e. "2")."""

@@ -253,3 +253,19 @@ def test_head_logits_are_the_heads(tiny_bert_dir) -> None:
     with torch.no_grad():
         expected = [int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts]
     assert preds == expected
+
+
+def test_a_head_scores_text_cut_as_training_cut_it(tiny_bert_dir) -> None:
+    """A recipe's encoder task carries data.max_length: validation and checks read what training read, not 512."""
+    from tuneguard.eval.monitor import choice_probabilities
+    from tuneguard.eval.records import Doc, Task
+
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_bert_dir)
+    texts = ["a dull , boring film with nothing to say and nothing to show for it", "the movie was great"]
+    task = Task("own", "classification", lambda: [Doc(context=t, gold=0) for t in texts], "acc",
+                labels=["neg", "pos"], max_length=5)
+    got = choice_probabilities(model, tok, task, task.docs(), batch_size=2)
+    cut = torch.softmax(head_logits(model, tok, texts, max_length=5).double(), -1).numpy()
+    whole = torch.softmax(head_logits(model, tok, texts).double(), -1).numpy()
+    assert got == pytest.approx(cut, abs=1e-6) and got[0] != pytest.approx(whole[0], abs=1e-6)

@@ -150,9 +150,9 @@ def test_undecided_rows_count_the_items_to_the_margin() -> None:
     assert straddling.items_to_decide and row(0, 40).items_to_decide is None  # that one is beyond the margin
 
 
-def test_a_large_family_can_still_call_a_bootstrap_regression() -> None:
-    """The bootstrap's p is at least 2 / (B + 1); a family of 27 at 1,000 resamples would adjust even a 65%
-    perplexity regression to p > 0.05 under Holm. Each test resamples enough for its family's levels."""
+def test_a_large_family_can_still_call_a_perplexity_regression() -> None:
+    """Random sign patterns give p at least 1 / (B + 1); a family of 27 at 1,000 draws would adjust even a 65%
+    perplexity regression to p > 0.05 under Holm. Each test draws enough for its family's levels."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(50, 200, 80).astype(float)
     nll = tokens * rng.normal(3.0, 0.3, 80)
@@ -163,6 +163,24 @@ def test_a_large_family_can_still_call_a_bootstrap_regression() -> None:
     assert rows[-1].regression_points == pytest.approx(65.0)
     assert rows[-1].p_adjusted < 0.05 and rows[-1].verdict == "regressed" and rows[-1].beyond_margin
     assert all(r.verdict == "non-inferior" or r.verdict == "inconclusive" for r in rows[:-1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 30])
+def test_few_perplexity_items_unchanged_are_rarely_called_significant(n: int) -> None:
+    """general-small scores two WikiText pages: the bootstrap it used called half of such unchanged pairs
+    significant (both pages moved one way). The sign-flip test holds its 5% at any n, and on fewer than six items
+    (smallest p 2 / 2^n > 0.05) calls nothing, with an interval unbounded on both sides."""
+    rng = np.random.default_rng(n)
+    called = 0
+    for _ in range(400):
+        tokens = rng.integers(1000, 5000, n).astype(float)
+        base, tuned = (tokens * 2.5 + rng.normal(0, 20, n) for _ in range(2))
+        row = compare_task(perplexity("wikitext", base, tokens), perplexity("wikitext", tuned, tokens))
+        called += row.verdict in ("improved", "regressed")
+        if n < 6:
+            assert row.verdict == "inconclusive" and row.ci_high == math.inf
+            assert row.items_to_decide is None if n == 1 else row.items_to_decide >= 6  # one item: no spread
+    assert called / 400 <= (0.0 if n < 6 else 0.07)
 
 
 def test_a_non_finite_outcome_is_inconclusive_and_valid_json() -> None:

@@ -107,4 +107,4 @@ def model_card(recipe: Recipe, chat_template: bool) -> str:
 
 
 def _num_labels(recipe: Recipe) -> int | None:
-    return len(recipe.data.labels) if recipe.data.labels else None
+    return len(recipe.data.classes) or None

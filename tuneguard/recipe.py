@@ -212,6 +212,10 @@ class DataConfig(Section):
     def _labels_unambiguous(cls, labels: list[str] | dict[str, str] | None) -> list[str] | dict[str, str] | None:
         """A row's label may be a class's raw label (its index for a list) or its name; one that is both, for two
         classes, would be read silently as one of them (star ratings listed as ["1", ..., "5"])."""
+        if isinstance(labels, list) and len(set(labels)) < len(labels):
+            twice = next(name for name in labels if labels.count(name) > 1)
+            raise ValueError(f"{twice!r} names two classes; list each class once (a mapping may give several raw "
+                             f"labels one name: {{1: negative, 2: negative, 4: positive, 5: positive}})")
         raw = list(labels) if isinstance(labels, dict) else [str(i) for i in range(len(labels or []))]
         for i, name in enumerate((labels.values() if isinstance(labels, dict) else labels) or []):
             if name in raw and raw.index(name) != i:
@@ -258,6 +262,13 @@ class DataConfig(Section):
         """The operations in effect, aliases resolved; empty when augmentation is off."""
         ops = [self.augment] if isinstance(self.augment, str) else self.augment
         return [AUGMENT_ALIASES.get(op, op) for op in ops if op != "none"]
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names in class-index order: ``data.labels``' names, each once (a mapping may give several raw
+        labels one name, ``{1: negative, 2: negative, 4: positive, 5: positive}``: two classes)."""
+        names = self.labels.values() if isinstance(self.labels, dict) else self.labels or []
+        return list(dict.fromkeys(names))
 
     @property
     def template(self) -> str:
@@ -383,6 +394,8 @@ class EvalConfig(Section):
     """Multiplicity across the general suite: Holm (family-wise error) or Benjamini-Hochberg (FDR)."""
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(1000, ge=100)
+    """Random sign patterns drawn, at least, by a sign-flip test on more than 16 items (outcomes other than 0/1);
+    the name is kept from the paired bootstrap it replaced, so older recipes keep working."""
     encoder_baseline: Literal["linear_probe", "random_head"] = "linear_probe"
     """Encoders (a new classifier head): what "before" is on the recipe's task. ``linear_probe``: the same head
     trained alone on the frozen backbone (same rows, steps, batch and schedule), with the untrained head shown

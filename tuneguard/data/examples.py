@@ -70,12 +70,10 @@ class Problems:
 
 def label_index(cfg: DataConfig) -> tuple[dict[str, int], list[str]]:
     """Map every accepted raw label (index, name, dict key) to its class index; return the verbalizers."""
-    labels = cfg.labels or []
+    labels, verbalizers = cfg.labels or [], cfg.classes
     if isinstance(labels, dict):
-        verbalizers = list(labels.values())
-        mapping = {str(k): i for i, k in enumerate(labels)}
+        mapping = {str(k): verbalizers.index(v) for k, v in labels.items()}
     else:
-        verbalizers = list(labels)
         mapping = {str(i): i for i in range(len(labels))}
     for i, v in enumerate(verbalizers):
         mapping.setdefault(v, i)

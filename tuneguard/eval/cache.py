@@ -25,9 +25,9 @@ from tuneguard.rundir import read_json
 
 @cache
 def _code_hash() -> str:
-    """The scoring code's own hash: a change to how items are scored invalidates every entry."""
+    """The scoring code's own hash (metrics included): a change to how items are scored invalidates every entry."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -42,7 +42,7 @@ def _dtypes(model: torch.nn.Module) -> list[str]:
 def task_hash(task: Task, docs: list[Doc]) -> str:
     """The task as scored: name, kind, metric, options, each item's content (and an lm-eval task's config)."""
     parts: list[object] = [task.name, task.kind, task.metric, task.delimiter, task.labels, task.until,
-                           task.max_new_tokens, task.norm, task.answer, [d.hash() for d in docs]]
+                           task.max_new_tokens, task.norm, task.answer, task.max_length, [d.hash() for d in docs]]
     if task.external is not None:
         parts.append(task.external.config_hash())
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]

@@ -149,7 +149,8 @@ class _OptionKind(TaskKind):
         if not self.by_head or not all(isinstance(d.context, str) for d in docs):
             raise TuneguardError(f"task '{task.name}': a model with a classification head can only score text classification tasks")
         texts = [str(d.context) for d in docs]
-        return head_logits(model, tokenizer, texts, batch_size=batch_size, advance=advance).argmax(-1).tolist()
+        return head_logits(model, tokenizer, texts, batch_size=batch_size, max_length=task.max_length,
+                           advance=advance).argmax(-1).tolist()
 
 
 class MultipleChoice(_OptionKind):

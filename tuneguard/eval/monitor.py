@@ -102,7 +102,7 @@ def choice_probabilities(model: torch.nn.Module, tokenizer: PreTrainedTokenizerB
     with phase(f"{label} · {task.name}" if label else task.name, len(docs)) as advance:
         if has_classification_head(model):
             logits = head_logits(model, tokenizer, [str(d.context) for d in docs], batch_size=batch_size,
-                                 advance=advance)
+                                 max_length=task.max_length, advance=advance)
         else:
             outcomes = KINDS[task.kind].score(model, tokenizer, task, docs, batch_size, advance)
             logits = torch.tensor([[s.logprob for s in options] for options in outcomes], dtype=torch.float64)

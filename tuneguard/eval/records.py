@@ -104,6 +104,8 @@ class Task:
     """Items a suite takes from this task by default (the first ones)."""
     norm: bool = True
     """Also report ``acc_norm`` (multiple choice); off where the options are fixed words such as no/yes."""
+    max_length: int = 512
+    """A classification head's input is cut to this many tokens: a recipe's own task sets training's data.max_length."""
     source: str = ""
     external: Any = None
     """lm-eval tasks: lm-eval's task object and run options (``lm_eval_bridge.LmEvalTask``)."""
@@ -148,7 +150,7 @@ class TaskResult:
 
 
 def aggregate(per_item: list[float], weights: list[float] | None, how: Aggregate) -> float:
-    """The metric value from per-item outcomes; the bootstrap resamples items and calls this."""
+    """The metric value from per-item outcomes (the verdicts' tests work on the same per-item terms)."""
     if how == "mean":
         return sum(per_item) / max(len(per_item), 1)
     total = sum(weights or [])

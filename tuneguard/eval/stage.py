@@ -49,7 +49,8 @@ def recipe_task(recipe: Recipe, data: Prepared, is_encoder: bool) -> Task | None
         return None
     if is_encoder:
         docs = [Doc(context=item.prompt, gold=item.gold) for item in data.val_items]
-        return Task(name, "classification", lambda: docs, "acc", labels=list(data.verbalizers))
+        return Task(name, "classification", lambda: docs, "acc", labels=list(data.verbalizers),
+                    max_length=recipe.data.max_length)
     return classification_task_from_items(name, data.val_items, data.verbalizers)
 
 
@@ -163,8 +164,7 @@ def score_backbone(recipe: Recipe, limit: int | None) -> BackboneScore:
     """The recipe's backbone at its quantization, untuned: a decoder zero-shot on the recipe's validation task and
     on ``eval.suites``; an encoder by a linear probe, since a new head has no zero-shot meaning (and an encoder
     no general suite: it has no language-model head)."""
-    labels = recipe.data.labels
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None)
     model = backbone.model
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed)
     task = recipe_task(recipe, data, backbone.is_encoder)
@@ -194,8 +194,7 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     """A finished run's recipe, and its backbone with the saved adapter: what training would have handed over."""
     run = RunDir(run_dir)
     recipe = load_recipe(run.recipe)
-    labels = recipe.data.labels
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None)
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None)
     checksum = frozen_checksum(backbone.model)
     model = load_adapter(backbone.model, run.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,

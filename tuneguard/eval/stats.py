@@ -4,7 +4,8 @@ Paired 0/1 outcomes (accuracy on the same items) get Tango's score interval for 
 of paired proportions. At a difference of zero its score statistic is McNemar's, ``(won - lost)
 / sqrt(won + lost)``, so the interval excludes zero exactly when the McNemar score test rejects at
 the same level: a verdict read off the interval and one read off the p-value are the same verdict.
-Other metrics (perplexity, token F1) keep the paired bootstrap, which resamples items jointly.
+Other metrics (perplexity, token F1) get a paired sign-flip (randomization) test and the interval that
+inverts it: exact up to 16 items, with seeded random sign patterns beyond.
 
 Multiplicity: a suite of tasks is one family. Holm (family-wise error) or Benjamini-Hochberg (false
 discovery rate) adjusts the p-values, and each interval is drawn at the level its test was
@@ -18,8 +19,8 @@ which is what the variance of a paired difference depends on.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ ALPHA = 0.05
 POWER = 0.8
 Correction = Literal["holm", "bh"]
 _MAX_CELLS = 4_000_000
-"""Resampled items held in memory at once (about 32 MB per float64 array), whatever n_boot is."""
+"""Signs held in memory at once (about 32 MB of float64), whatever the number of random patterns."""
 _EDGE = 1e-9
 
 
@@ -87,48 +88,94 @@ def tango_interval(won: int, lost: int, n: int, alpha: float = ALPHA) -> tuple[f
     return score_interval(lambda d: tango_z(won, lost, n, d), (won - lost) / n, alpha)
 
 
-def aggregate_rows(
-    values: np.ndarray, weights: np.ndarray | None, how: Aggregate, idx: np.ndarray
-) -> np.ndarray:
-    """:func:`records.aggregate` of ``values[row]`` for every row of ``idx``, in one numpy pass."""
+EXACT_UP_TO = 16
+"""Items up to which the sign-flip test enumerates every sign pattern (2^16 = 65,536): its p is then exact."""
+
+
+def paired_differences(base: TaskResult, tuned: TaskResult) -> tuple[np.ndarray, np.ndarray]:
+    """``(d, w)``: each item's ``tuned - base`` outcome and its weight (1 for a mean; tokens or bytes for a
+    perplexity-like metric, which both sides share). The metric's change is a function of ``θ = Σd / Σw``."""
+    d = np.asarray(tuned.per_item, float) - np.asarray(base.per_item, float)
+    w = np.ones_like(d) if base.aggregate == "mean" else np.asarray(base.weights, float)
+    return d, w
+
+
+def theta_to_delta(theta: float, how: Aggregate, before: float) -> float:
+    """The change of the metric's value at a difference ``θ`` per unit weight: itself for a mean, in bits for
+    bits per byte, and ``before · (e^θ - 1)`` for a perplexity (``after = before · e^θ``)."""
     if how == "mean":
-        return values[idx].mean(axis=1)
-    total = weights[idx].sum(axis=1) if weights is not None else np.zeros(len(idx))
-    nll = values[idx].sum(axis=1) / np.maximum(total, 1e-12)
-    return np.exp(nll) if how == "perplexity" else nll / math.log(2)
+        return theta
+    if how == "bits_per_byte":
+        return theta / math.log(2)
+    return before * math.expm1(theta) if theta < 700 else math.inf
 
 
-def bootstrap_deltas(base: TaskResult, tuned: TaskResult, *, n_boot: int, seed: int) -> np.ndarray:
-    """``n_boot`` resampled values of ``tuned - base``; items are drawn jointly to keep the pairs.
+@dataclass(frozen=True)
+class SignFlips:
+    """A paired randomization test of ``H0: the items' d_i - θ w_i are symmetric about 0``: under it every sign
+    pattern of those terms is as likely, so ``|Σ s_i (d_i - θ w_i)|`` over the patterns s is the statistic's null
+    distribution. It assumes no large n (the bootstrap it replaces called half of the no-change pairs of two
+    items significant), its smallest p is 2 / 2^n, and inverted in θ it gives the interval that agrees with it."""
 
-    The generator is seeded from ``seed`` and the task name, so a task's draws do not depend on which
-    other tasks were compared alongside it (how many it makes does: ``verdicts.resamples``).
-    """
-    b, t = np.asarray(base.per_item, float), np.asarray(tuned.per_item, float)
-    wb = None if base.weights is None else np.asarray(base.weights, float)
-    wt = None if tuned.weights is None else np.asarray(tuned.weights, float)
-    rng = np.random.default_rng([seed, zlib.crc32(base.task.encode())])
-    n = len(b)
-    rows = max(1, _MAX_CELLS // n)
-    out = np.empty(n_boot)
-    for start in range(0, n_boot, rows):
-        idx = rng.integers(0, n, size=(min(rows, n_boot - start), n))
-        out[start : start + len(idx)] = aggregate_rows(t, wt, tuned.aggregate, idx) - aggregate_rows(
-            b, wb, base.aggregate, idx
-        )
-    return out
+    d: np.ndarray
+    w: np.ndarray
+    flipped_d: np.ndarray
+    """``Σ s_i d_i`` for each pattern s."""
+    flipped_w: np.ndarray
+    exact: bool
+    """Every pattern (n up to :data:`EXACT_UP_TO`), else seeded random ones."""
 
+    @classmethod
+    def draw(cls, d: np.ndarray, w: np.ndarray, draws: int, seed: list[int]) -> SignFlips:
+        n = len(d)
+        if n <= EXACT_UP_TO:
+            signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+            return cls(d, w, signs @ d, signs @ w, True)
+        rng = np.random.default_rng(seed)
+        flipped_d, flipped_w = np.empty(draws), np.empty(draws)
+        rows = max(1, _MAX_CELLS // n)
+        for start in range(0, draws, rows):
+            signs = rng.choice([-1.0, 1.0], size=(min(rows, draws - start), n))
+            flipped_d[start : start + len(signs)], flipped_w[start : start + len(signs)] = signs @ d, signs @ w
+        return cls(d, w, flipped_d, flipped_w, False)
 
-def bootstrap_p(deltas: np.ndarray) -> float:
-    """Two-sided p from the bootstrap distribution (the percentile interval inverted); +1 smoothing keeps it > 0."""
-    k = len(deltas) + 1
-    below, above = (np.sum(deltas <= 0) + 1) / k, (np.sum(deltas >= 0) + 1) / k
-    return float(min(1.0, 2 * min(below, above)))
+    @property
+    def estimate(self) -> float:
+        return float(self.d.sum() / max(self.w.sum(), 1e-300))
 
+    def p(self, theta: float = 0.0) -> float:
+        """Two-sided p of ``H0`` at ``θ``: the share of patterns whose statistic is at least the observed one (random
+        patterns: with the observed pattern counted once more, so p > 0)."""
+        observed = abs(self.d.sum() - theta * self.w.sum())
+        tolerance = 1e-9 * (np.abs(self.d).sum() + abs(theta) * self.w.sum()) + 1e-300
+        hits = int(np.sum(np.abs(self.flipped_d - theta * self.flipped_w) >= observed - tolerance))
+        return hits / len(self.flipped_d) if self.exact else (hits + 1) / (len(self.flipped_d) + 1)
 
-def percentile_interval(deltas: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
-    low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+    def interval(self, alpha: float = ALPHA) -> tuple[float, float]:
+        """Every θ the test keeps at level ``1 - alpha``, by bisection from the estimate outwards. Past the largest
+        (or smallest) ``d_i / w_i`` all terms share one sign and p stops falling: if it is still above ``alpha``
+        there, that side is unbounded (infinite), as it is for a test on too few items to reject at this level."""
+        est = self.estimate
+        ratios = self.d[self.w > 0] / self.w[self.w > 0]
+        reach = float(ratios.max() - ratios.min()) + abs(est) + 1e-12
+        ends = []
+        for far, unbounded in ((float(ratios.min()) - reach, -math.inf), (float(ratios.max()) + reach, math.inf)):
+            if self.p(far) > alpha:
+                ends.append(unbounded)
+                continue
+            kept, rejected = est, far
+            for _ in range(100):
+                middle = (kept + rejected) / 2
+                if middle in (kept, rejected):
+                    break
+                kept, rejected = (middle, rejected) if self.p(middle) > alpha else (kept, middle)
+            ends.append(kept)
+        return ends[0], ends[1]
+
+    def sd_item(self) -> float:
+        """Per-item standard deviation of the paired difference in θ's units (what power depends on)."""
+        n = len(self.d)
+        return float(np.std(n * (self.d - self.estimate * self.w) / max(self.w.sum(), 1e-300)))
 
 
 def adjust(p_values: list[float], method: Correction, alpha: float = ALPHA) -> tuple[list[float], list[float]]:

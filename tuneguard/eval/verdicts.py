@@ -23,6 +23,7 @@ tokenizer and the text, so only relative changes are comparable across tasks.
 from __future__ import annotations
 
 import math
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -50,11 +51,12 @@ class Comparison:
     """``tuned - base`` in the metric's own units."""
     ci_low: float
     ci_high: float
-    """Interval of ``delta`` at level ``1 - alpha``: Tango's score interval for 0/1 outcomes, else the
-    paired bootstrap percentile interval."""
+    """Interval of ``delta`` at level ``1 - alpha``: Tango's score interval for 0/1 outcomes, else the inverted
+    sign-flip test's (infinite on a side the test cannot bound with so few items; None in report.json)."""
     p_value: float
     test: str
-    """``mcnemar`` (score test) for 0/1 outcomes, else ``paired-bootstrap``."""
+    """``mcnemar`` (score test) for 0/1 outcomes, else ``sign-flip-exact`` (every sign pattern) or ``sign-flip``
+    (random patterns); ``paired-bootstrap`` in reports written before session 34."""
     verdict: str
     """``improved``, ``non-inferior``, ``regressed`` or ``inconclusive`` (reports written before margins:
     ``no significant change``)."""
@@ -128,6 +130,8 @@ def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
     never_differ = c.won == 0 and c.lost == 0  # 0/1 outcomes alike on every item: no spread to plan from
     needed = None if never_differ or not c.sd_item else stats.items_needed(c.sd_item, abs(margin - c.regression_points),
                                                                             c.alpha)
+    if needed is not None and c.test.startswith("sign-flip"):  # it cannot reject on fewer (smallest p: 2 / 2^n)
+        needed = max(needed, math.ceil(math.log2(2 / c.alpha)))
     if significant and best < 0:
         decided = best < -margin or worst >= -margin
         return {"verdict": "regressed", "beyond_margin": best < -margin, "items_to_decide": None if decided else needed}
@@ -153,19 +157,30 @@ class _Evidence:
     test: str
     won: int | None = None
     lost: int | None = None
-    deltas: np.ndarray | None = None
+    flips: stats.SignFlips | None = None
+    """Outcomes other than 0/1: the sign-flip test (None when an outcome is not finite: nothing is tested)."""
 
     def interval(self, alpha: float) -> tuple[float, float]:
-        if self.deltas is None:
-            return stats.tango_interval(self.won or 0, self.lost or 0, len(self.base.per_item), alpha)
-        return stats.percentile_interval(self.deltas, alpha)
+        if self.won is not None:
+            return stats.tango_interval(self.won, self.lost or 0, len(self.base.per_item), alpha)
+        if self.flips is None:
+            return math.nan, math.nan
+        low, high = self.flips.interval(alpha)
+        return self._delta(low), self._delta(high)
+
+    def _delta(self, theta: float) -> float:
+        """An end the test cannot bound stays infinite (a perplexity's would read as falling to 0)."""
+        return theta if math.isinf(theta) else stats.theta_to_delta(theta, self.base.aggregate, self.before)
 
     def sd_item(self) -> float:
         """In the metric's units."""
-        n = len(self.base.per_item)
-        if self.deltas is None:
-            return stats.binary_sd(self.won or 0, self.lost or 0, n)
-        return float(np.std(self.deltas)) * math.sqrt(n)
+        if self.won is not None:
+            return stats.binary_sd(self.won, self.lost or 0, len(self.base.per_item))
+        if self.flips is None:
+            return math.nan
+        # the metric's change per unit of θ at the estimate: 1 for a mean, 1/ln 2 in bits, ``after`` for perplexity
+        slope = {"mean": 1.0, "bits_per_byte": 1 / math.log(2)}.get(self.base.aggregate, self.after)
+        return slope * self.flips.sd_item()
 
 
 def _is_binary(values: list[float]) -> bool:
@@ -185,13 +200,16 @@ def _check_pair(base: TaskResult, tuned: TaskResult) -> None:
         )
     if base.aggregate != "mean" and (base.weights is None or tuned.weights is None):
         raise TuneguardError(f"{where}: {base.aggregate} needs per-item weights (tokens or bytes)")
+    if base.aggregate != "mean" and list(base.weights or []) != list(tuned.weights or []):
+        raise TuneguardError(f"{where}: base and tuned weigh the items differently (tokens or bytes per item); "
+                             "a paired comparison needs the same items, tokenized alike")
 
 
 def resamples(n_boot: int, family_size: int, alpha: float = ALPHA) -> int:
-    """Bootstrap resamples for a test in a family of ``family_size``: at least ``n_boot``, and enough that the
-    smallest p the bootstrap can give, 2 / (B + 1), is a tenth of the smallest level the family's correction tests
-    at (``alpha / family_size``). With fewer, a family of 27 (three adapters on the general suite) could never call
-    even a 65% perplexity regression significant at 1,000 resamples."""
+    """Random sign patterns for a test in a family of ``family_size``: at least ``n_boot``, and enough that the
+    smallest p they can give, 1 / (B + 1), is a twentieth of the smallest level the family's correction tests at
+    (``alpha / family_size``). With fewer, a family of 27 (three adapters on the general suite) could never call
+    even a 65% perplexity regression significant at 1,000 draws."""
     return max(n_boot, math.ceil(20 * family_size / alpha))
 
 
@@ -204,12 +222,13 @@ def _evidence(base: TaskResult, tuned: TaskResult, *, n_boot: int, seed: int) ->
     before = aggregate(base.per_item, base.weights, base.aggregate)
     after = aggregate(tuned.per_item, tuned.weights, tuned.aggregate)
     if not _finite(base.per_item, tuned.per_item, base.weights, tuned.weights):  # overflow upstream: no test
-        return _Evidence(base, before, after, math.nan, "none: non-finite outcomes", deltas=np.full(1, math.nan))
+        return _Evidence(base, before, after, math.nan, "none: non-finite outcomes")
     if base.aggregate == "mean" and _is_binary(base.per_item) and _is_binary(tuned.per_item):
         won, lost = stats.discordant(np.asarray(base.per_item), np.asarray(tuned.per_item))
         return _Evidence(base, before, after, stats.mcnemar_p(won, lost), "mcnemar", won=won, lost=lost)
-    deltas = stats.bootstrap_deltas(base, tuned, n_boot=n_boot, seed=seed)
-    return _Evidence(base, before, after, stats.bootstrap_p(deltas), "paired-bootstrap", deltas=deltas)
+    # seeded by the task too, so a task's draws do not depend on which other tasks were compared alongside it
+    flips = stats.SignFlips.draw(*stats.paired_differences(base, tuned), n_boot, [seed, zlib.crc32(base.task.encode())])
+    return _Evidence(base, before, after, flips.p(), "sign-flip-exact" if flips.exact else "sign-flip", flips=flips)
 
 
 def _finish(ev: _Evidence, *, is_general: bool, level: float, p_adjusted: float, correction: str, margin: float,

@@ -18,7 +18,8 @@ COMPARISON_HEADERS = [
 ]
 """``level``: the interval's confidence, above 95% where a correction spreads the error over a family;
 ``detectable``: the smallest regression the row could see with 80% power; ``margin``: the regression accepted."""
-TEST_NAMES = {"mcnemar": "McNemar", "mcnemar-exact": "McNemar exact", "paired-bootstrap": "bootstrap"}
+TEST_NAMES = {"mcnemar": "McNemar", "mcnemar-exact": "McNemar exact", "paired-bootstrap": "bootstrap",
+              "sign-flip-exact": "sign-flip, exact", "sign-flip": "sign-flip"}
 DASH = "–"
 Cell = str | tuple[str, str]
 """A table cell or a line: its text, optionally with a style class (a verdict, ``pass`` or ``fail``)."""
@@ -56,9 +57,14 @@ def fmt_delta(c: dict[str, Any]) -> str:
 
 def fmt_ci(c: dict[str, Any]) -> str:
     """The interval in the Δ column's units."""
+    how = c.get("aggregate", "mean")
+    if str(c.get("test", "")).startswith("sign-flip") and not missing(c.get("p_value")):
+        # an end the test cannot bound (too few items for the interval's level) is stored as None, drawn as ∞
+        low, high = (("−∞" if missing(c.get("ci_low")) else _fmt_change(c["ci_low"], how)),
+                     ("+∞" if missing(c.get("ci_high")) else _fmt_change(c["ci_high"], how)))
+        return f"[{low}, {high}]"
     if missing(c.get("ci_low")) or missing(c.get("ci_high")):
         return DASH
-    how = c.get("aggregate", "mean")
     return f"[{_fmt_change(c['ci_low'], how)}, {_fmt_change(c['ci_high'], how)}]"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -38,7 +39,13 @@ def _gain(c: dict[str, Any], x: float) -> float:
     return scale * x if c["higher_is_better"] else -scale * x
 
 
+def _unbounded(c: dict[str, Any]) -> bool:
+    """An interval end a sign-flip test on too few items cannot bound (stored as None beside a p-value)."""
+    return str(c.get("test", "")).startswith("sign-flip") and c.get("p_value") is not None
+
+
 def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
+    open_ended: list[tuple[int, float, float, str]] = []
     for y, c in enumerate(rows):
         colour = COLOURS.get(c["verdict"], _OTHER)
         if c.get("margin") is not None:
@@ -47,8 +54,18 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             lo, hi = sorted((_gain(c, c["ci_low"]), _gain(c, c["ci_high"])))
             ax.plot([lo, hi], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
             ax.plot([lo, hi], [y, y], "|", color=colour, markersize=9)
+        elif c.get("delta") is not None and _unbounded(c):  # drawn to the panel's edges once they are known
+            low = -math.inf if c.get("ci_low") is None else c["ci_low"]
+            high = math.inf if c.get("ci_high") is None else c["ci_high"]
+            open_ended.append((y, *sorted((_gain(c, low), _gain(c, high))), colour))
         if c.get("delta") is not None:
             ax.plot(_gain(c, c["delta"]), y, "o", color=colour, markersize=7, zorder=3)
+    left, right = ax.get_xlim()
+    for y, lo, hi, colour in open_ended:  # an arrow where the interval has no end
+        ax.plot([max(lo, left), min(hi, right)], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
+        ax.plot(max(lo, left), y, "<" if math.isinf(lo) else "|", color=colour, markersize=9)
+        ax.plot(min(hi, right), y, ">" if math.isinf(hi) else "|", color=colour, markersize=9)
+    ax.set_xlim(left, right)
     ax.axvline(0, color="#202124", linewidth=1)
     names = [c.get("label") or f"{c['task']} ({c['metric']})" for c in rows]
     ax.set_yticks(range(len(rows)), [f"{name}\n{fmt_verdict(c)}" for name, c in zip(names, rows, strict=True)],

@@ -235,8 +235,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     in place of the recipe's schedule: the learning-rate range test)."""
     accelerator = make_accelerator(recipe, run_dir.path)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
-    labels = recipe.data.labels
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(labels) if labels else None,
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None,
                              device=accelerator.device)
     check_image_size(backbone, recipe.data.image_size)
     checksum_at_load = frozen_checksum(backbone.model)
@@ -558,9 +557,10 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
                 s.backbone.tokenizer.save_pretrained(str(tmp))
             s.run_dir.write_adapter_meta(tmp, {"fingerprint": s.backbone.fingerprint, "recipe": recipe.output.name})
         s.run_dir.write_record(record)
-        if s.data.stats.get("truncated_train"):
-            acc.print(f"note: {s.data.stats['truncated_train']} training examples were truncated to "
-                      f"data.max_length={recipe.data.max_length}")
+        for split in ("train", "val"):
+            if s.data.stats.get(f"truncated_{split}"):
+                acc.print(f"note: {s.data.stats[f'truncated_{split}']} {'training' if split == 'train' else 'validation'}"
+                          f" examples were truncated to data.max_length={recipe.data.max_length}")
         acc.print(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
                   f"peak {record['peak_memory_mb']:.0f} MB)")
     acc.wait_for_everyone()  # every process evaluates from the files just written (run.json, the adapter's hash)

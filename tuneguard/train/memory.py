@@ -314,7 +314,7 @@ def estimate_by_probe(recipe: Recipe, config: Any, seq: int | None, *, image: bo
     from tuneguard.adapters.registry import apply_adapter
     from tuneguard.numerics import resolve_dtype
 
-    config.num_labels = len(recipe.data.labels or []) or 2
+    config.num_labels = len(recipe.data.classes) or 2
     quant = recipe.quantization.method
     dtype = torch.float32 if quant != "none" else resolve_dtype(recipe.model.dtype, torch.device("cpu"), "model.dtype")
     torch.manual_seed(0)
