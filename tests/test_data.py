@@ -6,7 +6,7 @@ import torch
 
 from tuneguard.data.examples import IGNORE, build_examples, label_index
 from tuneguard.data.packing import collate, pack
-from tuneguard.data.prepare import normalized_key, prepare_data
+from tuneguard.data.prepare import normalized_key, overlapping_rows, prepare_data
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import DataConfig
@@ -163,6 +163,41 @@ def test_replay_is_refused_for_an_encoder_and_shares_no_passage_with_boolq(tmp_p
     asked = {json.loads(line)["passage"] for line in boolq.read_text().splitlines()}
     replay = [json.loads(line) for line in BUNDLED_REPLAY["wiki"].read_text().splitlines()]
     assert len(replay) == 788 and not {f"{w['title']} -- {w['text']}" for w in replay} & asked
+
+
+def test_replay_reads_tables_by_format_and_refuses_nothing_to_replay(tmp_path: Path, tokenizer) -> None:
+    """A ``.json`` replay file is a table (its 'text' column), not lines of JSON to train on; an empty one, or
+    one key without the other, is one line naming it."""
+    path = jsonl(tmp_path / "d.jsonl", [{"text": f"the movie {i}", "label": i % 2} for i in range(8)])
+    table = jsonl(tmp_path / "wiki.json", [{"title": "T", "text": "the acting was wonderful"}])
+    mixed = prepare_data(cls_cfg(path, val_fraction=0.25, replay=str(table), replay_fraction=0.5), tokenizer,
+                         is_encoder=False, seed=1)
+    replayed = [e for e in mixed.train if "wonderful" in tokenizer.decode(e.input_ids)]
+    assert replayed and not any("title" in tokenizer.decode(e.input_ids) for e in mixed.train)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(TuneguardError, match="empty.txt holds no text to replay"):
+        prepare_data(cls_cfg(path, replay=str(tmp_path / "empty.txt"), replay_fraction=0.2), tokenizer,
+                     is_encoder=False, seed=1)
+    assert "needs data.replay_fraction, its share" in (cls_cfg(path, replay="bundled:wiki").replay_problem() or "")
+    assert "needs data.replay, the text" in (cls_cfg(path, replay_fraction=0.2).replay_problem() or "")
+    assert cls_cfg(path, replay="bundled:wiki", replay_fraction=0.2).replay_problem() is None
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM, which made the first column '\\ufeffsentence'."""
+    (tmp_path / "d.csv").write_bytes("\ufeffsentence,label\ngood film,1\n".encode())
+    (tmp_path / "d.jsonl").write_bytes('\ufeff{"text": "good", "label": 1}\n'.encode())
+    assert read_rows(tmp_path / "d.csv")[0].fields == {"sentence": "good film", "label": "1"}
+    assert read_rows(tmp_path / "d.jsonl")[0].fields == {"text": "good", "label": 1}
+
+
+def test_an_image_in_both_splits_is_found_however_its_path_is_spelled(tmp_path: Path) -> None:
+    cfg = DataConfig(kind="image_classification", train="t.csv", labels=["0", "1"])
+    (tmp_path / "img").mkdir()
+    train = [Row("t.csv:2", {"image": str(tmp_path / "img" / "a.png"), "label": "0"})]
+    val = [Row("v.csv:2", {"image": str(tmp_path / "img" / ".." / "img" / "a.png"), "label": "0", "id": 7}),
+           Row("v.csv:3", {"image": str(tmp_path / "img" / "b.png"), "label": "0"})]
+    assert overlapping_rows(train, val, cfg) == ["v.csv:2"]
 
 
 def test_text_kind_windows_keep_every_token(tmp_path: Path, tokenizer) -> None:

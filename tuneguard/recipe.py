@@ -243,6 +243,17 @@ class DataConfig(Section):
             return "data.augment is text augmentation; for images use data.image_augment (rotate, scale, hflip, ...)"
         return None
 
+    def replay_problem(self) -> str | None:
+        """data.replay and data.replay_fraction go together (either alone replayed nothing, silently); text only."""
+        if self.replay and self.replay_fraction == 0:
+            return (f"data.replay ({self.replay}) needs data.replay_fraction, its share of the training mix (e.g. 0.1); "
+                    "at 0 nothing is replayed")
+        if self.replay_fraction and not self.replay:
+            return "data.replay_fraction needs data.replay, the text to mix in (e.g. bundled:wiki)"
+        if self.replay and self.kind == "image_classification":
+            return "data.replay mixes text into a language model's training; image classifiers take none"
+        return None
+
     def augment_problem(self) -> str | None:
         """Text augmentation edits ``text_field``; where the rows' prompt does not read it, every copy would equal its
         original (the row silently weighted 1 + copies times)."""
@@ -474,7 +485,7 @@ class Recipe(Section):
             raise ValueError("data.header: false needs data.columns to name the columns")
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
-        if problem := self.data.fold_problem() or self.data.augment_problem():
+        if problem := self.data.fold_problem() or self.data.augment_problem() or self.data.replay_problem():
             raise ValueError(problem)
         if problem := self.train.selection_problem(self.data):
             raise ValueError(problem)

@@ -96,9 +96,12 @@ def _input_fields(cfg: DataConfig) -> set[str] | None:
 
 def normalized_key(row: Row, cfg: DataConfig) -> str | None:
     """A hash of the row's inputs (what the prompt reads; every field but the label for other kinds) with case,
-    spacing and punctuation removed."""
+    spacing and punctuation removed; for an image, of its resolved path (an ``id`` column must not hide it)."""
     if row.fields is None:
         return None
+    if cfg.kind == "image_classification":  # the image itself: its file, however the path is spelled
+        image = row.fields.get(cfg.image_field)
+        return hashlib.sha1(str(Path(image).resolve()).encode()).hexdigest() if isinstance(image, str) else None
     inputs = _input_fields(cfg)
     parts = [str(v) for k, v in sorted(row.fields.items())
              if (k in inputs if inputs is not None else k != cfg.label_field) and v is not None]
@@ -135,9 +138,17 @@ def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
             raise TuneguardError(f"data.replay: unknown bundled replay set '{name}'; choose {sorted(BUNDLED_REPLAY)}")
         source = str(BUNDLED_REPLAY[name])
     path = Path(source)
-    rows = read_rows(path, "jsonl") if path.suffix == ".jsonl" else [
-        Row(f"{path}:{i}", {"text": line}) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()
-    ]
+    if path.suffix.lower() in (".txt", ".text", ""):
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TuneguardError(f"data.replay: {path}: unreadable as UTF-8 text ({exc})") from None
+        rows = [Row(f"{path}:{i}", {"text": line}) for i, line in enumerate(lines, 1) if line.strip()]
+    else:  # a table (JSONL, CSV, TSV, Parquet) with a 'text' column
+        rows = [r for r in read_rows(path) if r.fields and str(r.fields.get("text", "")).strip()]
+    if not rows:
+        raise TuneguardError(f"data.replay: {path} holds no text to replay (plain text: one passage per line; "
+                             "a table: a 'text' column)")
     want = round(n_train * cfg.replay_fraction / (1 - cfg.replay_fraction))
     rng = random.Random(seed + 1)
     return [rows[rng.randrange(len(rows))] for _ in range(want)]

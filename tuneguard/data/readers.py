@@ -31,7 +31,7 @@ def detect_format(path: Path, fmt: str) -> str:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8", errors="strict") as fh:
+    with path.open(encoding="utf-8-sig", errors="strict") as fh:  # -sig: a byte-order mark (Excel, Notepad) is not text
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -51,7 +51,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 def _read_delimited(path: Path, delimiter: str, header_line: bool, columns: list[str] | None) -> list[Row]:
     """``columns`` name the fields (replacing a header line); without a header line they are required."""
     rows = []
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         # TSV files such as GLUE's have no quoting; CSV files are quoted.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
