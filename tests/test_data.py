@@ -103,6 +103,23 @@ def test_raw_labels_that_share_a_name_are_one_class(tmp_path: Path, tokenizer) -
     assert [e.label for e in examples] == [0, 1]
 
 
+def test_turns_whose_content_is_not_text_are_bad_rows(tmp_path: Path, tokenizer) -> None:
+    """OpenAI-style content parts, a null content, or roles the chat template refuses: counted and named bad rows
+    (a traceback with exit 1 before), so max_bad_fraction can let a run skip them."""
+    good = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"}]
+    rows = [{"messages": good},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, good[1]]},
+            {"messages": [good[0], {"role": "assistant", "content": None}]}]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(TuneguardError) as err:
+        build_examples(read_rows(path), DataConfig(kind="instruction", train=str(path)), tokenizer, is_encoder=False,
+                       what="training")
+    assert "d.jsonl:2: 'messages' turn 1: role and content must be text (content list" in str(err.value)
+    assert "d.jsonl:3: 'messages' turn 2: role and content must be text (content NoneType" in str(err.value)
+    cfg = DataConfig(kind="instruction", train=str(path), max_bad_fraction=0.7)
+    assert len(build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")[0]) == 1
+
+
 def test_instruction_loss_only_on_assistant_turns(tmp_path: Path, tokenizer) -> None:
     msgs = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"},
             {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]

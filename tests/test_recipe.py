@@ -178,3 +178,17 @@ def test_a_bare_no_is_no_mixed_precision() -> None:
     assert TrainConfig(mixed_precision=False).mixed_precision == "no"
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision=True)
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ("Review: {} {text}", "{} in 'Review: {} {text}' is not a field name"),
+    ("Question {0}", "{0} in 'Question {0}' is not a field name"),
+    ("Text {row.text}", "{row.text} in 'Text {row.text}' is not a field name"),
+    ("Review: {text", "expected '}' before end of string in 'Review: {text'; write a literal brace twice"),
+])
+def test_a_template_that_fails_every_row_is_refused_at_load(tmp_path: Path, template: str, problem: str) -> None:
+    """A positional or dotted field raised IndexError (a traceback, exit 1) or called every row bad."""
+    path = write(tmp_path, "data: {train: train.jsonl, labels: [a, b]}\n")
+    with pytest.raises(TuneguardError, match=re.escape(problem)):
+        load_recipe(path, [f"data.prompt_template={template}"])
+    assert load_recipe(path, ["data.prompt_template=Text {text} {{braced}}"]).data.template == "Text {text} {{braced}}"

@@ -226,6 +226,23 @@ class DataConfig(Section):
                     f"e.g. {{'{name}': 'label {name}'}}")
         return labels
 
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_names_fields(cls, template: str | None) -> str | None:
+        """Every ``{...}`` names a row field; ``{}``, ``{0}`` or ``{a.b}`` would fail on every row (a literal brace
+        is written twice)."""
+        if template is None:
+            return None
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {template!r}; write a literal brace twice ('{{{{' or '}}}}')") from None
+        for _, name, _, _ in parts:
+            if name is not None and not name.isidentifier():
+                raise ValueError(f"{{{name}}} in {template!r} is not a field name: each {{...}} names a field of the "
+                                 "rows, e.g. {sentence}; write a literal brace twice ('{{' or '}}')")
+        return template
+
     @field_validator("image_scale")
     @classmethod
     def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from tuneguard.data.augment import augmented_copies
@@ -177,6 +178,10 @@ def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
         messages = fields[cfg.messages_field]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError(f"'{cfg.messages_field}' must be a list of {{role, content}} objects")
+        for turn, m in enumerate(messages, 1):
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                raise ValueError(f"'{cfg.messages_field}' turn {turn}: role and content must be text (content "
+                                 f"{type(m['content']).__name__}; content parts and tool calls are not supported)")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"'{cfg.messages_field}' has no assistant turn to learn from")
         if cfg.system_prompt and not any(m["role"] == "system" for m in messages):
@@ -270,5 +275,7 @@ def build_examples(
             problems.add(row.where, f"missing field {exc}")
         except ValueError as exc:
             problems.add(row.where, str(exc))
+        except jinja2.TemplateError as exc:  # the tokenizer's chat template refused the turns (roles, order)
+            problems.add(row.where, f"the chat template refused the messages: {exc}")
     problems.check(len(rows), cfg.max_bad_fraction, what)
     return examples, items
