@@ -178,6 +178,8 @@ CASES: dict[str, tuple[Setup, str, bool]] = {
                                 "step 2: the training loss is nan (lr 1e+30); stopped before the update, adapter/ "
                                 "not written, the last checkpoint is", False),
     "random-bytes GGUF": (_random_gguf, "damaged weight file (it does not start with the GGUF magic bytes", True),
+    "data.max_length past the positions": (lambda t, p, r: ["data.max_length=1024"],
+                                           "data.max_length=1024 is past the backbone's 512 positions", True),
 }
 MODEL_CASES: dict[str, tuple[Callable[..., list[str]], str]] = {
     "truncated model.safetensors": (_truncated_weights, "damaged weight file ("),

@@ -426,6 +426,15 @@ def image_input(cfg: ModelConfig) -> ImageSpec:
     return image_spec(source, config, cfg.revision)
 
 
+def check_max_length(backbone: Backbone, max_length: int) -> None:
+    """``data.max_length`` within the positions the backbone has: past them an encoder (learned positions) failed at
+    its first long batch, after its run directory was written, and a decoder reads positions it never saw."""
+    limit = None if backbone.image is not None else getattr(backbone.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise TuneguardError(f"data.max_length={max_length} is past the backbone's {limit} positions "
+                             f"(max_position_embeddings); set data.max_length={limit} or less")
+
+
 def check_image_size(backbone: Backbone, size: int) -> None:
     """One forward pass of a blank image at ``data.image_size``: a backbone built for one input size (ViT's
     position embeddings) refuses another in one line before training, instead of a traceback at its first step."""

@@ -29,7 +29,7 @@ from tuneguard.adapters.freezing import frozen_floor, layer_index, num_layers
 from tuneguard.adapters.registry import MethodSpec, apply_adapter, count_parameters, method_spec
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.allocator import trim_heap
-from tuneguard.backbones import Backbone, check_image_size, load_backbone
+from tuneguard.backbones import Backbone, check_image_size, check_max_length, load_backbone
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir
@@ -238,6 +238,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None,
                              device=accelerator.device)
     check_image_size(backbone, recipe.data.image_size)
+    check_max_length(backbone, recipe.data.max_length)
     checksum_at_load = frozen_checksum(backbone.model)
     method = method_spec(recipe.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
