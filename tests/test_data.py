@@ -120,6 +120,19 @@ def test_turns_whose_content_is_not_text_are_bad_rows(tmp_path: Path, tokenizer)
     assert len(build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")[0]) == 1
 
 
+def test_an_instruction_row_without_its_prompt_field_is_bad_not_read_from_text(tmp_path: Path, tokenizer) -> None:
+    """Alpaca rows carry 'text', the whole formatted example with its answer: without the prompt field the row fell
+    back to '{text}' and trained with the answer inside the prompt."""
+    rows = [{"instruction": "add 2 and 2", "text": "### Instruction: add 2 and 2 ### Response: 4", "output": "4"}]
+    path = jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(kind="instruction", train=str(path), response_field="output")
+    with pytest.raises(TuneguardError, match=r"d\.jsonl:1: missing field 'prompt' \(data\.prompt_field; or set"):
+        build_examples(read_rows(path), cfg, tokenizer, is_encoder=False, what="training")
+    fixed = cfg.model_copy(update={"prompt_field": "instruction"})
+    (example,), _ = build_examples(read_rows(path), fixed, tokenizer, is_encoder=False, what="training")
+    assert "Response" not in tokenizer.decode(example.input_ids)
+
+
 def test_instruction_loss_only_on_assistant_turns(tmp_path: Path, tokenizer) -> None:
     msgs = [{"role": "user", "content": "two plus two"}, {"role": "assistant", "content": "four"},
             {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]
@@ -176,6 +189,8 @@ def test_replay_is_refused_for_an_encoder_and_shares_no_passage_with_boolq(tmp_p
     path = jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
     with pytest.raises(TuneguardError, match="an encoder's classification head has no use for it"):
         prepare_data(cls_cfg(path, replay="bundled:wiki", replay_fraction=0.2), tokenizer, is_encoder=True, seed=0)
+    with pytest.raises(TuneguardError, match="data.system_prompt goes before a chat model's prompt; an encoder reads"):
+        prepare_data(cls_cfg(path, system_prompt="be fair"), tokenizer, is_encoder=True, seed=0)
     boolq = Path(__file__).parent.parent / "tuneguard" / "eval" / "data" / "boolq.jsonl"
     asked = {json.loads(line)["passage"] for line in boolq.read_text().splitlines()}
     replay = [json.loads(line) for line in BUNDLED_REPLAY["wiki"].read_text().splitlines()]

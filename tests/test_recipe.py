@@ -192,3 +192,16 @@ def test_a_template_that_fails_every_row_is_refused_at_load(tmp_path: Path, temp
     with pytest.raises(TuneguardError, match=re.escape(problem)):
         load_recipe(path, [f"data.prompt_template={template}"])
     assert load_recipe(path, ["data.prompt_template=Text {text} {{braced}}"]).data.template == "Text {text} {{braced}}"
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ("{kind: text, train: train.jsonl, prompt_template: 'Q {text}'}", "data.prompt_template shapes prompts; data.kind 'text'"),
+    ("{kind: text, train: train.jsonl, system_prompt: be brief}", "data.system_prompt shapes prompts; data.kind 'text'"),
+    ("{train: train.jsonl, labels: [a, b], columns: [text, label]}", "data.columns names CSV/TSV columns; a JSONL file"),
+    ("{train: train.jsonl, labels: [a, b], replay: bundled:wiki}", "data.replay (bundled:wiki) needs data.replay_fraction"),
+    ("{train: train.jsonl, labels: [a, b], replay_fraction: 0.2}", "data.replay_fraction needs data.replay"),
+])
+def test_keys_the_data_never_reads_are_refused(tmp_path: Path, data: str, problem: str) -> None:
+    """Each was accepted and silently did nothing."""
+    with pytest.raises(TuneguardError, match=re.escape(problem)):
+        load_recipe(write(tmp_path, f"data: {data}\n"))

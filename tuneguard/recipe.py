@@ -260,6 +260,19 @@ class DataConfig(Section):
             return "data.augment is text augmentation; for images use data.image_augment (rotate, scale, hflip, ...)"
         return None
 
+    def unused_problem(self) -> str | None:
+        """Keys this data never reads (accepted silently before, as if they applied)."""
+        if self.kind in ("text", "image_classification"):
+            for key in ("prompt_template", "system_prompt"):
+                if getattr(self, key) is not None:
+                    return f"data.{key} shapes prompts; data.kind '{self.kind}' has none (drop it)"
+        suffix = Path(self.train).suffix.lower()
+        table = self.format if self.format != "auto" else {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                                                           ".parquet": "parquet"}.get(suffix, "")
+        if self.columns and table in ("jsonl", "parquet"):
+            return f"data.columns names CSV/TSV columns; a {table.upper()} file names its own fields (drop it)"
+        return None
+
     def replay_problem(self) -> str | None:
         """data.replay and data.replay_fraction go together (either alone replayed nothing, silently); text only."""
         if self.replay and self.replay_fraction == 0:
@@ -502,7 +515,8 @@ class Recipe(Section):
             raise ValueError("data.header: false needs data.columns to name the columns")
         if self.data.kind == "classification" and not self.data.labels:
             raise ValueError("data.labels is required when data.kind is 'classification'")
-        if problem := self.data.fold_problem() or self.data.augment_problem() or self.data.replay_problem():
+        if problem := (self.data.fold_problem() or self.data.augment_problem() or self.data.replay_problem()
+                       or self.data.unused_problem()):
             raise ValueError(problem)
         if problem := self.train.selection_problem(self.data):
             raise ValueError(problem)

@@ -189,7 +189,10 @@ def instruction_messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
         return messages
     if cfg.response_field not in fields or not str(fields[cfg.response_field]).strip():
         raise ValueError(f"missing field '{cfg.response_field}'")
-    if cfg.prompt_template is None and cfg.prompt_field in fields:
+    if cfg.prompt_template is None:  # the prompt field as written (never the text field: Alpaca's holds the answer)
+        if cfg.prompt_field not in fields or not str(fields[cfg.prompt_field]).strip():
+            raise ValueError(f"missing field '{cfg.prompt_field}' (data.prompt_field; or set data.prompt_template, "
+                             f"or give the row a '{cfg.messages_field}' list)")
         prompt = str(fields[cfg.prompt_field]).strip()
     else:
         prompt = format_prompt(cfg.template, fields)

@@ -187,9 +187,12 @@ def prepare_data(
     assert tokenizer is not None
     if is_encoder and cfg.kind != "classification":
         raise TuneguardError(f"data.kind '{cfg.kind}' needs a decoder; encoders train classification only")
-    if is_encoder and cfg.replay and cfg.replay_fraction > 0:
+    if is_encoder and cfg.replay:
         raise TuneguardError("data.replay mixes general text into a language model's training; an encoder's "
-                             "classification head has no use for it (set data.replay_fraction=0)")
+                             "classification head has no use for it (drop data.replay and data.replay_fraction)")
+    if is_encoder and cfg.system_prompt is not None:
+        raise TuneguardError("data.system_prompt goes before a chat model's prompt; an encoder reads the prompt "
+                             "template alone (drop it, or put its words in data.prompt_template)")
     train_rows, val_rows = read_split(cfg, seed)
     bad_train, bad_val = Problems(), Problems()
     train_ex, _ = build_examples(train_rows, cfg, tokenizer, is_encoder=is_encoder, what="training", augment_seed=seed,
