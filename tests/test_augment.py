@@ -219,3 +219,19 @@ def test_preview_errors_are_one_line_naming_the_key(tmp_path: Path, capsys: pyte
     assert main(["data", "preview", str(path), "data.augment=swap", "data.text_field=body",
                  "data.prompt_template='Review: {body}'"]) == 2
     assert "data.text_field: no usable training row has text in the field 'body'" in capsys.readouterr().err
+
+
+def test_a_copy_that_cannot_be_built_is_dropped_and_its_row_still_trains(tmp_path: Path, tokenizer) -> None:
+    """An insert that pushes a prompt past data.max_length made the whole row bad (failing the run), while with
+    data.max_bad_fraction its original still trained: now the copy alone is dropped, and counted."""
+    rows = [{"prompt": "the story of a wonderful movie with great acting and a fine plot", "response": "four"}]
+    spec = {"kind": "instruction", "validation": None, "val_fraction": 0.0, "prompt_template": "Q: {prompt}",
+            "text_field": "prompt", "use_chat_template": False}
+    plain = prepare_data(load_recipe(write_recipe(tmp_path, rows=rows, **spec)).data, tokenizer, is_encoder=False,
+                         seed=0, packable=False)
+    fits = len(plain.train[0].input_ids)
+    cfg = load_recipe(write_recipe(tmp_path, rows=rows, augment="insert", augment_prob=1.0, max_length=fits,
+                                   **spec)).data
+    prepared = prepare_data(cfg, tokenizer, is_encoder=False, seed=0, packable=False)
+    assert prepared.stats["bad_train_rows"] == 0 and prepared.stats["augmented_dropped"] == 1
+    assert [r.input_ids for r in prepared.train] == [r.input_ids for r in plain.train]

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,19 +268,22 @@ def build_examples(
         if row.problem:
             problems.add(row.where, row.problem)
             continue
-        copies = [] if augment_seed is None else augmented_copies(row.fields or {}, cfg, augment_seed, index)
         try:
-            for variant in [row, *(Row(row.where, c.fields) for c in copies)]:
-                built, item = _row_examples(variant, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
-                for ex in built:
-                    ex.augmented = variant is not row
-                examples.extend(built)
-                items.extend([item] if item else [])
+            built, item = _row_examples(row, cfg, tokenizer, mapping, verbalizers, is_encoder, end)
         except KeyError as exc:
             problems.add(row.where, f"missing field {exc}")
         except ValueError as exc:
             problems.add(row.where, str(exc))
         except jinja2.TemplateError as exc:  # the tokenizer's chat template refused the turns (roles, order)
             problems.add(row.where, f"the chat template refused the messages: {exc}")
+        else:
+            examples.extend(built)
+            items.extend([item] if item else [])
+            copies = [] if augment_seed is None else augmented_copies(row.fields or {}, cfg, augment_seed, index)
+            for copy in copies:  # a copy that cannot be built (an insert past data.max_length) is dropped, not the row
+                with contextlib.suppress(KeyError, ValueError, jinja2.TemplateError):
+                    made, _ = _row_examples(Row(row.where, copy.fields), cfg, tokenizer, mapping, verbalizers,
+                                            is_encoder, end)
+                    examples.extend(dataclasses.replace(ex, augmented=True) for ex in made)
     problems.check(len(rows), cfg.max_bad_fraction, what)
     return examples, items

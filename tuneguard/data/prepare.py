@@ -214,6 +214,8 @@ def prepare_data(
         "replay_examples": len(replay),
         "train_examples": len(train_ex),
         "augmented_examples": sum(e.augmented for e in train_ex),
+        "augmented_dropped": ((len(train_rows) - bad_train.total) * cfg.augment_copies - sum(e.augmented for e in train_ex)
+                              if cfg.augment_ops and cfg.kind in ("classification", "instruction") else 0),
         "truncated_train": sum(e.truncated for e in train_ex),
         "truncated_val": sum(e.truncated for e in val_ex),
         "train_target_tokens": sum(sum(t != -100 for t in e.labels[1:]) for e in train_ex),

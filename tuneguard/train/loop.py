@@ -643,6 +643,9 @@ def data_notes(stats: dict[str, Any]) -> list[str]:
                      "data.max_bad_fraction); first: " + "; ".join(stats["bad_rows_named"]))
     if stats.get("overlap_val_rows"):
         notes.append(f"{stats['overlap_val_rows']} validation rows also occur in training (data.allow_overlap)")
+    if stats.get("augmented_dropped"):
+        notes.append(f"{stats['augmented_dropped']} augmented copies dropped (each could not be built as its row was, "
+                     "e.g. an insert past data.max_length); their rows train as they are")
     return notes
 
 
