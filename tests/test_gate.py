@@ -143,6 +143,20 @@ def test_baseline_on_other_items_is_refused(tmp_path: Path, capsys: pytest.Captu
     assert "no per-item outcomes" in capsys.readouterr().err
 
 
+def test_baseline_scored_another_way_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same items, other shots (or chat template, delimiter...): the prompt's change would read as the adapter's."""
+    dirs = []
+    for name, config, setup in (("old", "aaaa", "lm-eval 0.4.13 · 0-shot"), ("new", "bbbb", "lm-eval 0.4.13 · 5-shot")):
+        run_dir, data = make_run(tmp_path / name, "sst2-lora")
+        for r in _hashed(data)["tuned"]:
+            r["config"], r["setup"] = (config, setup) if r["task"] == "arc_easy" else ("same", "")
+        write_reports(run_dir, _report(run_dir, data))
+        dirs.append(run_dir)
+    assert cli_main(["gate", str(dirs[1]), "--baseline", str(dirs[0])]) == 2
+    assert ("task 'arc_easy': scored another way than in the baseline (lm-eval 0.4.13 · 5-shot vs the baseline's "
+            "lm-eval 0.4.13 · 0-shot)") in capsys.readouterr().err
+
+
 def test_gate_usage_errors(tmp_path: Path, report_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["gate", str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'}: no such run directory or report.json" in capsys.readouterr().err

@@ -153,3 +153,33 @@ def test_gsm8k_answers_are_scored_as_lm_eval_scores_them(tmp_path: Path) -> None
         outcomes = per_item(replace(task, metric=f"exact_match,{flt.name}"), [Doc(target=target)] * len(texts), texts,
                             None, f"exact_match,{flt.name}")
         assert outcomes == expected and 0 < sum(expected) < len(texts)
+
+
+@pytest.fixture(scope="module")
+def bos_tiny(tiny: tuple[LlamaForCausalLM, PreTrainedTokenizerFast]) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The same weights with a tokenizer that prepends BOS, as Llama's, Mistral's and Gemma's do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    model, tok = tiny
+    bos = copy.deepcopy(tok)
+    bos._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return model, bos
+
+
+def test_a_tokenizer_that_prepends_bos_is_scored_as_lm_eval_scores_it(bos_tiny: Any, tmp_path: Path) -> None:
+    """lm-eval 0.4 encodes contexts with the tokenizer's own special tokens; tuneguard dropped the BOS."""
+    from tuneguard.eval.scoring import encode_text
+
+    model, tok = bos_tiny
+    assert encode_text(tok, "the movie")[0] == tok.bos_token_id  # the precondition: BOS is really prepended
+    hflm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    samples, _ = lm_eval_run("arc_easy", 3, hflm, tmp_path / "arc")
+    _, _, outcomes = native("arc_easy", 3, bos_tiny)
+    for sample, scores in zip(samples, outcomes, strict=True):
+        assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx([s.logprob for s in scores], abs=1e-4)
+    samples, _ = lm_eval_run("wikitext", 1, hflm, tmp_path / "wiki")
+    _, _, [page] = native("wikitext", 1, bos_tiny)
+    assert samples[0]["word_perplexity"][0] == pytest.approx(-page.nll, rel=1e-7)

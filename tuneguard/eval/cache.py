@@ -39,13 +39,19 @@ def _dtypes(model: torch.nn.Module) -> list[str]:
     return sorted(found)
 
 
-def task_hash(task: Task, docs: list[Doc]) -> str:
-    """The task as scored: name, kind, metric, options, each item's content (and an lm-eval task's config)."""
-    parts: list[object] = [task.name, task.kind, task.metric, task.delimiter, task.labels, task.until,
-                           task.max_new_tokens, task.norm, task.answer, task.max_length, [d.hash() for d in docs]]
+def task_config(task: Task) -> str:
+    """How a task is scored, its name and items aside: kind, metric, options, and an lm-eval task's whole
+    configuration (shots, chat template, system instruction). Two reports paired item by item must agree on it."""
+    parts: list[object] = [task.kind, task.metric, task.delimiter, task.labels, task.until, task.max_new_tokens,
+                           task.norm, task.answer, task.max_length]
     if task.external is not None:
         parts.append(task.external.config_hash())
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def task_hash(task: Task, docs: list[Doc]) -> str:
+    """The task as scored: its name, how it is scored and each item's content."""
+    return hashlib.sha256(json.dumps([task.name, task_config(task), [d.hash() for d in docs]]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ def _results(report: dict[str, Any], where: str) -> dict[str, TaskResult]:
         raise TuneguardError(f"{where}: no per-item outcomes (a report written before tuneguard stored them); "
                              "re-run `tuneguard eval` on its run to write one")
     return {i["task"]: TaskResult(i["task"], i["metric"], 0.0, i["higher_is_better"], i["n"], i["per_item"],
-                                  i.get("weights"), i.get("aggregate", "mean"), item_hashes=i.get("item_hashes"))
+                                  i.get("weights"), i.get("aggregate", "mean"), item_hashes=i.get("item_hashes"),
+                                  setup=i.get("setup") or "", config=i.get("config") or "")
             for i in items}
 
 
@@ -44,6 +45,11 @@ def _check_same_items(task: str, new: TaskResult, old: TaskResult) -> None:
         raise TuneguardError(f"task '{task}': the items differ from the baseline's ({len(new.item_hashes)} vs "
                              f"{len(old.item_hashes)} items, first difference at item {diff + 1}); "
                              "evaluate both on the same items (same eval.limit and task data)")
+    if new.config and old.config and new.config != old.config:  # reports before session 34 carry none
+        how = f" ({new.setup or '?'} vs the baseline's {old.setup or '?'})" if new.setup != old.setup else ""
+        raise TuneguardError(f"task '{task}': scored another way than in the baseline{how}: shots, chat template, "
+                             "prompt options or metric differ, and the difference would read as the adapter's; "
+                             "evaluate both the same way")
 
 
 def against_baseline(report: dict[str, Any], baseline: dict[str, Any], margin: float | None = None) -> list[Comparison]:

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.cache import ScoreCache
+from tuneguard.eval.cache import ScoreCache, task_config
 from tuneguard.eval.kinds import KINDS
 from tuneguard.eval.records import Doc, Task, TaskResult, aggregate
 from tuneguard.eval.scoring import loglikelihood
@@ -38,6 +38,7 @@ def task_result(
         task=task.name, metric=task.metric, value=value, higher_is_better=kind.higher_is_better(task),
         n=len(docs), per_item=per_item, weights=weights, aggregate=how, metrics=metrics, fingerprint=fingerprint,
         adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs], setup=kind.setup(task, tokenizer),
+        config=task_config(task),
     )
 
 

@@ -25,6 +25,7 @@ from tuneguard.eval.records import Aggregate, Doc, Task, Text, aggregate
 from tuneguard.eval.scoring import (
     Score,
     encode_pair,
+    encode_text,
     eval_mode,
     generate_until,
     head_logits,
@@ -93,7 +94,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, context: Text, continuation: Tex
 
 
 def _context_ids(tokenizer: PreTrainedTokenizerBase, context: str) -> list[int]:
-    return tokenizer(context, add_special_tokens=False)["input_ids"] or [prefix_token_id(tokenizer)]
+    return encode_text(tokenizer, context) or [prefix_token_id(tokenizer)]
 
 
 def _option_loglikelihoods(

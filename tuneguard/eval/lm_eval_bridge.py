@@ -35,6 +35,7 @@ from tuneguard.eval.lm_eval_local import local_task_config, task_manager
 from tuneguard.eval.records import Aggregate, Doc, Task, aggregate
 from tuneguard.eval.scoring import (
     encode_pair,
+    encode_text,
     generate_until,
     loglikelihood,
     max_model_length,
@@ -83,13 +84,9 @@ class TuneguardLM(LM):
         if not continuation:
             raise TuneguardError(f"lm-eval asked for the log-likelihood of an empty continuation after {context[-40:]!r}; "
                                  "the task's answer field is empty for some item")
-        if context.strip():
-            return encode_pair(self.tokenizer, context, continuation)
         # An empty (or whitespace) context starts from the prefix token, unless the continuation begins with it.
-        continuation = context + continuation
-        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        prefix = prefix_token_id(self.tokenizer)
-        return ([prefix], ids) if ids[:1] != [prefix] else (ids[:1], ids[1:])
+        return encode_pair(self.tokenizer, context, continuation) if context.strip() else \
+            encode_pair(self.tokenizer, "", context + continuation)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         encoded = [self._encode(*r.args) for r in requests]
@@ -122,8 +119,8 @@ class TuneguardLM(LM):
                 until.append(eos)
             max_new = int(kwargs.get("max_gen_toks", 256))
             keep = max(self.max_length - max_new, 1)
-            contexts = [self.tokenizer(requests[i].args[0], add_special_tokens=False)["input_ids"][-keep:]
-                        or [prefix_token_id(self.tokenizer)] for i in members]
+            contexts = [encode_text(self.tokenizer, requests[i].args[0])[-keep:] or [prefix_token_id(self.tokenizer)]
+                        for i in members]
             with self._state():
                 texts = generate_until(self.model, self.tokenizer, contexts, until, max_new_tokens=max_new,
                                        batch_size=self.batch_size, advance=self.advance)

@@ -140,6 +140,8 @@ class TaskResult:
     """A content hash per item, in order: what pairs a later run with this one item by item."""
     setup: str = ""
     """How the task was run where it has options (lm-eval tasks: version, shots, chat template)."""
+    config: str = ""
+    """A hash of how the task was scored, its items aside (``cache.task_config``); empty in older results."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -131,20 +131,32 @@ def prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return token
 
 
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A context's token ids as lm-evaluation-harness's Hugging Face model encodes them: with the tokenizer's own
+    special tokens (the BOS that Llama, Mistral and Gemma tokenizers prepend), unless the text already starts with
+    the BOS token (a chat-templated prompt)."""
+    bos = tokenizer.bos_token
+    special = not (isinstance(bos, str) and bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of a context and its continuation, split the way lm-evaluation-harness splits them.
 
     The whole string is encoded once so the continuation's tokens are those the model would see in
     running text; trailing spaces of the context move to the continuation (``"Answer: " + "yes"``
-    and ``"Answer:" + " yes"`` score the same).
+    and ``"Answer:" + " yes"`` score the same). An empty context starts from the prefix token, unless the
+    continuation already does.
     """
     if not context:
-        return [prefix_token_id(tokenizer)], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], ids) if ids[:1] != [prefix] else (ids[:1], ids[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context)
     return ctx, whole[len(ctx):]
 
 
@@ -441,7 +453,7 @@ def rolling_loglikelihood(
     owner: list[int] = []
     n_tokens: list[int] = []
     for i, text in enumerate(texts):
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens = encode_text(tokenizer, text)
         n_tokens.append(len(tokens))
         for window in rolling_windows(tokens, prefix, max_length, context_len):
             requests.append(window)

@@ -31,7 +31,8 @@ def _task_metrics(eval_data: dict[str, Any]) -> dict[str, dict[str, dict[str, An
     return out
 
 
-_ITEM_KEYS = ("task", "metric", "aggregate", "higher_is_better", "n", "per_item", "weights", "item_hashes")
+_ITEM_KEYS = ("task", "metric", "aggregate", "higher_is_better", "n", "per_item", "weights", "item_hashes", "config",
+              "setup")
 
 
 def _items(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
