@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,13 @@ def test_a_repeated_row_is_found_whatever_other_columns_the_files_carry() -> Non
     chat = DataConfig(kind="instruction", train="t.jsonl")  # other kinds: every field but the label
     assert normalized_key(Row("a:1", {"prompt": "hi", "response": "yo"}), chat) != \
         normalized_key(Row("a:2", {"prompt": "hi", "response": "hello"}), chat)
+
+
+def test_rows_that_all_lack_a_field_name_the_fields_they_have(tmp_path: Path, tokenizer) -> None:
+    """A headerless TSV read with its first row as the header: every row 'misses' the label; say what it holds."""
+    path = tmp_path / "d.tsv"
+    path.write_text("good film\t1\nbad film\t0\nfine\t1\n")
+    with pytest.raises(TuneguardError, match=re.escape("The rows' fields are ['1', 'good film']: name them in the "
+                                                       "recipe (data.text_field, data.label_field, ...), or, for a "
+                                                       "CSV/TSV whose first line is data, set data.header: false")):
+        build_examples(read_rows(path), cls_cfg(path), tokenizer, is_encoder=True, what="training")

@@ -327,6 +327,9 @@ def test_preview_writes_a_grid_of_originals_and_copies(tmp_path: Path, resnet_di
     assert "3 training images" in capsys.readouterr().out
     assert cli_main(["data", "preview", str(path), "data.image_augment=[]", "--out", str(out)]) == 2
     assert "data.image_augment is empty" in capsys.readouterr().err
+    for wrong in (tmp_path, tmp_path / "grid.jpgx"):
+        assert cli_main(["data", "preview", str(path), "--out", str(wrong)]) == 2
+        assert f"--out {wrong}: name the PNG file to write" in capsys.readouterr().err
 
 
 def test_preview_takes_each_class_in_turn_and_draws_what_training_draws(tmp_path: Path) -> None:

@@ -243,6 +243,8 @@ def _image_preview(args: argparse.Namespace, recipe: Recipe, seed: int) -> int:
     from tuneguard.report.image_grid import write_image_grid
 
     out = Path(args.out or f"{Path(args.recipe).stem}-augment-preview.png")
+    if out.is_dir() or out.suffix.lower() != ".png":
+        raise TuneguardError(f"--out {out}: name the PNG file to write (a path ending in .png)")
     rows = image_augmentation_preview(recipe.data, image_input(recipe.model), seed, args.n, args.epochs)
     write_image_grid(out, rows, f"data.image_augment {', '.join(recipe.data.image_augment)}; seed {seed}")
     print(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{args.epochs - 1}")

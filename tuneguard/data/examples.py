@@ -54,6 +54,8 @@ class ChoiceItem:
 class Problems:
     total: int = 0
     named: list[str] = field(default_factory=list)
+    hint: str = ""
+    """Said after the rows named, where their problems share one cause."""
 
     def add(self, where: str, why: str) -> None:
         self.total += 1
@@ -67,7 +69,7 @@ class Problems:
         if self.total == n_rows or fraction > max_fraction:
             raise TuneguardError(
                 f"{self.total} of {n_rows} {what} rows are bad ({fraction:.1%} > data.max_bad_fraction "
-                f"{max_fraction:.1%}); first: " + "; ".join(self.named)
+                f"{max_fraction:.1%}); first: " + "; ".join(self.named) + (f". {self.hint}" if self.hint else "")
             )
 
 
@@ -285,5 +287,9 @@ def build_examples(
                     made, _ = _row_examples(Row(row.where, copy.fields), cfg, tokenizer, mapping, verbalizers,
                                             is_encoder, end)
                     examples.extend(dataclasses.replace(ex, augmented=True) for ex in made)
+    if rows and problems.total == len(rows) and all(": missing field" in n for n in problems.named):
+        found = next((sorted(r.fields) for r in rows if r.fields), [])
+        problems.hint = (f"The rows' fields are {found}: name them in the recipe (data.text_field, data.label_field, "
+                         "...), or, for a CSV/TSV whose first line is data, set data.header: false and data.columns")
     problems.check(len(rows), cfg.max_bad_fraction, what)
     return examples, items
