@@ -349,3 +349,13 @@ def test_whitespace_context_and_empty_continuation(tiny_llama) -> None:
     assert ws == pytest.approx(empty)
     with pytest.raises(TuneguardError, match="empty continuation after 'the movie'"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("the movie", ""), 0)])
+
+
+def test_an_lm_eval_task_is_scored_whole_by_the_first_process() -> None:
+    """lm-eval's shot sampler moves on with each document, so a share of the items would get other shots than a
+    single process gives them: such a task is not dealt out, native ones are."""
+    from tuneguard.eval.harness import share
+    from tuneguard.eval.kinds import KINDS
+
+    assert [share(KINDS["lm_eval"], 5, rank, 2) for rank in (0, 1)] == [[0, 1, 2, 3, 4], []]
+    assert [share(KINDS["multiple_choice"], 5, rank, 2) for rank in (0, 1)] == [[0, 2, 4], [1, 3]]

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.cache import ScoreCache, task_config
-from tuneguard.eval.kinds import KINDS
+from tuneguard.eval.kinds import KINDS, TaskKind
 from tuneguard.eval.records import Doc, Task, TaskResult, aggregate
 from tuneguard.eval.scoring import loglikelihood
 from tuneguard.eval.suites import get_tasks
@@ -40,6 +40,12 @@ def task_result(
         adapter=adapter_id, seconds=seconds, item_hashes=[d.hash() for d in docs], setup=kind.setup(task, tokenizer),
         config=task_config(task),
     )
+
+
+def share(kind: TaskKind, n: int, rank: int, world: int) -> list[int]:
+    """The items process ``rank`` of ``world`` scores: dealt round-robin, or all to the first where the kind
+    cannot be split."""
+    return list(range(rank, n, world)) if kind.splittable else list(range(n)) if rank == 0 else []
 
 
 def _gather(accelerator: Any, local: list[tuple[int, Any]]) -> list[Any]:
@@ -76,7 +82,8 @@ def evaluate_tasks(
     ``adapter_id`` is given) is taken from it instead of scored again.
 
     With an ``accelerate.Accelerator`` of several processes, items are dealt round-robin (which
-    balances long and short items), and the scores are gathered before any metric is computed.
+    balances long and short items), and the scores are gathered before any metric is computed; a kind that
+    cannot be split (lm-eval's, whose shots depend on the items scored before) is scored whole by the first.
     """
     resolved = [t for item in tasks for t in ([item] if isinstance(item, Task) else get_tasks([item]))]
     rank = accelerator.process_index if accelerator is not None else 0
@@ -94,10 +101,11 @@ def evaluate_tasks(
                 console.print(f"{name}: {len(docs)} items, scored before on this backbone and adapter (scores/)")
             results.append(kept)
             continue
-        mine = list(range(rank, len(docs), world))
+        kind = KINDS[task.kind]
+        mine = share(kind, len(docs), rank, world)
         start = time.perf_counter()
         with phase(name, len(mine), enabled=show and rank == 0) as advance:
-            local = KINDS[task.kind].score(model, tokenizer, task, [docs[i] for i in mine], batch_size, advance)
+            local = kind.score(model, tokenizer, task, [docs[i] for i in mine], batch_size, advance) if mine else []
         outcomes = _gather(accelerator, list(zip(mine, local, strict=True)))
         results.append(
             task_result(

@@ -4,7 +4,7 @@ As in lm-evaluation-harness, a :class:`~tuneguard.eval.tasks.Task` is data plus 
 the kind is the only place that knows how to score it. Scoring and metrics are split on purpose:
 :meth:`TaskKind.score` returns raw per-doc outcomes, which a distributed run gathers back into item
 order, and :meth:`TaskKind.result` computes every metric once on the whole list, so a split run gives
-exactly the single-process numbers.
+exactly the single-process numbers (an lm-eval task is not split: see :attr:`TaskKind.splittable`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class TaskKind(ABC):
     metrics: tuple[str, ...]
     """The metrics a task of this kind may name as its primary one; the first is the default."""
     lower_is_better: frozenset[str] = frozenset()
+    splittable: bool = True
+    """Whether processes may score shares of the items: an item's outcome must not depend on which others a call
+    scores."""
 
     def higher_is_better(self, task: Task) -> bool:
         """Which way a change in the task's primary metric is an improvement, for the base vs tuned verdicts."""
@@ -314,6 +317,7 @@ class LmEval(TaskKind):
     tuneguard's engine answers the requests (``lm_eval_bridge``), and the per-document values are paired."""
 
     metrics = ()
+    splittable = False  # lm-eval's shot sampler moves on with each document it builds: a share gets other shots
 
     def higher_is_better(self, task: Task) -> bool:
         """As the lm-eval task declares it for its metric."""
