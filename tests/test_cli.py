@@ -95,3 +95,33 @@ def test_overrides_go_anywhere_on_the_line() -> None:
         with pytest.raises(SystemExit):
             with_overrides(parser, args, extra)
     assert isinstance(args, argparse.Namespace)
+
+
+def test_flags_that_apply_elsewhere_or_values_that_judge_nothing_are_refused(tmp_path: Path, capsys) -> None:
+    """eval RUN dropped --quant, --out, --num-fewshot... silently; a margin of nan crashed with exit 1."""
+    from tuneguard.cli import main
+
+    assert main(["eval", "runs/x", "--quant", "int8", "--out", "o.json", "--num-fewshot", "5"]) == 2
+    assert "--quant, --out, --num-fewshot apply with --model; a run is scored as its recipe says" in \
+        capsys.readouterr().err
+    assert main(["eval", "--model", "bundled:smollm2-135m-instruct", "--with-original"]) == 2
+    assert "--with-original scores a run's unquantized backbone" in capsys.readouterr().err
+    for argv, problem in ((["eval", "--model", "m", "--num-fewshot", "-1"], "must be at least 0, got -1"),
+                          (["eval", "--model", "m", "--batch-size", "0"], "must be at least 1, got 0"),
+                          (["gate", "r.json", "--margin", "nan"], "must be a finite number, got nan"),
+                          (["plan", "--margin", "inf", "--discordance", "0.1"], "must be a finite number, got inf")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and problem in capsys.readouterr().err, argv
+
+
+def test_an_error_nobody_foresaw_is_one_line_and_never_exit_1(capsys) -> None:
+    """Exit 1 means a regression to CI: a bug must not read as one."""
+    from tuneguard.errors import INTERNAL_ERROR, guarded
+
+    def broken() -> int:
+        raise TypeError("'NoneType' object is not subscriptable\nmore")
+
+    assert guarded(broken) == INTERNAL_ERROR == 70
+    assert capsys.readouterr().err == ("tuneguard: internal error: TypeError: 'NoneType' object is not subscriptable "
+                                       "(rerun with --debug for the traceback, and report it)\n")

@@ -251,7 +251,8 @@ def test_recipe_mixing_native_and_lm_eval_suites(tmp_path: Path, tiny_llama_dir:
 
 
 def test_lm_eval_command_line_scores_a_run_with_adapter_on_and_off(tmp_path: Path, tiny_llama_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     """``tuneguard lm-eval --model tuneguard --model_args run=RUN,adapter=on|off``: the run's adapter on or off,
     giving exactly the per-item outcomes tuneguard's own evaluation of that run gives for tuned and base."""
     from tuneguard.cli import main as cli_main
@@ -275,6 +276,12 @@ def test_lm_eval_command_line_scores_a_run_with_adapter_on_and_off(tmp_path: Pat
     code = cli_main(["lm-eval", "--model", "tuneguard", "--model_args", f"run={run_dir},adapter=off", "--tasks",
                      str(yaml_path), "--output_path", str(tmp_path / "lm-eval-out")])
     assert code == 0 and list((tmp_path / "lm-eval-out").rglob("results_*.json"))
+    capsys.readouterr()
+    for model_args, problem in ((f"run={run_dir},adaptor=off", "--model_args: unknown adaptor; tuneguard's model takes"),
+                                (f"run={run_dir},adapter=of", "--model_args adapter=of: give on or off")):
+        # a misspelt switch scored the adapter (or the base) with no word said
+        assert cli_main(["lm-eval", "--model", "tuneguard", "--model_args", model_args, "--tasks", str(yaml_path)]) == 2
+        assert problem in capsys.readouterr().err
 
 
 def test_shots_from_the_scored_split_are_named(tmp_path: Path) -> None:

@@ -209,3 +209,23 @@ def test_eval_and_check_hold_a_finished_run_and_clear_what_a_killed_one_left(tmp
             pass
     finally:
         os.close(fd)
+
+
+def test_a_diverged_run_is_not_exported_compared_or_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only eval's guard rail refused it: export called the merge checked, compare ranked it beside healthy ones."""
+    from tuneguard.cli import main as cli_main
+
+    runs = []
+    for name, record in (("ok", {"steps": 4}), ("gone", {"steps": 4, "diverged": "loss back at uniform for 5 steps"})):
+        run = RunDir(tmp_path / name)
+        run.write_recipe("output: {name: x}\n")
+        run.write_record(record)
+        runs.append(run)
+    runs[0].ensure_converged()
+    for argv in (["export", str(runs[1].path)], ["compare", str(runs[1].path), str(runs[0].path)],
+                 ["check", str(runs[1].path), "--data", str(tmp_path / "rows.jsonl")]):
+        assert cli_main(argv) == 2
+        assert "training diverged (loss back at uniform for 5 steps), so its adapter is refused" in \
+            capsys.readouterr().err
+    assert cli_main(["compare", str(runs[0].path), str(tmp_path / "ok")]) == 2
+    assert "named twice; each adapter is compared once" in capsys.readouterr().err

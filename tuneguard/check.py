@@ -73,6 +73,7 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
 
 
 def _check(run: RunDir, data: Path, alpha: float, allow_overlap: bool, limit: int | None) -> int:
+    run.ensure_converged(writable=True)
     started = time.time()
     run_dir = run.path
     recipe = load_recipe(run.recipe)

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneguard.args import add_train_arguments, positive_float, positive_int, with_overrides
+from tuneguard.args import (
+    add_train_arguments,
+    count,
+    finite_float,
+    positive_float,
+    positive_int,
+    with_overrides,
+)
 from tuneguard.errors import TuneguardError, guarded, require_lm_eval
 
 if TYPE_CHECKING:
@@ -53,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
 
     quiet_libraries()  # transformers' load and shard-writing bars, PEFT's deprecation warning
     run = RunDir(Path(args.run))
-    run.ensure_finished(writable=False)
+    run.ensure_converged()
     recipe = load_recipe(run.recipe)
     out = Path(args.out) if args.out else run.merged
     export_merged(recipe, run.adapter, out, dtype=args.dtype)
@@ -69,9 +76,12 @@ def _eval(args: argparse.Namespace) -> int:
 
         if args.run:
             raise TuneguardError("give either a run directory or --model, not both")
+        if args.with_original:
+            raise TuneguardError("--with-original scores a run's unquantized backbone beside it; with --model, "
+                                 "evaluate the model again with --quant none")
         quiet_libraries()
-        results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant,
-                                      args.batch_size, _lm_eval_options(args))
+        results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant or "none",
+                                      args.batch_size or 8, _lm_eval_options(args))
         print_results(results, console)
         if args.out:
             from tuneguard.io import atomic_write_json
@@ -80,6 +90,14 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise TuneguardError("give a run directory to re-evaluate, or --model SOURCE to evaluate a base model")
+    model_only = [flag for flag, value in (("--quant", args.quant), ("--batch-size", args.batch_size), ("--out", args.out),
+                                           ("--num-fewshot", args.num_fewshot), ("--system-instruction",
+                                           args.system_instruction), ("--apply-chat-template", args.apply_chat_template))
+                  if value is not None]
+    if model_only:
+        raise TuneguardError(f"{', '.join(model_only)} apply with --model; a run is scored as its recipe says "
+                             f"(eval.batch_size, eval.lm_eval.* in {Path(args.run) / 'recipe.yaml'}; its report: "
+                             "report.json)")
     from tuneguard.run import reevaluate
 
     return reevaluate(Path(args.run), suites=args.tasks, limit=args.limit, with_original=args.with_original)
@@ -308,14 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="evaluate this model source alone (e.g. bundled:smollm2-135m-instruct)")
     p.add_argument("--tasks", nargs="+", help="tasks, suites (general-small, general) or task YAML files")
     p.add_argument("--limit", type=positive_int, help="first N items of each task, in the original order")
-    p.add_argument("--quant", default="none", help="with --model: none, nf4, fp4 or int8")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--with-original", action="store_true", help="also score the unquantized backbone")
+    p.add_argument("--quant", help="with --model: none (default), nf4, fp4 or int8")
+    p.add_argument("--batch-size", type=positive_int, help="with --model: rows scored at once (default 8)")
+    p.add_argument("--with-original", action="store_true", help="with a run: also score the unquantized backbone")
     p.add_argument("--out", help="with --model: write the results as JSON here")
-    p.add_argument("--num-fewshot", type=int, help="lm_eval: tasks: shots (default: each task's own)")
+    p.add_argument("--num-fewshot", type=count, help="with --model, lm_eval: tasks: shots (default: each task's own)")
     p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
-                   help="lm_eval: tasks: wrap prompts in the chat template (default: where the model has one)")
-    p.add_argument("--system-instruction", help="lm_eval: tasks: a system message before every prompt")
+                   help="with --model, lm_eval: tasks: wrap prompts in the chat template (default: where the model "
+                        "has one)")
+    p.add_argument("--system-instruction", help="with --model, lm_eval: tasks: a system message before every prompt")
     p.set_defaults(func=_eval)
 
     # Handled before parsing (main): everything after the verb is lm-eval's own command line.
@@ -332,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gate", help="a CI gate on a report: exit 0 pass, 1 regressed beyond the margin, 3 undecided")
     p.add_argument("report", help="report.json, or the run directory holding it")
     p.add_argument("--baseline", help="an earlier report.json: compare tuned outcomes item by item (same items)")
-    p.add_argument("--margin", type=float, help="accepted regression in points (default: the report's)")
+    p.add_argument("--margin", type=finite_float, help="accepted regression in points (default: the report's)")
     p.add_argument("--junit", help="write JUnit XML here (one test case per task)")
     p.add_argument("--markdown", help="write a pull-request summary here")
     p.add_argument("--require-power", action="store_true", help="exit 3 when a task is inconclusive")
@@ -346,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("plan", help="items each task needs to show non-inferiority with 80%% power")
-    p.add_argument("--margin", type=float, default=2.0, help="accepted regression in points (default 2)")
+    p.add_argument("--margin", type=finite_float, default=2.0, help="accepted regression in points (default 2)")
     p.add_argument("--tasks", nargs="+", help="tasks or suites (default: the pilot's general suite)")
     spread = p.add_mutually_exclusive_group()
     spread.add_argument("--discordance", type=float, help="share of items base and tuned are expected to disagree on")

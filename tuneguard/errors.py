@@ -22,6 +22,10 @@ class RegressionBudgetExceeded(TuneguardError):
 LM_EVAL_EXTRA = "pip install 'tuneguard[lm-eval]'"
 
 
+INTERNAL_ERROR = 70
+"""The exit code of an error tuneguard did not foresee (BSD's EX_SOFTWARE): distinct from 1 (a regression) and 2."""
+
+
 def require_lm_eval(what: str) -> None:
     """One line naming the optional extra when lm-evaluation-harness is not installed."""
     import importlib.util
@@ -52,3 +56,9 @@ def guarded(action: Callable[[], int], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("tuneguard: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or a library's refusal not yet put in words: never 1, which means a regression
+        _traceback(debug)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"tuneguard: internal error: {type(exc).__name__}{': ' + first if first else ''} (rerun with --debug "
+              "for the traceback, and report it)", file=sys.stderr)
+        return INTERNAL_ERROR

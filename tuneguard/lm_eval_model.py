@@ -19,6 +19,10 @@ from tuneguard.backbones import dequantized
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.lm_eval_bridge import TuneguardLM
 from tuneguard.eval.stage import load_run, load_scoring_backbone
+from tuneguard.rundir import RunDir
+
+LM_EVAL_EXTRAS = {"max_batch_size", "device"}
+"""What lm-eval's command line passes to every model besides ``--model_args`` (batch_size is a named argument)."""
 
 
 @register_model("tuneguard")
@@ -29,9 +33,14 @@ class TuneguardCommandLineLM(TuneguardLM):
     def __init__(self, run: str | None = None, pretrained: str | None = None, quant: str = "none",
                  dtype: str = "auto", adapter: str = "on", batch_size: int | str | None = 8,
                  **_lm_eval_extras: Any) -> None:
+        unknown = sorted(set(_lm_eval_extras) - LM_EVAL_EXTRAS)
+        if unknown:  # a misspelt adapter=off would score the adapter, silently
+            raise TuneguardError(f"--model_args: unknown {', '.join(unknown)}; tuneguard's model takes run, pretrained, "
+                                 "quant, dtype, adapter and batch_size")
         if (run is None) == (pretrained is None):
             raise TuneguardError("--model_args: give run=RUN_DIR (a finished run) or pretrained=SOURCE, not both")
         if run is not None:
+            RunDir(Path(run)).ensure_converged()
             _, trained = load_run(Path(run))
             model, tokenizer = trained.model, trained.backbone.tokenizer
         else:

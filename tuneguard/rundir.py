@@ -384,6 +384,14 @@ class RunDir:
         if writable and not os.access(self.path, os.W_OK):
             raise TuneguardError(f"{self.path}: not writable; results could not be saved")
 
+    def ensure_converged(self, writable: bool = False) -> None:
+        """:meth:`ensure_finished`, and refuse an adapter whose training diverged: it learned nothing worth exporting,
+        comparing or checking (``tuneguard eval``'s guard rail refuses it in its report)."""
+        self.ensure_finished(writable)
+        if why := self.record().get("diverged"):
+            raise TuneguardError(f"{self.path}: training diverged ({why}), so its adapter is refused; train again "
+                                 "with a lower train.lr (--overwrite)")
+
     @contextlib.contextmanager
     def hold_results(self) -> Iterator[RunDir]:
         """For verbs that write a finished run's results (eval, check): held as training holds it, so two never

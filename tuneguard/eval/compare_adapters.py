@@ -31,10 +31,13 @@ def _load_runs(run_dirs: list[Path]) -> list[tuple[str, Path, Recipe]]:
     """Label, directory and recipe of each run; all must share one backbone and its quantization."""
     if len(run_dirs) < 2:
         raise TuneguardError("give at least two run directories to compare")
+    twice = next((d for i, d in enumerate(run_dirs) if d.resolve() in {e.resolve() for e in run_dirs[:i]}), None)
+    if twice is not None:
+        raise TuneguardError(f"{twice}: named twice; each adapter is compared once (a copy would enlarge every family)")
     runs = []
     for d in run_dirs:
         run = RunDir(d)
-        run.ensure_finished(writable=False)
+        run.ensure_converged()
         runs.append((d, load_recipe(run.recipe)))
     labels = [d.name for d, _ in runs]
     if len(set(labels)) < len(labels):

@@ -55,6 +55,14 @@ FEWSHOT_SEED = 1234
 """lm-eval's default ``fewshot_random_seed``, so the same few-shot examples are drawn as by its command line."""
 
 
+def _switch(value: str) -> bool:
+    """``adapter=on|off`` (true/false, 1/0, yes/no): anything else is refused, not read as off."""
+    words = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+    if str(value).lower() not in words:
+        raise TuneguardError(f"--model_args adapter={value}: give on or off")
+    return words[str(value).lower()]
+
+
 class TuneguardLM(LM):
     """An lm-eval model backed by tuneguard's scoring engine, with the adapter on or off on the same weights.
 
@@ -66,7 +74,7 @@ class TuneguardLM(LM):
                  batch_size: int | str | None = 8, advance: Advance | None = None) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.adapter = adapter if isinstance(adapter, bool) else str(adapter).lower() in ("on", "true", "1")
+        self.adapter = adapter if isinstance(adapter, bool) else _switch(adapter)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = max_model_length(model, tokenizer)
         self.advance = advance
