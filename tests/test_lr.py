@@ -195,8 +195,21 @@ def test_reading_the_curve() -> None:
     assert r.suggestion == pytest.approx(r.min_loss_lr / 10)
     assert 1e-4 <= r.steepest_lr <= 1e-3 and not r.warnings
     flat = LrRange(recipe="r", method="lora", start=1e-5, end=1e-1, steps=41, lrs=lrs, losses=[1 + x for x in lrs])
-    read_curve(flat)  # the loss only rises: the suggestion is the start, with a warning
-    assert flat.suggestion == 1e-5 and any("hardly fell" in w for w in flat.warnings)
+    read_curve(flat)  # the loss only rises: nothing is suggested, and one warning says why
+    assert flat.suggestion is None and len(flat.warnings) == 1 and "fell by only 0.0%" in flat.warnings[0]
+    drift = [2.0 - 0.0002 * i for i in range(41)]  # still falling at the end, but by 0.4% in all: no reading of it
+    slight = LrRange(recipe="r", method="lora", start=1e-5, end=1e-1, steps=41, lrs=lrs, losses=drift)
+    read_curve(slight)
+    assert slight.suggestion is None and [w.split(" (")[0] for w in slight.warnings] == [
+        "the smoothed loss fell by only 0.4%"]
+    from tuneguard.report.lr_range import lr_range_blocks, lr_range_png
+
+    assert lr_range_png(slight.to_dict())[:4] == b"\x89PNG"
+    assert "no train.lr suggested" in lr_range_blocks(slight.to_dict())[1].lines[0][0]
+    rising = LrRange(recipe="r", method="lora", start=1e-5, end=1e-1, steps=41, lrs=lrs,
+                     losses=[1.5 if i in (1, 2, 3) else 2.0 + 0.01 * i for i in range(41)])  # lowest at its start
+    read_curve(rising)
+    assert rising.suggestion == 1e-5 and any("hardly fell before rising" in w for w in rising.warnings)
 
 
 def test_lr_range_test_on_a_tiny_recipe(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -225,7 +238,10 @@ def test_a_diverging_range_stops_early(tmp_path: Path, model: str, why: str, req
     assert cli_main(["lr", str(path), "--start", "1e-3", "--end", "1e5", "--steps", "40"]) == 0
     r = json.loads((tmp_path / "runs" / "recipe-lr" / "lr_range.json").read_text())
     assert why in r["stopped"] and len(r["lrs"]) < 40 and r["lrs"][-1] < 1e5
-    assert r["start"] <= r["suggestion"] < r["lrs"][-1]
+    if r["suggestion"] is None:  # a random tiny model whose loss hardly fell before it diverged: said so
+        assert any(w.startswith("the smoothed loss fell by only") for w in r["warnings"])
+    else:
+        assert r["start"] <= r["suggestion"] < r["lrs"][-1]
 
 
 def test_lr_refuses_bad_ranges_and_the_run_directory(tmp_path: Path, tiny_llama_dir: Path,

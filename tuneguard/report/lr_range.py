@@ -29,7 +29,9 @@ def lr_range_png(r: dict[str, Any]) -> bytes:
     ax.plot(r["lrs"], r["smoothed"], "-", color=PALETTE[0], linewidth=2, label="smoothed (centred average)")
     ax.axvline(r["min_loss_lr"], color="#80868b", linestyle=":", linewidth=1.2,
                label=f"minimum of the smoothed loss ({r['min_loss_lr']:.2g})")
-    ax.axvline(r["suggestion"], color=PALETTE[1], linewidth=1.8, label=f"suggestion, {r['rule']} ({r['suggestion']:.2g})")
+    if r["suggestion"] is not None:
+        ax.axvline(r["suggestion"], color=PALETTE[1], linewidth=1.8,
+                   label=f"suggestion, {r['rule']} ({r['suggestion']:.2g})")
     low, high = r["usual_range"]
     ax.axvspan(low, high, color="#e8f0fe", zorder=0, label=f"{r['method']}'s usual range ({low:g} to {high:g})")
     ax.set_xscale("log")
@@ -61,7 +63,8 @@ def lr_range_blocks(r: dict[str, Any]) -> list[Block]:
     curve = Block(f"lr range test: {r['recipe']}", headers=["step", "lr", "loss", "smoothed"], rows=rows)
     low_r, high_r = r["usual_range"]
     lines: list[Cell] = [(f"suggested train.lr={r['suggestion']:.2g} ({r['rule']}: the smoothed loss is lowest at "
-                          f"{r['min_loss_lr']:.2g})", "improved")]
+                          f"{r['min_loss_lr']:.2g})", "improved") if r["suggestion"] is not None else
+                         ("no train.lr suggested: the loss hardly fell (see the warning)", "inconclusive")]
     if r["steepest_lr"] is not None:
         lines.append(f"the smoothed loss falls fastest at {r['steepest_lr']:.2g}")
     lines.append(f"{r['method']}'s default is {r['default_lr']:g}; its usual range {low_r:g} to {high_r:g}")

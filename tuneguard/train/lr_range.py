@@ -68,6 +68,7 @@ class LrRange:
     stopped: str | None = None
     """Why the test ended before ``end``, or None."""
     suggestion: float | None = None
+    """None where the loss hardly fell (:data:`MIN_DROP`)."""
     rule: str = RULE
     min_loss_lr: float | None = None
     steepest_lr: float | None = None
@@ -86,6 +87,8 @@ class LrRange:
         return asdict(self)
 
 
+MIN_DROP = 0.01
+"""The least fall of the smoothed loss (a share of where it started) for its minimum to suggest a rate."""
 LR_JSON, LR_PNG = "lr_range.json", "lr_range.png"
 """What the test writes beside its recipe.yaml (``tuneguard.report.lr_range`` writes them)."""
 
@@ -189,11 +192,14 @@ def read_curve(result: LrRange) -> None:
     slopes = [(result.smoothed[i + 1] - result.smoothed[i]) / math.log10(result.lrs[i + 1] / result.lrs[i])
               for i in range(low)]
     result.steepest_lr = result.lrs[min(range(low), key=slopes.__getitem__)] if slopes else None
-    if low < max(2, n // 10):
+    drop = 1 - result.smoothed[low] / result.smoothed[0] if result.smoothed[0] else 0.0
+    if drop < MIN_DROP:  # then where its minimum sits says nothing: no other reading of the curve is offered
+        result.suggestion = None
+        result.warnings.append(f"the smoothed loss fell by only {100 * max(drop, 0):.1f}% (from "
+                               f"{result.smoothed[0]:.4g} to {result.smoothed[low]:.4g}): no rate here clearly trains, "
+                               "so nothing is suggested; check the data, or widen the range")
+    elif low < max(2, n // 10):
         result.warnings.append("the loss hardly fell before rising: the suggestion sits at the range's start; "
                                "try a lower --start")
-    if low == n - 1 and result.stopped is None:
+    elif low == n - 1 and result.stopped is None:
         result.warnings.append("the loss was still falling at --end: the minimum may lie higher; try a higher --end")
-    if result.smoothed[low] >= result.smoothed[0] * 0.99:
-        result.warnings.append("the smoothed loss never fell below its start: no rate here trains; check the "
-                               "data, or widen the range")
