@@ -95,9 +95,10 @@ def _eval(args: argparse.Namespace) -> int:
                                            args.system_instruction), ("--apply-chat-template", args.apply_chat_template))
                   if value is not None]
     if model_only:
+        from tuneguard.rundir import RunDir
+
         raise TuneguardError(f"{', '.join(model_only)} apply with --model; a run is scored as its recipe says "
-                             f"(eval.batch_size, eval.lm_eval.* in {Path(args.run) / 'recipe.yaml'}; its report: "
-                             "report.json)")
+                             f"(eval.batch_size, eval.lm_eval.* in {RunDir(Path(args.run)).recipe})")
     from tuneguard.run import reevaluate
 
     return reevaluate(Path(args.run), suites=args.tasks, limit=args.limit, with_original=args.with_original)
