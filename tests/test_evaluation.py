@@ -46,6 +46,13 @@ def test_after_training_writes_eval_and_reports(tmp_path: Path, tiny_llama_dir: 
     fresh = json.loads((run_dir / "eval.json").read_text())
     assert [r["per_item"] for r in fresh["tuned"]] == [r["per_item"] for r in data["tuned"]]
     assert [r["seconds"] for r in fresh["tuned"]] != [r["seconds"] for r in data["tuned"]]
+    # Another task list replaces the report's: the earlier evaluation, with the tasks now dropped, is moved aside.
+    assert cli_main(["eval", str(run_dir), "--tasks", "arc_easy", "--limit", "6"]) == 0
+    assert [r["task"] for r in json.loads((run_dir / "eval.json").read_text())["tuned"]] == [
+        "recipe (validation)", "arc_easy"]
+    (aside,) = run_dir.parent.glob(f"{run_dir.name}.replaced-*")
+    assert [r["task"] for r in json.loads((aside / "eval.json").read_text())["tuned"]][-1] == "wikitext"
+    assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.html", "report.json", "report.md"]
 
 
 def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:

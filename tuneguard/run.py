@@ -58,8 +58,14 @@ def evaluate(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: lis
 
 
 def report(recipe: Recipe, run_dir: Path, evaluation: Evaluation) -> int:
-    """eval.json, report.json|md|html, the terminal table and the history; then the regression budget."""
-    RunDir(run_dir).write_eval(evaluation.data)
+    """eval.json, report.json|md|html, the terminal table and the history; then the regression budget. An earlier
+    evaluation holding tasks this one lacks (``tuneguard eval RUN --tasks X``) is moved aside, not overwritten."""
+    run = RunDir(run_dir)
+    scored = {r["task"] for r in evaluation.data["tuned"]}
+    dropped = [t for t in run.evaluated_tasks() if t not in scored]
+    if dropped:
+        run.retire_evaluation(f"the earlier evaluation (it also held {', '.join(dropped)})")
+    run.write_eval(evaluation.data)
     built = build_report(run_dir, evaluation.data, evaluation.comparisons, evaluation.original)
     write_reports(run_dir, built)
     print_report(built, console)

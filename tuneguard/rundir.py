@@ -480,12 +480,19 @@ class RunDir:
         return all(name in (RECIPE, METRICS, CHECKPOINTS) or (name.startswith(".") and name.endswith(".tmp"))
                    for name in held)
 
-    def retire_evaluation(self) -> None:
-        """Before a new adapter replaces the one eval.json and the reports describe (a resumed, extended run): move
-        them aside, so ``gate`` and ``report`` never pass a run on an earlier adapter's scores."""
+    def retire_evaluation(self, what: str = "the earlier adapter's evaluation") -> None:
+        """Before a new adapter replaces the one eval.json and the reports describe (a resumed, extended run), or a
+        re-evaluation drops tasks they hold: move them aside, so ``gate`` and ``report`` never pass a run on an
+        earlier adapter's scores and no result is lost."""
         stale = [p.name for p in (self.eval_json, *self.report_paths) if p.exists()]
         if stale:
-            self._move_aside(stale, "the earlier adapter's evaluation")
+            self._move_aside(stale, what)
+
+    def evaluated_tasks(self) -> list[str]:
+        """The tasks eval.json holds tuned results of (none without one)."""
+        if not self.eval_json.exists():
+            return []
+        return [r.get("task") for r in self.read_eval().get("tuned") or [] if isinstance(r, dict)]
 
     def _move_aside(self, names: list[str], what: str = "the previous contents") -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
