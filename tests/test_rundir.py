@@ -229,3 +229,10 @@ def test_a_diverged_run_is_not_exported_compared_or_checked(tmp_path: Path, caps
             capsys.readouterr().err
     assert cli_main(["compare", str(runs[0].path), str(tmp_path / "ok")]) == 2
     assert "named twice; each adapter is compared once" in capsys.readouterr().err
+
+
+def test_runs_of_one_method_are_told_apart_by_what_changes_it() -> None:
+    """rsLoRA (+35 pp) and plain LoRA (+5 pp) both read 'lora r16' in reports and the history."""
+    assert [rundir.adapter_label(m, a) for m, a in (("lora", {}), ("lora", {"use_rslora": True}),
+                                                     ("lora", {"use_dora": True, "init": "gaussian"}), ("ia3", {}))] == [
+        "lora", "lora+rslora", "lora+dora (gaussian init)", "ia3"]

@@ -84,6 +84,17 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str,
     return changed
 
 
+def adapter_label(method: str | None, adapter: dict[str, Any]) -> str | None:
+    """The method with what changes it (``lora+rslora``, ``lora+dora``, ``lora (gaussian init)``): runs of one
+    method otherwise read alike in reports and the history."""
+    if method is None:
+        return None
+    label = method + "".join(f"+{name}" for key, name in (("use_rslora", "rslora"), ("use_dora", "dora"))
+                             if adapter.get(key))
+    init = adapter.get("init")
+    return f"{label} ({init} init)" if init not in (None, "default") else label
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -191,7 +202,7 @@ class RunDir:
             "model": (recipe.get("model") or {}).get("source"),
             "fingerprint": run.get("fingerprint"),
             "quantization": run.get("quantization") or (recipe.get("quantization") or {}).get("method"),
-            "adapter": method,
+            "adapter": adapter_label(method, adapter),
             "r": adapter.get("r") if reports_rank(method) else None,
             "max_regression": (recipe.get("eval") or {}).get("max_regression"),
             **{k: run.get(k) for k in (
