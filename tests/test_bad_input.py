@@ -391,6 +391,10 @@ def test_the_model_card_says_how_instruction_rows_were_prompted() -> None:
     assert "{text}" not in card
     templated = validate({"data": {"kind": "instruction", "train": "x.jsonl", "prompt_template": "Q: {q}"}}, "r.yaml")
     assert "Q: {q}" in model_card(templated, chat_template=True) and "used (the tokenizer" in model_card(templated, True)
+    assert "note:" not in card  # an unquantized backbone: the export is what was scored
+    quantized = validate({"data": {"kind": "instruction", "train": "x.jsonl"}, "quantization": {"method": "nf4"}}, "r.yaml")
+    assert ("- note: the adapter was trained and evaluated on the nf4 backbone; it is merged here into the unquantized "
+            "one (these weights)") in model_card(quantized, chat_template=False)
 
 
 def test_export_carries_labels_and_prompt_and_is_verified(tmp_path: Path, tiny_llama_dir: Path,

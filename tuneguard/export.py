@@ -81,6 +81,10 @@ def verify_export(folder: Path, is_encoder: bool, ids: torch.Tensor, expected: t
                              f"adapter model's by {diff:.3g} of their scale (allowed {TOLERANCE[dtype]:g})")
 
 
+QUANTIZED_EXPORT = ("the adapter was trained and evaluated on the {method} backbone; it is merged here into the "
+                    "unquantized one ({dtype}), which scores somewhat differently from the run's report")
+
+
 def model_card(recipe: Recipe, chat_template: bool) -> str:
     """What a user of the merged decoder needs to prompt it as it was trained (``chat_template``: training rendered
     rows with the tokenizer's template, which it does only where the tokenizer has one)."""
@@ -93,6 +97,8 @@ def model_card(recipe: Recipe, chat_template: bool) -> str:
         f"- task kind: `{data.kind}`",
         f"- chat template: {'used (the tokenizer saved here carries it)' if chat_template else 'not used (plain text)'}",
     ]
+    if recipe.quantization.method != "none":
+        lines.append(f"- note: {QUANTIZED_EXPORT.format(method=recipe.quantization.method, dtype='these weights')}")
     if data.system_prompt:
         lines.append(f"- system prompt: `{data.system_prompt}`")
     if data.kind == "instruction" and data.prompt_template is None:
