@@ -106,6 +106,8 @@ def test_flags_that_apply_elsewhere_or_values_that_judge_nothing_are_refused(tmp
         capsys.readouterr().err
     assert main(["eval", "--model", "bundled:smollm2-135m-instruct", "--with-original"]) == 2
     assert "--with-original scores a run's unquantized backbone" in capsys.readouterr().err
+    assert main(["eval", "--model", "/no/such/model", "--out", str(tmp_path)]) == 2  # refused before any scoring
+    assert f"{tmp_path}: is a folder; name the file to write" in capsys.readouterr().err
     for argv, problem in ((["eval", "--model", "m", "--num-fewshot", "-1"], "must be at least 0, got -1"),
                           (["eval", "--model", "m", "--batch-size", "0"], "must be at least 1, got 0"),
                           (["gate", "r.json", "--margin", "nan"], "must be a finite number, got nan"),

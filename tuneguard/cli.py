@@ -16,6 +16,7 @@ from tuneguard.args import (
     with_overrides,
 )
 from tuneguard.errors import TuneguardError, guarded, require_lm_eval
+from tuneguard.io import file_target
 
 if TYPE_CHECKING:
     from tuneguard.recipe import LmEvalConfig, Recipe
@@ -82,6 +83,8 @@ def _eval(args: argparse.Namespace) -> int:
         if args.with_original:
             raise TuneguardError("--with-original scores a run's unquantized backbone beside it; with --model, "
                                  "evaluate the model again with --quant none")
+        if args.out:
+            file_target(args.out)
         quiet_libraries()
         results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant or "none",
                                       args.batch_size or 8, _lm_eval_options(args))

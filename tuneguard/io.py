@@ -37,8 +37,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def file_target(path: str | Path) -> Path:
+    """A path a file can be written to, refused in one line naming it (checked before the work that fills it):
+    a folder there made the error name a temporary file instead."""
     path = Path(path)
+    if path.is_dir():
+        raise TuneguardError(f"{path}: is a folder; name the file to write")
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
