@@ -366,3 +366,18 @@ def test_an_lm_eval_task_is_scored_whole_by_the_first_process() -> None:
 
     assert [share(KINDS["lm_eval"], 5, rank, 2) for rank in (0, 1)] == [[0, 1, 2, 3, 4], []]
     assert [share(KINDS["multiple_choice"], 5, rank, 2) for rank in (0, 1)] == [[0, 2, 4], [1, 3]]
+
+
+def test_lm_evals_own_command_line_gets_advice_that_works_there(capsys: pytest.CaptureFixture) -> None:
+    """@vendored names are tuneguard's; offline, lm-eval's command line takes a YAML path, not lm_eval:that.yaml."""
+    from tuneguard.cli import main as cli_main
+    from tuneguard.eval.lm_eval_bridge import load_error
+
+    for tasks in (["--tasks", "arc_easy@vendored"], ["--tasks=piqa,arc_easy@vendored"]):
+        assert cli_main(["lm-eval", "--model", "tuneguard", *tasks]) == 2
+        assert "@vendored names are tuneguard's (tuneguard eval --model M --tasks lm_eval:arc_easy@vendored)" in \
+            capsys.readouterr().err
+    said = str(load_error("arc_easy", OSError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)"),
+                          verb="lm-eval"))
+    assert "then pass that YAML's path to --tasks; or use tuneguard eval --model M --tasks lm_eval:arc_easy@vendored" \
+        in said and "name lm_eval:that.yaml" not in said

@@ -124,6 +124,12 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
 
     import tuneguard.lm_eval_model  # noqa: F401  (registers --model tuneguard)
 
+    named = next((a.split("=", 1)[1] for a in lm_eval_args if a.startswith("--tasks=")), "") or (
+        lm_eval_args[lm_eval_args.index("--tasks") + 1] if "--tasks" in lm_eval_args[:-1] else "")
+    vendored = [t for t in named.split(",") if t.endswith("@vendored")]
+    if vendored:
+        raise TuneguardError(f"--tasks {vendored[0]}: @vendored names are tuneguard's (tuneguard eval --model M "
+                             f"--tasks lm_eval:{vendored[0]}); lm-eval's command line takes its task names or a YAML path")
     sys.argv = ["lm_eval", *lm_eval_args]
     try:
         cli_evaluate()
@@ -132,8 +138,7 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
             raise
         from tuneguard.eval.lm_eval_bridge import load_error
 
-        named = lm_eval_args[lm_eval_args.index("--tasks") + 1] if "--tasks" in lm_eval_args[:-1] else "the task"
-        raise load_error(named.split(",")[0], exc) from None
+        raise load_error((named or "the task").split(",")[0], exc, verb="lm-eval") from None
     return 0
 
 

@@ -279,8 +279,9 @@ def _hub_dataset(spec: str) -> tuple[str | None, Path | None]:
             entry.yaml_path)
 
 
-def load_error(spec: str, exc: Exception) -> TuneguardError:
-    """One line for a task lm-eval could not load; for a dataset on the Hub, how to point it at local files."""
+def load_error(spec: str, exc: Exception, verb: str = "eval") -> TuneguardError:
+    """One line for a task lm-eval could not load; for a dataset on the Hub, how to point it at local files (said
+    for ``tuneguard eval``'s ``lm_eval:`` names, or for lm-eval's own command line, ``verb`` "lm-eval")."""
     dataset, yaml_path = _hub_dataset(spec)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if dataset is None and isinstance(exc, (ConnectionError, OSError)) and "Hub" in first:
@@ -289,13 +290,14 @@ def load_error(spec: str, exc: Exception) -> TuneguardError:
         definition = f" (its definition: {yaml_path})" if yaml_path else ""
         from tuneguard.eval.tasks import TASKS
 
-        vendored = f"; or use {PREFIX}{spec}{VENDORED}, its definition over tuneguard's vendored subset" \
+        name = "pass that YAML's path to --tasks" if verb == "lm-eval" else "name lm_eval:that.yaml"
+        where = "tuneguard eval --model M --tasks " if verb == "lm-eval" else ""
+        vendored = f"; or use {where}{PREFIX}{spec}{VENDORED}, its definition over tuneguard's vendored subset" \
             if spec in TASKS else ""
         return TuneguardError(
             f"{PREFIX}{spec}: {dataset} lives on the Hugging Face Hub, which could not be reached ({first}); point it "
             f"at local files with a task YAML that includes the task's YAML{definition} and sets dataset_path: json "
-            "and dataset_kwargs: {data_files: {test: FILE}} (relative to the YAML), then name lm_eval:that.yaml"
-            f"{vendored}")
+            f"and dataset_kwargs: {{data_files: {{test: FILE}}}} (relative to the YAML), then {name}{vendored}")
     return TuneguardError(f"{PREFIX}{spec}: lm-eval could not load the task: {first}")
 
 
