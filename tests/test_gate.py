@@ -185,3 +185,13 @@ def test_plan_cli(report_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "--discordance" in capsys.readouterr().err
     assert cli_main(["plan", "--tasks", "arc_easy", "--discordance", "2"]) == 2
     json.dumps(plan([], 2.0, discordance=0.1))
+
+
+def test_a_pilot_plan_says_what_it_assumed_and_what_it_lacks() -> None:
+    """No discordant item seen: the plan uses one in n (it printed 'discordance 0.000' beside a plan of 1,189);
+    a task the pilot never scored is named as such, not as a missing --pilot."""
+    pilot = {"general": [{"task": "arc_easy", "n": 20, "won": 0, "lost": 0, "sd_item": 22.4}], "task": []}
+    rows = plan([{"task": "arc_easy", "kind": "multiple_choice", "available": 500},
+                 {"task": "piqa", "kind": "multiple_choice", "available": 500}], 2.0, pilot=pilot)
+    assert [r["source"] for r in rows] == ["pilot, n 20, discordance 1/20 assumed (none seen)", "not in the pilot report"]
+    assert rows[0]["needed"] and rows[1]["needed"] is None

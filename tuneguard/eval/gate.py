@@ -109,10 +109,13 @@ def plan(tasks: list[dict[str, Any]], margin: float, *, discordance: float | Non
     for t in tasks:
         row = rows.get(t["task"])
         sd, source = None, "needs --pilot (not a 0/1 task)" if t["kind"] == "perplexity" else "needs --discordance or --pilot"
+        if pilot is not None and row is None:
+            source = "not in the pilot report"
         if row is not None and row.get("sd_item"):
             sd, source = float(row["sd_item"]), f"pilot, n {row['n']}"
             if row.get("won") is not None:
-                source += f", discordance {(row['won'] + row['lost']) / row['n']:.3f}"
+                seen = row["won"] + row["lost"]  # none seen: one in n assumed (binary_sd), not none
+                source += f", discordance {seen / row['n']:.3f}" if seen else f", discordance 1/{row['n']} assumed (none seen)"
         elif discordance is not None and t["kind"] != "perplexity":
             sd, source = 100.0 * discordance ** 0.5, f"discordance {discordance:g}"
         needed = stats.items_needed(sd, margin, level, power) if sd else None
