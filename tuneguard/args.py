@@ -3,51 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from collections.abc import Callable
+
+
+def _whole(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer of at least 1: ``--limit 0`` or ``-1`` would silently mean 'all' or 'all but one'."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _whole(text, 1)
 
 
 def count(text: str) -> int:
     """A whole number of at least 0 (``--num-fewshot 0``)."""
+    return _whole(text, 0)
+
+
+def _number(text: str, ok: Callable[[float], bool], must: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
     return value
 
 
 def finite_float(text: str) -> float:
     """Any finite number (a margin of ``nan`` or ``inf`` would judge nothing)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+    return _number(text, math.isfinite, "a finite number")
 
 
 def positive_float(text: str) -> float:
     """A number above 0 (``1e-4``): a learning rate of 0 or below trains nothing."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+    return _number(text, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
