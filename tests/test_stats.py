@@ -17,7 +17,7 @@ from tuneguard.eval.stats import (
     tango_z,
     z_crit,
 )
-from tuneguard.eval.verdicts import compare_pairs, compare_results, compare_task, resamples
+from tuneguard.eval.verdicts import Comparison, compare_pairs, compare_results, compare_task, resamples
 
 
 def acc(task: str, outcomes: np.ndarray) -> TaskResult:
@@ -179,6 +179,7 @@ def test_few_perplexity_items_unchanged_are_rarely_called_significant(n: int) ->
         called += row.verdict in ("improved", "regressed")
         if n < 6:
             assert row.verdict == "inconclusive" and row.ci_high == math.inf
+            assert Comparison.from_dict(row.to_dict()) == row  # stored as null, read back as unbounded
             assert row.items_to_decide is None if n == 1 else row.items_to_decide >= 6  # one item: no spread
     assert called / 400 <= (0.0 if n < 6 else 0.07)
 

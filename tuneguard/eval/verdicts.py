@@ -113,7 +113,11 @@ class Comparison:
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
         known = {f.name for f in fields(cls)}
         nullable = {"p_adjusted", "margin", "mdr", "items_to_decide", "won", "lost", "sd_item"}
-        return cls(**{k: (math.nan if v is None and k not in nullable else v) for k, v in data.items() if k in known})
+        # a sign-flip test that ran (it has a p) leaves an end None only where it could not bound it: infinite
+        tested = str(data.get("test", "")).startswith("sign-flip") and data.get("p_value") is not None
+        missing = {"ci_low": -math.inf, "ci_high": math.inf} if tested else {}
+        return cls(**{k: (missing.get(k, math.nan) if v is None and k not in nullable else v)
+                      for k, v in data.items() if k in known})
 
 
 def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
