@@ -117,3 +117,20 @@ def test_no_compiled_kernel_is_fetched_from_the_hub(tiny_llama_dir: Path) -> Non
         env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"} | inherited
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
         assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_max_length_is_checked_against_the_positions_an_encoder_can_use() -> None:
+    """RoBERTa declares 514 positions and counts them from its padding index + 1: 512 are usable."""
+    from types import SimpleNamespace
+
+    from tuneguard.backbones import check_max_length
+    from tuneguard.errors import TuneguardError
+
+    def backbone(model_type: str) -> SimpleNamespace:
+        config = SimpleNamespace(model_type=model_type, max_position_embeddings=514, pad_token_id=1)
+        return SimpleNamespace(image=None, model=SimpleNamespace(config=config))
+
+    check_max_length(backbone("roberta"), 512)
+    check_max_length(backbone("bert"), 514)
+    with pytest.raises(TuneguardError, match=r"data.max_length=513 is past the backbone's 512 positions"):
+        check_max_length(backbone("roberta"), 513)

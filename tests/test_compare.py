@@ -361,3 +361,18 @@ def test_compare_ia3_before_lora_on_4_bit(tmp_path: Path, tiny_llama_dir: Path) 
         result = json.loads((out / "compare.json").read_text())
         outcomes.append({c["adapter"]: (c["base"], c["tuned"]) for c in result["vs_base"]})
     assert outcomes[0] == outcomes[1] and set(outcomes[0]) == {"ia3", "lora"}
+
+
+def test_an_unbounded_forgetting_interval_is_null_in_json_and_drawn_open(outcomes: np.ndarray) -> None:
+    """general-small's two WikiText pages can bound nothing: compare.json held -Infinity/Infinity (invalid JSON)
+    and the chart drew that adapter's forgetting as if exact."""
+    from tuneguard.eval.compare_adapters import trade_offs
+    from tuneguard.report.plots import gain_forgetting_png
+
+    tokens = np.array([3000.0, 4200.0])
+    rows = [compare_task(acc("own", outcomes), acc("own", flipped(outcomes, 30, 5))),
+            compare_task(ppl("wikitext", tokens * 2.5, tokens), ppl("wikitext", tokens * 2.6, tokens), is_general=True)]
+    [point] = trade_offs(["lora"], rows, [("base", "lora")] * 2)
+    assert point["worst_task"] == "wikitext" and point["forgetting_interval"] == [None, None]
+    json.dumps(point, allow_nan=False)
+    assert gain_forgetting_png([point])

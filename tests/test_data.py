@@ -211,6 +211,10 @@ def test_replay_reads_tables_by_format_and_refuses_nothing_to_replay(tmp_path: P
     with pytest.raises(TuneguardError, match="empty.txt holds no text to replay"):
         prepare_data(cls_cfg(path, replay=str(tmp_path / "empty.txt"), replay_fraction=0.2), tokenizer,
                      is_encoder=False, seed=1)
+    (tmp_path / "pretty.json").write_text('[\n {"text": "a"},\n {"text": "b"}\n]\n')  # an array, not JSON Lines
+    with pytest.raises(TuneguardError, match=r"data.replay: .*pretty.json:1: invalid JSON .*a replay table is read whole"):
+        prepare_data(cls_cfg(path, replay=str(tmp_path / "pretty.json"), replay_fraction=0.2), tokenizer,
+                     is_encoder=False, seed=1)
     assert "needs data.replay_fraction, its share" in (cls_cfg(path, replay="bundled:wiki").replay_problem() or "")
     assert "needs data.replay, the text" in (cls_cfg(path, replay_fraction=0.2).replay_problem() or "")
     assert cls_cfg(path, replay="bundled:wiki", replay_fraction=0.2).replay_problem() is None

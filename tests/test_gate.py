@@ -195,3 +195,9 @@ def test_a_pilot_plan_says_what_it_assumed_and_what_it_lacks() -> None:
                  {"task": "piqa", "kind": "multiple_choice", "available": 500}], 2.0, pilot=pilot)
     assert [r["source"] for r in rows] == ["pilot, n 20, discordance 1/20 assumed (none seen)", "not in the pilot report"]
     assert rows[0]["needed"] and rows[1]["needed"] is None
+    # Two WikiText pages with a tiny spread: the normal approximation asks for 1 item, the sign-flip test at
+    # alpha / 2 cannot reject on fewer than 7 (its smallest p is 2 / 2^n).
+    pilot["general"].append({"task": "wikitext", "n": 2, "won": None, "lost": None, "sd_item": 0.01})
+    wiki = plan([{"task": "wikitext", "kind": "perplexity", "available": 10},
+                 {"task": "arc_easy", "kind": "multiple_choice", "available": 500}], 2.0, pilot=pilot)[0]
+    assert wiki["needed"] == 7 and wiki["enough"]

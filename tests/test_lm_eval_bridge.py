@@ -373,7 +373,7 @@ def test_lm_evals_own_command_line_gets_advice_that_works_there(capsys: pytest.C
     from tuneguard.cli import main as cli_main
     from tuneguard.eval.lm_eval_bridge import load_error
 
-    for tasks in (["--tasks", "arc_easy@vendored"], ["--tasks=piqa,arc_easy@vendored"]):
+    for tasks in (["--tasks", "arc_easy@vendored"], ["--tasks=piqa,arc_easy@vendored"], ["-t", "piqa", "arc_easy@vendored"]):
         assert cli_main(["lm-eval", "--model", "tuneguard", *tasks]) == 2
         assert "@vendored names are tuneguard's (tuneguard eval --model M --tasks lm_eval:arc_easy@vendored)" in \
             capsys.readouterr().err

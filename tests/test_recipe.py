@@ -88,12 +88,20 @@ def test_anchors_and_merge_keys_read_as_yaml_reads_them(tmp_path: Path) -> None:
     ("[1, 2]", "'1', the name of class 0, is also the raw label of class 1"),
     ('{"1": "0", "0": "1"}', "'0', the name of class 0, is also the raw label of class 1 (the mapping's keys)"),
     ("[neg, pos, neg]", "'neg' names two classes; list each class once (a mapping may give several raw labels one"),
+    ('{"0": "0", "1": "0", "2": "1"}', "'1', the name of class 1, is also the raw label of class 0 (the mapping's keys)"),
 ])
 def test_labels_that_read_as_another_class_are_refused(tmp_path: Path, labels: str, problem: str) -> None:
     """Star ratings listed as names would shift every class by one (raw 1 read as index 1, i.e. "2")."""
     path = write(tmp_path, f"data: {{train: train.jsonl, labels: {labels}}}\n")
     with pytest.raises(TuneguardError, match=re.escape(problem)):
         load_recipe(path)
+
+
+def test_raw_labels_may_share_a_name_that_is_one_of_them(tmp_path: Path) -> None:
+    """{positive: positive, pos: positive, ...}: every reading of 'positive' is the same class, so nothing is ambiguous."""
+    path = write(tmp_path, "data: {train: train.jsonl, labels: {positive: positive, pos: positive, negative: negative, "
+                           "neg: negative}}\n")
+    assert load_recipe(path).data.classes == ["positive", "negative"]
 
 
 def test_labels_are_text_whatever_yaml_made_of_them(tmp_path: Path) -> None:
@@ -192,6 +200,7 @@ def test_a_template_that_fails_every_row_is_refused_at_load(tmp_path: Path, temp
     with pytest.raises(TuneguardError, match=re.escape(problem)):
         load_recipe(path, [f"data.prompt_template={template}"])
     assert load_recipe(path, ["data.prompt_template=Text {text} {{braced}}"]).data.template == "Text {text} {{braced}}"
+    assert load_recipe(path, ["data.prompt_template=Text {review text}"]).data.template == "Text {review text}"  # a CSV column
 
 
 @pytest.mark.parametrize(("data", "problem"), [

@@ -180,6 +180,7 @@ def test_few_perplexity_items_unchanged_are_rarely_called_significant(n: int) ->
         if n < 6:
             assert row.verdict == "inconclusive" and row.ci_high == math.inf
             assert Comparison.from_dict(row.to_dict()) == row  # stored as null, read back as unbounded
+            assert row.mdr == math.inf and row.to_dict()["mdr"] is None  # no change is detectable on so few
             assert row.items_to_decide is None if n == 1 else row.items_to_decide >= 6  # one item: no spread
     assert called / 400 <= (0.0 if n < 6 else 0.07)
 

@@ -426,10 +426,18 @@ def image_input(cfg: ModelConfig) -> ImageSpec:
     return image_spec(source, config, cfg.revision)
 
 
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod",
+                    "roberta-prelayernorm")
+"""Encoders whose position ids start after the padding index, so fewer positions are usable than they declare."""
+
+
 def check_max_length(backbone: Backbone, max_length: int) -> None:
     """``data.max_length`` within the positions the backbone has: past them an encoder (learned positions) failed at
     its first long batch, after its run directory was written, and a decoder reads positions it never saw."""
-    limit = None if backbone.image is not None else getattr(backbone.model.config, "max_position_embeddings", None)
+    config = backbone.model.config
+    limit = None if backbone.image is not None else getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1  # positions count from the padding index + 1 (514 - 2 = 512)
     if isinstance(limit, int) and max_length > limit:
         raise TuneguardError(f"data.max_length={max_length} is past the backbone's {limit} positions "
                              f"(max_position_embeddings); set data.max_length={limit} or less")

@@ -117,6 +117,23 @@ def _lm_eval_options(args: argparse.Namespace) -> LmEvalConfig:
                         system_instruction=args.system_instruction)
 
 
+def lm_eval_tasks(lm_eval_args: list[str]) -> list[str]:
+    """The task names on lm-eval's command line: ``--tasks``/``-t`` (or ``--tasks=``), comma- or space-separated."""
+    names: list[str] = []
+    taking = False
+    for arg in lm_eval_args:
+        if arg.startswith("--tasks="):
+            names += arg.split("=", 1)[1].split(",")
+        elif arg in ("--tasks", "-t"):
+            taking = True
+            continue
+        elif arg.startswith("-"):
+            taking = False
+        elif taking:
+            names += arg.split(",")
+    return [n for n in names if n]
+
+
 def _lm_eval(lm_eval_args: list[str]) -> int:
     """lm-eval's own command line, with tuneguard's model registered (lm-eval has no plugin entry point)."""
     require_lm_eval("tuneguard lm-eval")
@@ -124,9 +141,8 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
 
     import tuneguard.lm_eval_model  # noqa: F401  (registers --model tuneguard)
 
-    named = next((a.split("=", 1)[1] for a in lm_eval_args if a.startswith("--tasks=")), "") or (
-        lm_eval_args[lm_eval_args.index("--tasks") + 1] if "--tasks" in lm_eval_args[:-1] else "")
-    vendored = [t for t in named.split(",") if t.endswith("@vendored")]
+    named = lm_eval_tasks(lm_eval_args)
+    vendored = [t for t in named if t.endswith("@vendored")]
     if vendored:
         raise TuneguardError(f"--tasks {vendored[0]}: @vendored names are tuneguard's (tuneguard eval --model M "
                              f"--tasks lm_eval:{vendored[0]}); lm-eval's command line takes its task names or a YAML path")
@@ -138,7 +154,7 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
             raise
         from tuneguard.eval.lm_eval_bridge import load_error
 
-        raise load_error((named or "the task").split(",")[0], exc, verb="lm-eval") from None
+        raise load_error(named[0] if named else "the task", exc, verb="lm-eval") from None
     return 0
 
 

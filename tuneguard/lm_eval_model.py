@@ -32,19 +32,23 @@ class TuneguardCommandLineLM(TuneguardLM):
 
     def __init__(self, run: str | None = None, pretrained: str | None = None, quant: str = "none",
                  dtype: str = "auto", adapter: str = "on", batch_size: int | str | None = 8,
-                 **_lm_eval_extras: Any) -> None:
+                 trust_remote_code: bool | str = False, **_lm_eval_extras: Any) -> None:
         unknown = sorted(set(_lm_eval_extras) - LM_EVAL_EXTRAS)
         if unknown:  # a misspelt adapter=off would score the adapter, silently
             raise TuneguardError(f"--model_args: unknown {', '.join(unknown)}; tuneguard's model takes run, pretrained, "
-                                 "quant, dtype, adapter and batch_size")
+                                 "quant, dtype, adapter, batch_size and trust_remote_code")
         if (run is None) == (pretrained is None):
             raise TuneguardError("--model_args: give run=RUN_DIR (a finished run) or pretrained=SOURCE, not both")
+        remote = str(trust_remote_code).lower() in ("true", "1", "yes", "on")
         if run is not None:
+            if remote:  # a run loads as its recipe says (model.trust_remote_code)
+                raise TuneguardError("--trust_remote_code: a run's backbone loads as its recipe's "
+                                     "model.trust_remote_code says; it applies with pretrained=")
             RunDir(Path(run)).ensure_converged()
             _, trained = load_run(Path(run))
             model, tokenizer = trained.model, trained.backbone.tokenizer
         else:
-            backbone = load_scoring_backbone(str(pretrained), quant, dtype)
+            backbone = load_scoring_backbone(str(pretrained), quant, dtype, trust_remote_code=remote)
             model, tokenizer = backbone.model, backbone.tokenizer
         self._decoded = contextlib.ExitStack()
         self._decoded.enter_context(dequantized(model))  # held as long as lm-eval holds the model

@@ -216,12 +216,15 @@ class DataConfig(Section):
             twice = next(name for name in labels if labels.count(name) > 1)
             raise ValueError(f"{twice!r} names two classes; list each class once (a mapping may give several raw "
                              f"labels one name: {{1: negative, 2: negative, 4: positive, 5: positive}})")
-        raw = list(labels) if isinstance(labels, dict) else [str(i) for i in range(len(labels or []))]
-        for i, name in enumerate((labels.values() if isinstance(labels, dict) else labels) or []):
-            if name in raw and raw.index(name) != i:
+        classes = list(dict.fromkeys(labels.values() if isinstance(labels, dict) else labels or []))
+        # the class each raw label stands for: a mapping's keys, or a list's indices
+        raw = {k: classes.index(v) for k, v in labels.items()} if isinstance(labels, dict) else {
+            str(i): i for i in range(len(classes))}
+        for i, name in enumerate(classes):
+            if name in raw and raw[name] != i:
                 form = "mapping's keys" if isinstance(labels, dict) else "list's indices"
                 raise ValueError(
-                    f"{name!r}, the name of class {i}, is also the raw label of class {raw.index(name)} (the "
+                    f"{name!r}, the name of class {i}, is also the raw label of class {raw[name]} (the "
                     f"{form}), so a row labelled {name!r} could mean either; map raw labels to distinct names, "
                     f"e.g. {{'{name}': 'label {name}'}}")
         return labels
@@ -238,7 +241,7 @@ class DataConfig(Section):
         except ValueError as exc:
             raise ValueError(f"{exc} in {template!r}; write a literal brace twice ('{{{{' or '}}}}')") from None
         for _, name, _, _ in parts:
-            if name is not None and not name.isidentifier():
+            if name is not None and (not name.strip() or name.isdigit() or "." in name or "[" in name):
                 raise ValueError(f"{{{name}}} in {template!r} is not a field name: each {{...}} names a field of the "
                                  "rows, e.g. {sentence}; write a literal brace twice ('{{' or '}}')")
         return template

@@ -59,12 +59,13 @@ def evaluate(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: lis
 
 def report(recipe: Recipe, run_dir: Path, evaluation: Evaluation) -> int:
     """eval.json, report.json|md|html, the terminal table and the history; then the regression budget. An earlier
-    evaluation holding tasks this one lacks (``tuneguard eval RUN --tasks X``) is moved aside, not overwritten."""
+    evaluation holding tasks this one lacks, or more of their items (``tuneguard eval RUN --tasks X``, ``--limit``),
+    is moved aside, not overwritten."""
     run = RunDir(run_dir)
-    scored = {r["task"] for r in evaluation.data["tuned"]}
-    dropped = [t for t in run.evaluated_tasks() if t not in scored]
-    if dropped:
-        run.retire_evaluation(f"the earlier evaluation (it also held {', '.join(dropped)})")
+    scored = {r["task"]: r["n"] for r in evaluation.data["tuned"]}
+    lost = [f"{t} ({n} items)" for t, n in run.evaluated_tasks().items() if scored.get(t, 0) < n]
+    if lost:
+        run.retire_evaluation(f"the earlier evaluation (it held more of {', '.join(lost)})")
     run.write_eval(evaluation.data)
     built = build_report(run_dir, evaluation.data, evaluation.comparisons, evaluation.original)
     write_reports(run_dir, built)

@@ -499,11 +499,11 @@ class RunDir:
         if stale:
             self._move_aside(stale, what)
 
-    def evaluated_tasks(self) -> list[str]:
-        """The tasks eval.json holds tuned results of (none without one)."""
+    def evaluated_tasks(self) -> dict[str, int]:
+        """The tasks eval.json holds tuned results of, with their item counts (none without one)."""
         if not self.eval_json.exists():
-            return []
-        return [r.get("task") for r in self.read_eval().get("tuned") or [] if isinstance(r, dict)]
+            return {}
+        return {r["task"]: r.get("n") or 0 for r in self.read_eval().get("tuned") or [] if isinstance(r, dict)}
 
     def _move_aside(self, names: list[str], what: str = "the previous contents") -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

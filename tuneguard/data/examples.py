@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +55,8 @@ class Problems:
     named: list[str] = field(default_factory=list)
     hint: str = ""
     """Said after the rows named, where their problems share one cause."""
+    copies_dropped: int = 0
+    """Augmented copies that could not be built (their rows train as they are)."""
 
     def add(self, where: str, why: str) -> None:
         self.total += 1
@@ -283,10 +284,13 @@ def build_examples(
             items.extend([item] if item else [])
             copies = [] if augment_seed is None else augmented_copies(row.fields or {}, cfg, augment_seed, index)
             for copy in copies:  # a copy that cannot be built (an insert past data.max_length) is dropped, not the row
-                with contextlib.suppress(KeyError, ValueError, jinja2.TemplateError):
+                try:
                     made, _ = _row_examples(Row(row.where, copy.fields), cfg, tokenizer, mapping, verbalizers,
                                             is_encoder, end)
-                    examples.extend(dataclasses.replace(ex, augmented=True) for ex in made)
+                except (KeyError, ValueError, jinja2.TemplateError):
+                    problems.copies_dropped += 1
+                    continue
+                examples.extend(dataclasses.replace(ex, augmented=True) for ex in made)
     if rows and problems.total == len(rows) and all(": missing field" in n for n in problems.named):
         found = next((sorted(r.fields) for r in rows if r.fields), [])
         problems.hint = (f"The rows' fields are {found}: name them in the recipe (data.text_field, data.label_field, "

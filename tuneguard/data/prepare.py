@@ -127,6 +127,10 @@ def checked_overlap(train: list[Row], val: list[Row], cfg: DataConfig) -> list[s
     return overlap
 
 
+TABLES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet")
+"""Replay files read as tables (their 'text' column); any other file is plain text, a passage per line."""
+
+
 def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
     """General text mixed into training (``replay_fraction`` of the mix) to keep what the model knew."""
     if not cfg.replay or cfg.replay_fraction == 0:
@@ -138,14 +142,18 @@ def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
             raise TuneguardError(f"data.replay: unknown bundled replay set '{name}'; choose {sorted(BUNDLED_REPLAY)}")
         source = str(BUNDLED_REPLAY[name])
     path = Path(source)
-    if path.suffix.lower() in (".txt", ".text", ""):
+    if path.suffix.lower() in TABLES:  # a table with a 'text' column
+        table = read_rows(path)
+        if bad := next((r for r in table if r.problem), None):
+            raise TuneguardError(f"data.replay: {bad.where}: {bad.problem} (a replay table is read whole: JSON Lines, "
+                                 "one object per line, or CSV, TSV, Parquet)")
+        rows = [r for r in table if r.fields and str(r.fields.get("text", "")).strip()]
+    else:  # plain text, one passage per line
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise TuneguardError(f"data.replay: {path}: unreadable as UTF-8 text ({exc})") from None
         rows = [Row(f"{path}:{i}", {"text": line}) for i, line in enumerate(lines, 1) if line.strip()]
-    else:  # a table (JSONL, CSV, TSV, Parquet) with a 'text' column
-        rows = [r for r in read_rows(path) if r.fields and str(r.fields.get("text", "")).strip()]
     if not rows:
         raise TuneguardError(f"data.replay: {path} holds no text to replay (plain text: one passage per line; "
                              "a table: a 'text' column)")
@@ -214,8 +222,7 @@ def prepare_data(
         "replay_examples": len(replay),
         "train_examples": len(train_ex),
         "augmented_examples": sum(e.augmented for e in train_ex),
-        "augmented_dropped": ((len(train_rows) - bad_train.total) * cfg.augment_copies - sum(e.augmented for e in train_ex)
-                              if cfg.augment_ops and cfg.kind in ("classification", "instruction") else 0),
+        "augmented_dropped": bad_train.copies_dropped,
         "truncated_train": sum(e.truncated for e in train_ex),
         "truncated_val": sum(e.truncated for e in val_ex),
         "train_target_tokens": sum(sum(t != -100 for t in e.labels[1:]) for e in train_ex),

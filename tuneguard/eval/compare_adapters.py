@@ -11,6 +11,7 @@ one family, corrected for the number of pairs in it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,11 @@ def compare_scored(runs: list[tuple[str, Path, Recipe]], base: dict[str, TaskRes
     }
 
 
+def _ends(interval: tuple[float, float]) -> list[float | None]:
+    """An interval as JSON has it: an end a test could not bound (too few items) is None, not Infinity."""
+    return [v if math.isfinite(v) else None for v in interval]
+
+
 def trade_offs(labels: list[str], rows: list[Comparison], who: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Per adapter: the task gain and the worst general regression (with intervals), and whether it is
     on the Pareto front (no other adapter gains at least as much and forgets at most as much)."""
@@ -166,10 +172,10 @@ def trade_offs(labels: list[str], rows: list[Comparison], who: list[tuple[str, s
         worst = max(general, key=lambda c: c.regression_points, default=None)
         point: dict[str, Any] = {"adapter": label, "task": task.task if task else None}
         if task:
-            point.update(gain=-task.regression_points, gain_interval=list(task.gain_interval))
+            point.update(gain=-task.regression_points, gain_interval=_ends(task.gain_interval))
         if worst:
             lo, hi = worst.gain_interval
-            point.update(worst_task=worst.task, forgetting=worst.regression_points, forgetting_interval=[-hi, -lo],
+            point.update(worst_task=worst.task, forgetting=worst.regression_points, forgetting_interval=_ends((-hi, -lo)),
                          mean_forgetting=sum(c.regression_points for c in general) / len(general))
         points.append(point)
     for p in points:

@@ -119,6 +119,9 @@ def plan(tasks: list[dict[str, Any]], margin: float, *, discordance: float | Non
         elif discordance is not None and t["kind"] != "perplexity":
             sd, source = 100.0 * discordance ** 0.5, f"discordance {discordance:g}"
         needed = stats.items_needed(sd, margin, level, power) if sd else None
+        binary = row.get("won") is not None if row is not None else t["kind"] != "perplexity"
+        if needed is not None and not binary:  # a sign-flip test: it cannot reject on fewer items than this
+            needed = max(needed, stats.sign_flip_min_items(level))
         out.append({**t, "source": source, "needed": needed, "alpha": level,
                     "enough": None if needed is None or t.get("available") is None else t["available"] >= needed})
     return out

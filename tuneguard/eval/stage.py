@@ -205,14 +205,15 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     return recipe, TrainResult(run.record(), model, backbone, data, accelerator, checksum)
 
 
-def load_scoring_backbone(model_source: str, quant: str, dtype: str = "auto") -> Backbone:
-    """A bare causal LM to score general tasks on (``tuneguard eval --model``, lm-eval's ``pretrained=``)."""
+def load_scoring_backbone(model_source: str, quant: str, dtype: str = "auto", trust_remote_code: bool = False) -> Backbone:
+    """A bare causal LM to score general tasks on (``tuneguard eval --model``, lm-eval's ``pretrained=``, whose
+    ``--trust_remote_code`` is passed on)."""
     try:
         quantization = QuantizationConfig(method=quant)  # type: ignore[arg-type]
     except ValidationError:
         raise TuneguardError(f"--quant must be one of none, nf4, fp4, int8; got '{quant}'") from None
     try:
-        model = ModelConfig(source=model_source, dtype=dtype)  # type: ignore[arg-type]
+        model = ModelConfig(source=model_source, dtype=dtype, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
     except ValidationError:
         raise TuneguardError(f"dtype must be one of auto, float32, bfloat16, float16; got '{dtype}'") from None
     backbone = load_backbone(model, quantization)

@@ -92,6 +92,11 @@ EXACT_UP_TO = 16
 """Items up to which the sign-flip test enumerates every sign pattern (2^16 = 65,536): its p is then exact."""
 
 
+def sign_flip_min_items(level: float) -> int:
+    """The fewest items on which the sign-flip test can reject at ``level``: its smallest p is 2 / 2^n."""
+    return math.ceil(math.log2(2 / level))
+
+
 def paired_differences(base: TaskResult, tuned: TaskResult) -> tuple[np.ndarray, np.ndarray]:
     """``(d, w)``: each item's ``tuned - base`` outcome and its weight (1 for a mean; tokens or bytes for a
     perplexity-like metric, which both sides share). The metric's change is a function of ``θ = Σd / Σw``."""

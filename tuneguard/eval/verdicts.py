@@ -113,11 +113,12 @@ class Comparison:
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
         known = {f.name for f in fields(cls)}
         nullable = {"p_adjusted", "margin", "mdr", "items_to_decide", "won", "lost", "sd_item"}
-        # a sign-flip test that ran (it has a p) leaves an end None only where it could not bound it: infinite
+        # a sign-flip test that ran (it has a p) leaves an end None only where it could not bound it (infinite), and
+        # its detectable change only where it could detect none
         tested = str(data.get("test", "")).startswith("sign-flip") and data.get("p_value") is not None
-        missing = {"ci_low": -math.inf, "ci_high": math.inf} if tested else {}
-        return cls(**{k: (missing.get(k, math.nan) if v is None and k not in nullable else v)
-                      for k, v in data.items() if k in known})
+        unbounded = {"ci_low": -math.inf, "ci_high": math.inf, "mdr": math.inf} if tested else {}
+        return cls(**{k: (unbounded[k] if v is None and k in unbounded else math.nan if v is None and k not in nullable
+                          else v) for k, v in data.items() if k in known})
 
 
 def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
@@ -134,8 +135,8 @@ def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:
     never_differ = c.won == 0 and c.lost == 0  # 0/1 outcomes alike on every item: no spread to plan from
     needed = None if never_differ or not c.sd_item else stats.items_needed(c.sd_item, abs(margin - c.regression_points),
                                                                             c.alpha)
-    if needed is not None and c.test.startswith("sign-flip"):  # it cannot reject on fewer (smallest p: 2 / 2^n)
-        needed = max(needed, math.ceil(math.log2(2 / c.alpha)))
+    if needed is not None and c.test.startswith("sign-flip"):  # it cannot reject on fewer
+        needed = max(needed, stats.sign_flip_min_items(c.alpha))
     if significant and best < 0:
         decided = best < -margin or worst >= -margin
         return {"verdict": "regressed", "beyond_margin": best < -margin, "items_to_decide": None if decided else needed}
@@ -247,7 +248,8 @@ def _finish(ev: _Evidence, *, is_general: bool, level: float, p_adjusted: float,
         alpha=level, correction=correction, margin=margin, won=ev.won, lost=ev.lost,
     )
     c.sd_item = abs(c._gain(ev.sd_item()))
-    c.mdr = stats.min_detectable(c.sd_item, c.n, level)
+    powerless = ev.flips is not None and ev.flips.exact and c.n < stats.sign_flip_min_items(level)
+    c.mdr = math.inf if powerless else stats.min_detectable(c.sd_item, c.n, level)  # no change is detectable
     significant = p_adjusted < alpha and not low <= 0 <= high
     return replace(c, **_judge(c, margin, significant))
 

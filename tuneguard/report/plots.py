@@ -60,6 +60,8 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             open_ended.append((y, *sorted((_gain(c, low), _gain(c, high))), colour))
         if c.get("delta") is not None:
             ax.plot(_gain(c, c["delta"]), y, "o", color=colour, markersize=7, zorder=3)
+    for y, lo, hi, _ in open_ended:  # the finite end counts for the axis' range (a line, not drawn)
+        ax.plot([v for v in (lo, hi) if math.isfinite(v)], [y] * sum(map(math.isfinite, (lo, hi))), linestyle="none")
     left, right = ax.get_xlim()
     for y, lo, hi, colour in open_ended:  # an arrow where the interval has no end
         ax.plot([max(lo, left), min(hi, right)], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
@@ -150,9 +152,13 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
         return None
     fig = Figure(figsize=(7.5, 4.6))
     ax = fig.add_subplot(1, 1, 1)
+    open_ended: list[tuple[dict[str, Any], str]] = []
     for i, p in enumerate(points):
         colour = PALETTE[i % len(PALETTE)]
-        (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
+        if None in (*p["gain_interval"], *p["forgetting_interval"]):  # a test that could not bound it: arrows, below
+            open_ended.append((p, colour))
+        (g_lo, g_hi), (f_lo, f_hi) = ([p[k] if v is None else v for v in p[f"{k}_interval"]]
+                                      for k in ("gain", "forgetting"))
         hidden = next((q["adapter"] for q in points[:i] if (q["gain"], q["forgetting"]) == (p["gain"], p["forgetting"])),
                       None)  # drawn on top of an earlier point: the legend says so
         ax.errorbar(p["gain"], p["forgetting"], xerr=[[p["gain"] - g_lo], [g_hi - p["gain"]]],
@@ -164,6 +170,18 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
     if len(front) > 1:
         ax.plot([p["gain"] for p in front], [p["forgetting"] for p in front], "--", color="#202124", linewidth=1,
                 label="Pareto front", zorder=3)
+    left, right = ax.get_xlim()
+    bottom, top = ax.get_ylim()
+    for p, colour in open_ended:  # each unbounded end runs to the plot's edge, with an arrow
+        x, y = p["gain"], p["forgetting"]
+        (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
+        for unbounded, edge, marker in ((g_lo is None, (left, y), "<"), (g_hi is None, (right, y), ">"),
+                                        (f_lo is None, (x, bottom), "v"), (f_hi is None, (x, top), "^")):
+            if unbounded:
+                ax.plot([x, edge[0]], [y, edge[1]], color=colour, linewidth=1.4)
+                ax.plot(*edge, marker, color=colour, markersize=7, clip_on=False)
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
     ax.axhline(0, color="#202124", linewidth=0.8)
     ax.set_xlabel("task gain, points (→ better)", fontsize=9)
     ax.set_ylabel("worst general regression, points (↑ forgets more)", fontsize=9)

@@ -37,7 +37,7 @@ from tuneguard.report.terminal import print_block
 from tuneguard.rundir import RunDir
 
 _CELL_KEYS = ("base", "tuned", "delta", "ci_low", "ci_high", "p_value", "verdict", "aggregate", "n", "higher_is_better",
-              "margin")
+              "margin", "test", "beyond_margin", "items_to_decide")
 
 
 def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[str, Any]:
@@ -153,8 +153,9 @@ def comparison_block(comparison: dict[str, Any]) -> Block:
     for t in comparison["tasks"]:
         label = f"{t['task']} ({t['metric']})" + (" · general" if t["is_general"] else "")
         rows.append([label, *map(_cell, t["cells"])])
-    lines: list[Cell] = ["a cell: the tuned value (its change against that run's own base), coloured by the verdict on "
-                         "that change: green improved, blue non-inferior, orange inconclusive, red regressed"]
+    lines: list[Cell] = ["a cell: the tuned value (its change against that run's own base); in HTML and the terminal "
+                         "coloured by the verdict on that change: green improved, blue non-inferior, orange "
+                         "inconclusive, red regressed"]
     lines += [_picked_line(r) for r in runs if r.get("picked_among")]
     return Block("Runs side by side (tuned value, Δ vs its base)", ["", *(r["label"] for r in runs)], rows, lines)
 
