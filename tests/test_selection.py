@@ -167,7 +167,7 @@ def test_task_within_forgetting_on_real_scores_matches_its_logged_curve(tmp_path
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["train.early_stopping_metric=f1_macro"], "train.early_stopping_metric 'f1_macro' is judged at each validation: "
                                                 "set train.eval_every"),
-    (["train.early_stopping_metric=f1_macro", "train.eval_every=2", "data.kind=text"],
+    (["train.early_stopping_metric=f1_macro", "train.eval_every=2", "data.kind=text", "data.prompt_template=null"],
      "train.early_stopping_metric 'f1_macro' needs labels: data.kind is 'text'"),
     (["train.select=task_within_forgetting", "train.eval_every=2"],
      "train.select 'task_within_forgetting' needs train.forgetting_bound"),
