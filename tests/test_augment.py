@@ -235,3 +235,16 @@ def test_a_copy_that_cannot_be_built_is_dropped_and_its_row_still_trains(tmp_pat
     prepared = prepare_data(cfg, tokenizer, is_encoder=False, seed=0, packable=False)
     assert prepared.stats["bad_train_rows"] == 0 and prepared.stats["augmented_dropped"] == 1
     assert [r.input_ids for r in prepared.train] == [r.input_ids for r in plain.train]
+
+
+def test_a_copy_keeps_its_rows_lines() -> None:
+    """Copies were joined with single spaces: a multi-line prompt (a question, then its options) became one line."""
+    from tuneguard.data.augment import augmented_copies, rejoin
+
+    text = "Which film was better?\nA: the first one\nB: the second one"
+    cfg = DataConfig(train="x", labels=["a", "b"], augment=["synonym", "swap", "delete"], augment_copies=8,
+                     augment_prob=0.3)
+    for copy in augmented_copies({"text": text, "label": 0}, cfg, seed=1, index=0):
+        assert copy.fields["text"].count("\n") == 2 and copy.fields["text"].split() != []
+    assert rejoin("a b\nc", ["a", "x", "b", "c"]) == "a x\nb c"  # an inserted word moves the rest along
+    assert rejoin("one  two\tthree", ["three", "two", "one"]) == "three two one"

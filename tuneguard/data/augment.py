@@ -139,5 +139,18 @@ def augmented_copies(fields: dict[str, Any], cfg: DataConfig, seed: int, index: 
         rng = random.Random(f"augment:{seed}:{index}:{copy}")  # str seeds hash with sha512: stable everywhere
         op = rng.choice(ops)
         words = OPERATIONS[op](text.split(), cfg.augment_prob, rng)
-        copies.append(Copy(op, {**fields, cfg.text_field: " ".join(words)}))
+        copies.append(Copy(op, {**fields, cfg.text_field: rejoin(text, words)}))
     return copies
+
+
+def rejoin(text: str, words: list[str]) -> str:
+    """A copy's words laid out in the original's lines (each line takes as many words as it had, the last the rest):
+    a multi-line prompt stays multi-line; other runs of whitespace become one space."""
+    lines = text.split("\n")
+    out, at = [], 0
+    for line in lines[:-1]:
+        take = len(line.split())
+        out.append(" ".join(words[at : at + take]))
+        at += take
+    out.append(" ".join(words[at:]))
+    return "\n".join(out)
