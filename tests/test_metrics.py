@@ -90,8 +90,14 @@ def test_classification_metrics_report() -> None:
     assert list(out["f1_per_class"]) == ["neg", "neu", "pos"]
     assert list(out["f1_per_class"].values()) == pytest.approx(list(skm.f1_score(refs, preds, average=None)))
     assert out["confusion_matrix"] == skm.confusion_matrix(refs, preds).tolist()
-    # A label that never occurs is still scored (0), so subsets stay comparable.
-    assert classification_metrics([0, 0], [0, 0], ["a", "b"])["f1_macro"] == pytest.approx(0.5)
+    # A label that never occurs is still scored (0) in the averages, as scikit-learn does, so subsets stay comparable;
+    # per class, a ratio with nothing to divide by is None, not a score of 0 (averaged as one across cv folds).
+    absent = classification_metrics([0, 0], [0, 0], ["a", "b"])
+    assert absent["f1_macro"] == pytest.approx(0.5)
+    assert [absent[f"{m}_per_class"]["b"] for m in ("precision", "recall", "f1")] == [None, None, None]
+    never_said = classification_metrics([0, 0, 0], [0, 1, 1], ["a", "b"])
+    assert never_said["precision_per_class"] == {"a": pytest.approx(1 / 3), "b": None}
+    assert never_said["recall_per_class"]["b"] == 0.0 and never_said["f1_per_class"]["b"] == 0.0
 
 
 def test_generation_metrics() -> None:

@@ -56,12 +56,26 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
         "acc": acc,
         **{f"{k}_macro": v for k, v in macro.items()},
         **{f"{k}_micro": v for k, v in micro.items()},
-        "f1_per_class": dict(zip(labels, per_class["f1"], strict=True)),
-        "precision_per_class": dict(zip(labels, per_class["precision"], strict=True)),
-        "recall_per_class": dict(zip(labels, per_class["recall"], strict=True)),
+        **_defined_per_class(per_class, preds, refs, labels),
         "confusion_matrix": confusion_matrix(preds, refs, ids).tolist(),
         "labels": list(labels),
     }
+
+
+def _defined_per_class(per_class: dict[str, Any], preds: list[int], refs: list[int], labels: Sequence[str]
+                       ) -> dict[str, dict[str, float | None]]:
+    """Per-class precision, recall and F1, None where the ratio is undefined (a class never predicted has no
+    precision, one never present no recall): scikit-learn's 0 there read as a score, and averaged as one across
+    cross-validation folds. Macro and micro averages keep scikit-learn's convention."""
+    out = {}
+    for metric in ("f1", "precision", "recall"):
+        values = {}
+        for i, (label, value) in enumerate(zip(labels, per_class[metric], strict=True)):
+            predicted, present = i in preds, i in refs
+            defined = {"precision": predicted, "recall": present, "f1": predicted or present}[metric]
+            values[label] = float(value) if defined else None
+        out[f"{metric}_per_class"] = values
+    return out
 
 
 __all__ = ["NAMES", "classification_metrics", "confusion_matrix", "load_metric"]
