@@ -192,3 +192,13 @@ def test_folds_score_the_general_suite_only_when_asked(tmp_path: Path, tiny_llam
     base, folds = plan_folds(args)
     assert [f.run_dir.name for f in folds] == ["recipe-fold0", "recipe-fold1"] and cv_dir(base).name == "recipe-cv"
     assert all(f.recipe.eval.suites == (["arc_easy"] if general else []) and f.recipe.train.lr == 1e-3 for f in folds)
+
+
+def test_a_folds_row_names_the_step_it_kept() -> None:
+    """train.select kept step 2 of 3: the Folds table said 3."""
+    from tuneguard.report.cv import _fold_row
+
+    fold = {"fold": 0, "run_dir": "runs/x-fold0", "train_rows": 40, "val_rows": 20, "steps": 3, "planned_steps": 3,
+            "stopped_early": False, "kept_step": 2, "task": None, "val_loss": 2.29795}
+    assert _fold_row(fold)[4] == "3 (kept 2)"
+    assert _fold_row({**fold, "kept_step": 3})[4] == "3"

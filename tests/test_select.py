@@ -93,3 +93,44 @@ def test_select_refuses_a_missing_candidate_before_loading(tmp_path: Path, tiny_
     assert cli_main(["select", str(recipe), "--candidates", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_one_model_under_two_spellings_or_an_image_model_is_refused_and_folders_never_collide(
+        tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama_dir)
+
+    def plan(*sources: str) -> list:
+        return plan_candidates(argparse.Namespace(recipe=str(recipe), overrides=[], out=str(tmp_path / "o"), steps=None,
+                                                  limit=None, candidates=list(sources)))[2]
+
+    with pytest.raises(TuneguardError, match=r"--candidates .*/\./?: the same model as"):
+        plan(str(tiny_llama_dir), f"{tiny_llama_dir}/./")
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "models" / "resnet-tiny-random"
+    with pytest.raises(TuneguardError, match="resnet-tiny-random: an image classifier; this recipe's data are text"):
+        plan(str(shipped))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "llama").symlink_to(tiny_llama_dir)
+    with pytest.raises(TuneguardError, match="the same model as"):  # links to one folder are one model
+        plan(str(tmp_path / "a" / "llama"), str(tmp_path / "b" / "llama"))
+    import shutil
+
+    copies = [tmp_path / "c" / "llama", tmp_path / "d" / "llama", tmp_path / "e" / "llama-2"]
+    for copy in copies:  # three models whose names would have given two of them one run folder
+        shutil.copytree(tiny_llama_dir, copy)
+    names = [c.run_recipe.output.name for c in plan(*map(str, copies))]
+    assert len(set(names)) == 3 and names[2].endswith("llama-2-2"), names
+
+
+def test_a_fine_tune_picked_among_validations_is_marked_optimistic() -> None:
+    """select ranked by the kept step's score, picked on the rows the table scores, and called it 'after N steps'."""
+    from tuneguard.report.select import select_lines, select_row
+
+    picked = {"rule": "best_task", "metric": "accuracy", "val_accuracy": 0.4, "step": 1, "validations": 3}
+    row = {"rank": 1, "source": "bert", "kind": "encoder", "score": 0.5, "how": "linear probe", "tuned": 0.4,
+           "tuned_n": 10, "selection": picked}
+    assert select_row(row, 3)[4] == ("40.0%, step 1 of 3 validations", "inconclusive")
+    summary = {"settings": {"steps": 3, "adapter": "lora", "quantization": "none"}, "candidates": [row]}
+    assert any("bert: the fine-tune kept the step train.select picked" in str(line) for line in select_lines(summary))
+    plain = {**row, "selection": {"rule": "last", "step": 3, "validations": 3}}
+    assert select_row(plain, 3)[4] == "40.0%"

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tuneguard.backbones import ENCODER_TYPES, load_config, resolve_source
+from tuneguard.backbones import ENCODER_TYPES, is_image_config, load_config, resolve_source
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.verdicts import compare_task
@@ -61,16 +61,18 @@ def plan_candidates(args: argparse.Namespace) -> tuple[Recipe, Path, list[Candid
     if base.data.kind != "classification":
         raise TuneguardError(f"{args.recipe}: tuneguard select scores the recipe's validation data as a "
                              f"classification task; data.kind is '{base.data.kind}'")
-    if len(set(args.candidates)) != len(args.candidates):
-        raise TuneguardError("--candidates: a source is named twice")
     out = Path(args.out) if args.out else select_dir(base)
     if out.exists() and not out.is_dir():
         raise TuneguardError(f"--out: '{out}' is a file, not a folder")
-    slugs = [_slug(s) for s in args.candidates]
-    candidates = []
-    for source, slug in zip(args.candidates, slugs, strict=True):
-        if slugs.count(slug) > 1:
-            slug = f"{slug}-{slugs[: len(candidates)].count(slug) + 1}"
+    candidates: list[Candidate] = []
+    resolved: dict[str, str] = {}
+    taken: set[str] = set()
+    for source in args.candidates:
+        slug, n = _slug(source), 1
+        while slug in taken:  # one folder per candidate, whatever the others are called
+            n += 1
+            slug = f"{_slug(source)}-{n}"
+        taken.add(slug)
         own = [*args.overrides, f"model.source={json.dumps(source)}",
                f"output.dir={json.dumps(str(out / '{name}'))}", f"output.name={base.output.name}-{slug}"]
         overrides = [*own, "eval.task=true", "eval.suites=[]", *([f"train.max_steps={args.steps}"] if args.steps else []),
@@ -78,11 +80,18 @@ def plan_candidates(args: argparse.Namespace) -> tuple[Recipe, Path, list[Candid
         recipe = load_recipe(args.recipe, own)
         try:
             path, is_hub = resolve_source(recipe.model)
-            model_type = load_config(path, recipe.model, is_hub).model_type
+            config = load_config(path, recipe.model, is_hub)
         except TuneguardError as exc:
             raise TuneguardError(f"--candidates {source}: {exc}") from None
+        where = path if is_hub else str(Path(path).resolve())
+        if where in resolved:
+            raise TuneguardError(f"--candidates {source}: the same model as {resolved[where]}; name each once")
+        resolved[where] = source
+        if is_image_config(config):
+            raise TuneguardError(f"--candidates {source}: an image classifier; this recipe's data are text "
+                                 "(data.kind classification)")
         candidates.append(Candidate(source, recipe, overrides, load_recipe(args.recipe, overrides),
-                                    model_type in ENCODER_TYPES))
+                                    config.model_type in ENCODER_TYPES))
     return base, out, candidates
 
 
@@ -102,7 +111,8 @@ def _fine_tune(candidate: Candidate, args: argparse.Namespace) -> dict[str, Any]
     tuned = run_dir.read_eval()["tuned"][0]
     record = run_dir.record()
     return {"tuned": tuned["value"], "tuned_n": tuned["n"], "tuned_per_item": tuned["per_item"], "run": str(run_dir.path),
-            "train_tokens_per_s": record.get("tokens_per_s"), "steps": record.get("steps"), "reused": reused}
+            "train_tokens_per_s": record.get("tokens_per_s"), "steps": record.get("steps"), "reused": reused,
+            "selection": record.get("selection")}
 
 
 def measure(candidate: Candidate, args: argparse.Namespace) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def _fold(index: int, run: RunDir, own_label: str) -> dict[str, Any]:
         "planned_steps": record.get("planned_steps"),
         "stopped_early": record.get("stopped_early"),
         "picked_among": picked_among(record.get("selection")),
+        "kept_step": (record.get("selection") or {}).get("step"),
         "budget_exceeded": (report.get("budget") or {}).get("exceeded") or [],
         "values": _fold_values(report, record, own_label),
     }
@@ -171,8 +172,10 @@ def _fold_row(f: dict[str, Any]) -> list[Cell]:
         scores = [c["metric"], fmt_value(c.get("base"), how), fmt_value(c.get("tuned"), how), fmt_delta(c), fmt_ci(c),
                   (fmt_verdict(c), verdict_class(c.get("verdict")))]
     loss = DASH if f["val_loss"] is None else f"{f['val_loss']:.4f}"
+    kept = f.get("kept_step")
+    steps = fmt_steps(f) + (f" (kept {kept})" if kept is not None and kept != f.get("steps") else "")
     return [str(f["fold"]), Path(f["run_dir"]).name, fmt_int(f["train_rows"]), fmt_int(f["val_rows"]),
-            fmt_steps(f), *scores, loss]
+            steps, *scores, loss]
 
 
 def cv_blocks(cv: dict[str, Any]) -> list[Block]:

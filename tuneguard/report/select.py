@@ -19,6 +19,7 @@ from tuneguard.report.blocks import (
     fmt_value,
     md_block,
 )
+from tuneguard.report.layout import picked_among
 from tuneguard.report.terminal import print_block
 
 SELECT_JSON, SELECT_MD = "select.json", "select.md"
@@ -44,7 +45,12 @@ def _versus(v: dict[str, Any] | None) -> str:
 def _tuned(row: dict[str, Any], steps: int | None) -> Cell:
     if row.get("tune_error"):
         return (f"failed: {row['tune_error']}", "fail")
-    return fmt_value(row.get("tuned")) if steps else DASH
+    if not steps:
+        return DASH
+    looks = picked_among(row.get("selection"))
+    if looks:  # picked on the rows this cell scores: optimistic, and not the last step
+        return (f"{fmt_value(row.get('tuned'))}, step {row['selection']['step']} of {looks} validations", "inconclusive")
+    return fmt_value(row.get("tuned"))
 
 
 def select_row(row: dict[str, Any], steps: int | None) -> list[Cell]:
@@ -81,6 +87,11 @@ def select_lines(summary: dict[str, Any]) -> list[Cell]:
         "footprint: parameters and buffers as loaded; peak RSS: the candidate's own process (Python and torch "
         "included), scoring and any fine-tune",
     ]
+    picked = [r["source"] for r in rows if picked_among(r.get("selection"))]
+    if picked:
+        lines.append((f"{', '.join(picked)}: the fine-tune kept the step train.select picked among validations on the "
+                      "rows this table scores, so its 'after' score, its rank and its 'vs #1' are optimistic by that "
+                      "choice; rank on rows none of them chose on (train.select=last)", "inconclusive"))
     reused = [r["source"] for r in rows if r.get("reused")]
     if reused:
         lines.append(f"fine-tunes reused from an earlier call (same recipe), so peak RSS is scoring only: {', '.join(reused)}")
