@@ -56,6 +56,29 @@ def test_source_errors(tmp_path: Path) -> None:
     with pytest.raises(TuneguardError, match="unknown bundled model 'nope'"):
         resolve_source(ModelConfig(source="bundled:nope"))
     assert resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M")) == ("HuggingFaceTB/SmolLM2-135M", True)
+    with pytest.raises(TuneguardError, match=r"model.gguf_file: m.gguf not found in"):
+        resolve_source(ModelConfig(source=str(tmp_path), gguf_file="m.gguf"))  # a traceback before
+    with pytest.raises(TuneguardError, match="model.gguf_file applies to a local folder"):
+        resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M-GGUF", gguf_file="m.gguf"))  # was ignored
+
+
+def test_an_encoder_whose_config_does_not_fit_its_weights_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """ignore_mismatched_sizes (for a new head) re-initialised every layer that did not fit, silently."""
+    import json
+    import shutil
+
+    odd = tmp_path / "odd-bert"
+    shutil.copytree(tiny_bert_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TuneguardError, match=r"weights do not fit its config.json \(first: bert.encoder.layer.0."):
+        load_backbone(ModelConfig(source=str(odd)), QuantizationConfig(), num_labels=3)
+    (odd / "tokenizer.json").unlink()
+    config["intermediate_size"] = json.loads((tiny_bert_dir / "config.json").read_text())["intermediate_size"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TuneguardError, match=r"model.source: cannot load '.*odd-bert'"):  # no tokenizer: one line
+        load_backbone(ModelConfig(source=str(odd)), QuantizationConfig(), num_labels=3)
 
 
 def test_gguf_conversion_drives_tuneguards_progress_line_not_a_tqdm_bar() -> None:

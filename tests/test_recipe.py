@@ -209,6 +209,8 @@ def test_a_template_that_fails_every_row_is_refused_at_load(tmp_path: Path, temp
     ("{train: train.jsonl, labels: [a, b], columns: [text, label]}", "data.columns names CSV/TSV columns; a JSONL file"),
     ("{train: train.jsonl, labels: [a, b], replay: bundled:wiki}", "data.replay (bundled:wiki) needs data.replay_fraction"),
     ("{train: train.jsonl, labels: [a, b], replay_fraction: 0.2}", "data.replay_fraction needs data.replay"),
+    ("{train: train.jsonl, labels: [a, b]}\nquantization: {method: int8, compute_dtype: bfloat16}",
+     "quantization.compute_dtype applies to 4-bit methods (nf4, fp4); method 'int8' has none"),
 ])
 def test_keys_the_data_never_reads_are_refused(tmp_path: Path, data: str, problem: str) -> None:
     """Each was accepted and silently did nothing."""

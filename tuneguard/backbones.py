@@ -191,12 +191,17 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, bool]:
         return str(gguf_to_safetensors(path, cfg.trust_remote_code)), False
     if path.is_dir():
         if cfg.gguf_file:
+            if not (path / cfg.gguf_file).is_file():
+                raise TuneguardError(f"model.gguf_file: {cfg.gguf_file} not found in {source}")
             return str(gguf_to_safetensors(path / cfg.gguf_file, cfg.trust_remote_code)), False
         if not (path / "config.json").exists():
             raise TuneguardError(f"model.source: '{source}' is a directory without config.json")
         return str(path), False
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise TuneguardError(f"model.source: directory not found: {source}")
+    if cfg.gguf_file:
+        raise TuneguardError(f"model.gguf_file applies to a local folder; download {source}'s GGUF file and name it "
+                             "in model.source (a .gguf path)")
     return source, True
 
 
@@ -360,6 +365,21 @@ def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationCo
     return digest.hexdigest()[:16]
 
 
+def _from_pretrained(source: str, encoder: bool, num_labels: int | None, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """The model's weights. An encoder's head with another label count is replaced by a fresh one (trained with the
+    adapter); any other weight that does not fit the config would be replaced by random values too: refused."""
+    if not encoder:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=num_labels or 2, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+    keys = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()]
+    body = sorted(k for k in keys if not k.startswith(ENCODER_HEADS))
+    if body:
+        raise TuneguardError(f"model.source: '{source}': {len(body)} weights do not fit its config.json (first: "
+                             f"{body[0]}), so they would be replaced by random values; fix the config")
+    return model
+
+
 def load_backbone(
     cfg: ModelConfig,
     quant: QuantizationConfig,
@@ -389,18 +409,15 @@ def load_backbone(
     if quant.method != "none":
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else device.index or 0}
     try:
-        if encoder:
-            # A head with another label count is replaced by a fresh one (it is trained with the adapter).
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels or 2, ignore_mismatched_sizes=True, **kwargs
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = _from_pretrained(source, encoder, num_labels, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         if is_hub:
             raise _hub_error(source, exc) from None
         raise TuneguardError(f"model.source: cannot load '{source}': {exc}") from None
+    except (ValueError, RuntimeError) as exc:  # weights that do not fit the config, a folder without a tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TuneguardError(f"model.source: cannot load '{source}': {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

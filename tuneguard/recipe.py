@@ -53,7 +53,7 @@ class ModelConfig(Section):
     source: str = "bundled:smollm2-135m-instruct"
     """A local HF directory, a hub id, a ``.gguf`` file, or ``bundled:NAME``."""
     gguf_file: str | None = None
-    """The GGUF file name inside ``source`` when ``source`` is a directory or hub id."""
+    """The GGUF file name inside ``source`` when ``source`` is a local directory."""
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
@@ -63,6 +63,15 @@ class QuantizationConfig(Section):
     method: Literal["none", "nf4", "fp4", "int8"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _four_bit_keys(self) -> QuantizationConfig:
+        """double_quant and compute_dtype shape a 4-bit load; with int8 or none they were accepted and ignored."""
+        if self.method not in ("nf4", "fp4") and (not self.double_quant or self.compute_dtype != "auto"):
+            key = "compute_dtype" if self.compute_dtype != "auto" else "double_quant"
+            raise ValueError(f"quantization.{key} applies to 4-bit methods (nf4, fp4); method '{self.method}' has "
+                             "none (drop it)")
+        return self
 
 
 class AdapterConfig(Section):
