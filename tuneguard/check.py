@@ -68,12 +68,11 @@ def check(run_dir: Path, data: Path, alpha: float = 0.05, allow_overlap: bool = 
     if not 0 < alpha < 0.5:
         raise TuneguardError(f"--alpha must be between 0 and 0.5 (one-sided tests); got {alpha}")
     quiet_libraries()
-    with RunDir(run_dir).hold_results() as run:
+    with RunDir(run_dir).hold_results(converged=True) as run:
         return _check(run, data, alpha, allow_overlap, limit)
 
 
 def _check(run: RunDir, data: Path, alpha: float, allow_overlap: bool, limit: int | None) -> int:
-    run.ensure_converged(writable=True)
     started = time.time()
     run_dir = run.path
     recipe = load_recipe(run.recipe)

@@ -120,6 +120,16 @@ IMAGE_AUGMENT_OPS = ("rotate", "scale", "hflip", "vflip", "color")
 and vertical flip, and brightness/contrast change, each drawn per image and epoch."""
 
 
+def class_names(labels: list[str] | dict[str, str] | None) -> list[str]:
+    """``data.labels``' names in class-index order, each once (a mapping may give several raw labels one name,
+    ``{1: negative, 2: negative, 4: positive, 5: positive}``: two classes)."""
+    return list(dict.fromkeys(labels.values() if isinstance(labels, dict) else labels or []))
+
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+"""The data formats a file's suffix names (``data.format: auto``)."""
+
+
 class DataConfig(Section):
     kind: Literal["classification", "instruction", "text", "image_classification"] = "classification"
     train: str
@@ -225,7 +235,7 @@ class DataConfig(Section):
             twice = next(name for name in labels if labels.count(name) > 1)
             raise ValueError(f"{twice!r} names two classes; list each class once (a mapping may give several raw "
                              f"labels one name: {{1: negative, 2: negative, 4: positive, 5: positive}})")
-        classes = list(dict.fromkeys(labels.values() if isinstance(labels, dict) else labels or []))
+        classes = class_names(labels)
         # the class each raw label stands for: a mapping's keys, or a list's indices
         raw = {k: classes.index(v) for k, v in labels.items()} if isinstance(labels, dict) else {
             str(i): i for i in range(len(classes))}
@@ -278,9 +288,7 @@ class DataConfig(Section):
             for key in ("prompt_template", "system_prompt"):
                 if getattr(self, key) is not None:
                     return f"data.{key} shapes prompts; data.kind '{self.kind}' has none (drop it)"
-        suffix = Path(self.train).suffix.lower()
-        table = self.format if self.format != "auto" else {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-                                                           ".parquet": "parquet"}.get(suffix, "")
+        table = self.format if self.format != "auto" else FORMATS.get(Path(self.train).suffix.lower(), "")
         if self.columns and table in ("jsonl", "parquet"):
             return f"data.columns names CSV/TSV columns; a {table.upper()} file names its own fields (drop it)"
         return None
@@ -318,10 +326,8 @@ class DataConfig(Section):
 
     @property
     def classes(self) -> list[str]:
-        """The class names in class-index order: ``data.labels``' names, each once (a mapping may give several raw
-        labels one name, ``{1: negative, 2: negative, 4: positive, 5: positive}``: two classes)."""
-        names = self.labels.values() if isinstance(self.labels, dict) else self.labels or []
-        return list(dict.fromkeys(names))
+        """The class names in class-index order (:func:`class_names` of ``data.labels``)."""
+        return class_names(self.labels)
 
     @property
     def template(self) -> str:

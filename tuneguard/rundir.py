@@ -404,10 +404,11 @@ class RunDir:
                                  "with a lower train.lr (--overwrite)")
 
     @contextlib.contextmanager
-    def hold_results(self) -> Iterator[RunDir]:
+    def hold_results(self, converged: bool = False) -> Iterator[RunDir]:
         """For verbs that write a finished run's results (eval, check): held as training holds it, so two never
-        write one run's eval.json and reports at once and a resumed training never starts under them."""
-        self.ensure_finished(writable=True)
+        write one run's eval.json and reports at once and a resumed training never starts under them.
+        ``converged``: a diverged run is refused too (:meth:`ensure_converged`)."""
+        (self.ensure_converged if converged else self.ensure_finished)(writable=True)
         with self.claim("results"):
             yield self
 

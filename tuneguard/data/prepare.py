@@ -25,7 +25,7 @@ from tuneguard.data.images import ImageExample, ImageItems, ImagePipeline, build
 from tuneguard.data.packing import Packed, pack
 from tuneguard.data.readers import Row, read_rows
 from tuneguard.errors import TuneguardError
-from tuneguard.recipe import DataConfig, template_fields
+from tuneguard.recipe import FORMATS, DataConfig, template_fields
 
 # General text that none of the evaluation tasks measure (see replay/README.md).
 BUNDLED_REPLAY = {"wiki": Path(__file__).resolve().parent / "replay" / "wiki_passages.jsonl"}
@@ -127,10 +127,6 @@ def checked_overlap(train: list[Row], val: list[Row], cfg: DataConfig) -> list[s
     return overlap
 
 
-TABLES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet")
-"""Replay files read as tables (their 'text' column); any other file is plain text, a passage per line."""
-
-
 def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
     """General text mixed into training (``replay_fraction`` of the mix) to keep what the model knew."""
     if not cfg.replay or cfg.replay_fraction == 0:
@@ -142,7 +138,7 @@ def replay_rows(cfg: DataConfig, n_train: int, seed: int) -> list[Row]:
             raise TuneguardError(f"data.replay: unknown bundled replay set '{name}'; choose {sorted(BUNDLED_REPLAY)}")
         source = str(BUNDLED_REPLAY[name])
     path = Path(source)
-    if path.suffix.lower() in TABLES:  # a table with a 'text' column
+    if path.suffix.lower() in FORMATS:  # a table with a 'text' column; any other file is text, a passage per line
         table = read_rows(path)
         if bad := next((r for r in table if r.problem), None):
             raise TuneguardError(f"data.replay: {bad.where}: {bad.problem} (a replay table is read whole: JSON Lines, "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneguard.errors import TuneguardError
+from tuneguard.recipe import FORMATS
 
 
 @dataclass
@@ -22,11 +23,10 @@ class Row:
 def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    suffix = path.suffix.lower().lstrip(".")
-    mapping = {"jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "csv": "csv", "tsv": "tsv", "parquet": "parquet"}
-    if suffix not in mapping:
-        raise TuneguardError(f"{path}: cannot tell the format from '.{suffix}'; set data.format (jsonl, csv, tsv, parquet)")
-    return mapping[suffix]
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise TuneguardError(f"{path}: cannot tell the format from '.{suffix[1:]}'; set data.format (jsonl, csv, tsv, parquet)")
+    return FORMATS[suffix]
 
 
 def _read_jsonl(path: Path) -> list[Row]:

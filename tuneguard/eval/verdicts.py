@@ -113,12 +113,16 @@ class Comparison:
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
         known = {f.name for f in fields(cls)}
         nullable = {"p_adjusted", "margin", "mdr", "items_to_decide", "won", "lost", "sd_item"}
-        # a sign-flip test that ran (it has a p) leaves an end None only where it could not bound it (infinite), and
-        # its detectable change only where it could detect none
-        tested = str(data.get("test", "")).startswith("sign-flip") and data.get("p_value") is not None
-        unbounded = {"ci_low": -math.inf, "ci_high": math.inf, "mdr": math.inf} if tested else {}
+        # its detectable change is None, too, only where it could detect none
+        unbounded = {"ci_low": -math.inf, "ci_high": math.inf, "mdr": math.inf} if open_ended(data) else {}
         return cls(**{k: (unbounded[k] if v is None and k in unbounded else math.nan if v is None and k not in nullable
                           else v) for k, v in data.items() if k in known})
+
+
+def open_ended(row: Mapping[str, Any]) -> bool:
+    """A stored comparison (report.json) whose missing interval end means unbounded: a sign-flip test that ran (it has
+    a p) leaves an end None only where it could not bound it; any other None is a value not measured."""
+    return str(row.get("test", "")).startswith("sign-flip") and row.get("p_value") is not None
 
 
 def _judge(c: Comparison, margin: float, significant: bool) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneguard.eval.verdicts import open_ended
+
 COMPARISON_HEADERS = [
     "task", "metric", "n", "before", "after", "Δ", "CI of Δ", "level", "p (adjusted)", "test", "detectable", "margin",
     "verdict",
@@ -58,8 +60,7 @@ def fmt_delta(c: dict[str, Any]) -> str:
 def fmt_ci(c: dict[str, Any]) -> str:
     """The interval in the Δ column's units."""
     how = c.get("aggregate", "mean")
-    if str(c.get("test", "")).startswith("sign-flip") and not missing(c.get("p_value")):
-        # an end the test cannot bound (too few items for the interval's level) is stored as None, drawn as ∞
+    if open_ended(c):  # an end the test cannot bound (too few items for the interval's level), drawn as ∞
         low, high = (("−∞" if missing(c.get("ci_low")) else _fmt_change(c["ci_low"], how)),
                      ("+∞" if missing(c.get("ci_high")) else _fmt_change(c["ci_high"], how)))
         return f"[{low}, {high}]"

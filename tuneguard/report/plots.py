@@ -39,11 +39,6 @@ def _gain(c: dict[str, Any], x: float) -> float:
     return scale * x if c["higher_is_better"] else -scale * x
 
 
-def _unbounded(c: dict[str, Any]) -> bool:
-    """An interval end a sign-flip test on too few items cannot bound (stored as None beside a p-value)."""
-    return str(c.get("test", "")).startswith("sign-flip") and c.get("p_value") is not None
-
-
 def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
     open_ended: list[tuple[int, float, float, str]] = []
     for y, c in enumerate(rows):
@@ -54,7 +49,7 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             lo, hi = sorted((_gain(c, c["ci_low"]), _gain(c, c["ci_high"])))
             ax.plot([lo, hi], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
             ax.plot([lo, hi], [y, y], "|", color=colour, markersize=9)
-        elif c.get("delta") is not None and _unbounded(c):  # drawn to the panel's edges once they are known
+        elif c.get("delta") is not None and open_ended(c):  # drawn to the panel's edges once they are known
             low = -math.inf if c.get("ci_low") is None else c["ci_low"]
             high = math.inf if c.get("ci_high") is None else c["ci_high"]
             open_ended.append((y, *sorted((_gain(c, low), _gain(c, high))), colour))

@@ -558,10 +558,10 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
                 s.backbone.tokenizer.save_pretrained(str(tmp))
             s.run_dir.write_adapter_meta(tmp, {"fingerprint": s.backbone.fingerprint, "recipe": recipe.output.name})
         s.run_dir.write_record(record)
-        for split in ("train", "val"):
-            if s.data.stats.get(f"truncated_{split}"):
-                acc.print(f"note: {s.data.stats[f'truncated_{split}']} {'training' if split == 'train' else 'validation'}"
-                          f" examples were truncated to data.max_length={recipe.data.max_length}")
+        for key, what in (("truncated_train", "training"), ("truncated_val", "validation")):
+            if s.data.stats.get(key):
+                acc.print(f"note: {s.data.stats[key]} {what} examples were truncated to "
+                          f"data.max_length={recipe.data.max_length}")
         acc.print(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
                   f"peak {record['peak_memory_mb']:.0f} MB)")
     acc.wait_for_everyone()  # every process evaluates from the files just written (run.json, the adapter's hash)

@@ -67,15 +67,11 @@ def _defined_per_class(per_class: dict[str, Any], preds: list[int], refs: list[i
     """Per-class precision, recall and F1, None where the ratio is undefined (a class never predicted has no
     precision, one never present no recall): scikit-learn's 0 there read as a score, and averaged as one across
     cross-validation folds. Macro and micro averages keep scikit-learn's convention."""
-    out = {}
-    for metric in ("f1", "precision", "recall"):
-        values = {}
-        for i, (label, value) in enumerate(zip(labels, per_class[metric], strict=True)):
-            predicted, present = i in preds, i in refs
-            defined = {"precision": predicted, "recall": present, "f1": predicted or present}[metric]
-            values[label] = float(value) if defined else None
-        out[f"{metric}_per_class"] = values
-    return out
+    predicted, present = set(preds), set(refs)
+    defined = {"precision": predicted, "recall": present, "f1": predicted | present}
+    return {f"{metric}_per_class": {label: float(value) if i in defined[metric] else None
+                                    for i, (label, value) in enumerate(zip(labels, per_class[metric], strict=True))}
+            for metric in ("f1", "precision", "recall")}
 
 
 __all__ = ["NAMES", "classification_metrics", "confusion_matrix", "load_metric"]
