@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from tuneguard.eval.verdicts import open_ended
 from tuneguard.report.blocks import fmt_verdict
 
 COLOURS = {"improved": "#188038", "non-inferior": "#1a73e8", "inconclusive": "#e37400", "regressed": "#d93025"}
@@ -40,7 +41,7 @@ def _gain(c: dict[str, Any], x: float) -> float:
 
 
 def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
-    open_ended: list[tuple[int, float, float, str]] = []
+    arrows: list[tuple[int, float, float, str]] = []
     for y, c in enumerate(rows):
         colour = COLOURS.get(c["verdict"], _OTHER)
         if c.get("margin") is not None:
@@ -52,13 +53,13 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
         elif c.get("delta") is not None and open_ended(c):  # drawn to the panel's edges once they are known
             low = -math.inf if c.get("ci_low") is None else c["ci_low"]
             high = math.inf if c.get("ci_high") is None else c["ci_high"]
-            open_ended.append((y, *sorted((_gain(c, low), _gain(c, high))), colour))
+            arrows.append((y, *sorted((_gain(c, low), _gain(c, high))), colour))
         if c.get("delta") is not None:
             ax.plot(_gain(c, c["delta"]), y, "o", color=colour, markersize=7, zorder=3)
-    for y, lo, hi, _ in open_ended:  # the finite end counts for the axis' range (a line, not drawn)
+    for y, lo, hi, _ in arrows:  # the finite end counts for the axis' range (a line, not drawn)
         ax.plot([v for v in (lo, hi) if math.isfinite(v)], [y] * sum(map(math.isfinite, (lo, hi))), linestyle="none")
     left, right = ax.get_xlim()
-    for y, lo, hi, colour in open_ended:  # an arrow where the interval has no end
+    for y, lo, hi, colour in arrows:  # an arrow where the interval has no end
         ax.plot([max(lo, left), min(hi, right)], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
         ax.plot(max(lo, left), y, "<" if math.isinf(lo) else "|", color=colour, markersize=9)
         ax.plot(min(hi, right), y, ">" if math.isinf(hi) else "|", color=colour, markersize=9)
@@ -147,11 +148,11 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
         return None
     fig = Figure(figsize=(7.5, 4.6))
     ax = fig.add_subplot(1, 1, 1)
-    open_ended: list[tuple[dict[str, Any], str]] = []
+    arrows: list[tuple[dict[str, Any], str]] = []
     for i, p in enumerate(points):
         colour = PALETTE[i % len(PALETTE)]
         if None in (*p["gain_interval"], *p["forgetting_interval"]):  # a test that could not bound it: arrows, below
-            open_ended.append((p, colour))
+            arrows.append((p, colour))
         (g_lo, g_hi), (f_lo, f_hi) = ([p[k] if v is None else v for v in p[f"{k}_interval"]]
                                       for k in ("gain", "forgetting"))
         hidden = next((q["adapter"] for q in points[:i] if (q["gain"], q["forgetting"]) == (p["gain"], p["forgetting"])),
@@ -167,7 +168,7 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
                 label="Pareto front", zorder=3)
     left, right = ax.get_xlim()
     bottom, top = ax.get_ylim()
-    for p, colour in open_ended:  # each unbounded end runs to the plot's edge, with an arrow
+    for p, colour in arrows:  # each unbounded end runs to the plot's edge, with an arrow
         x, y = p["gain"], p["forgetting"]
         (g_lo, g_hi), (f_lo, f_hi) = p["gain_interval"], p["forgetting_interval"]
         for unbounded, edge, marker in ((g_lo is None, (left, y), "<"), (g_hi is None, (right, y), ">"),
