@@ -1,10 +1,13 @@
 """Backbones: sources, quantization on CPU, fingerprints, the GGUF cache, bf16 detection."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -29,16 +32,52 @@ def test_fingerprint_tracks_weights_and_quantization(tiny_llama_dir: Path, tmp_p
     a = fingerprint(str(tiny_llama_dir), False, None, none)
     assert a == fingerprint(str(tiny_llama_dir), False, None, none)
     assert a != fingerprint(str(tiny_llama_dir), False, None, nf4)
+    # The compute dtype is the machine's choice, not the backbone's; double quantization changes the weights.
+    assert fingerprint(str(tiny_llama_dir), False, None, QuantizationConfig(method="nf4", compute_dtype="float32")) \
+        == fingerprint(str(tiny_llama_dir), False, None, nf4)
+    assert fingerprint(str(tiny_llama_dir), False, None, QuantizationConfig(method="nf4", double_quant=False)) \
+        != fingerprint(str(tiny_llama_dir), False, None, nf4)
     other = tmp_path / "copy"
-    other.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(tiny_llama_dir, other)
     assert fingerprint(str(other), False, None, none) == a  # content, not location
+    (other / "README.md").write_text("notes")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
+    assert fingerprint(str(other), False, None, none) == a  # bookkeeping and a README are not the model
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    assert fingerprint(str(other), False, None, none) != a  # another architecture on the same weights
+    (other / "config.json").write_text(json.dumps(config))
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"a"', '"A"', 1))
+    assert fingerprint(str(other), False, None, none) != a  # another tokenizer
+    shutil.copy(tiny_llama_dir / "tokenizer.json", other / "tokenizer.json")
+    assert fingerprint(str(other), False, None, none) == a
     weights = other / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert fingerprint(str(other), False, None, none) != a
+
+
+def test_hub_fingerprint_hashes_the_cached_snapshot(tiny_llama_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub model is fingerprinted by the files of the commit its revision resolved to, not by its name: a new
+    commit on main is another backbone."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "snapshots" / ("b" * 40) / "config.json").write_text(
+        json.dumps({**json.loads((tiny_llama_dir / "config.json").read_text()), "num_hidden_layers": 1}))
+    (repo / "refs").mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    q = QuantizationConfig()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = fingerprint("org/tiny", True, None, q)
+    assert first == fingerprint(str(tiny_llama_dir), False, None, q)  # the same files as the local folder
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert fingerprint("org/tiny", True, None, q) != first
+    assert fingerprint("org/tiny", True, "a" * 40, q) == first
+    assert fingerprint("org/absent", True, None, q) != fingerprint("org/absent", True, "v2", q)
 
 
 def test_encoder_gets_classification_head(tiny_bert_dir: Path) -> None:

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuneguard.backbones import first_fingerprint
 from tuneguard.cli import main as cli_main
 from tuneguard.errors import TuneguardError
 from tuneguard.recipe import load_recipe
 from tuneguard.run import evaluate
+from tuneguard.rundir import ADAPTER_META
 from tuneguard.train.loop import train
 
 from .test_train import make_run
@@ -67,6 +69,23 @@ def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> N
     with pytest.raises(TuneguardError, match="guard rail failed.*adapter applied"):
         evaluate(recipe, run_dir, result)
     assert not (run_dir / "report.md").exists()
+
+
+def test_fingerprint_guard_takes_earlier_versions_adapters(tmp_path: Path, tiny_llama_dir: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """An adapter saved before fingerprint version 2 carries the first version's fingerprint: its run is evaluated
+    again as before; an adapter trained on other weights is refused, nothing reported."""
+    path, recipe, _ = trained(tmp_path, tiny_llama_dir, train={"max_steps": 4}, eval={"task": True, "suites": []})
+    run_dir = recipe.run_dir(path)
+    meta = run_dir / "adapter" / ADAPTER_META
+    earlier = first_fingerprint(str(tiny_llama_dir), False, None, recipe.quantization)
+    assert json.loads(meta.read_text())["fingerprint"] != earlier
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": earlier}))
+    assert cli_main(["eval", str(run_dir)]) == 0
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "0123456789abcdef"}))
+    capsys.readouterr()
+    assert cli_main(["eval", str(run_dir)]) == 2
+    assert "backbone fingerprint: adapter trained on 0123456789abcdef" in capsys.readouterr().err
 
 
 def test_encoder_scored_by_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:

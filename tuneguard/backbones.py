@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import psutil
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -68,6 +69,8 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase | None
     """None for an image backbone."""
     fingerprint: str
+    first_fingerprint: str
+    """What tuneguard before fingerprint version 2 called these weights (adapters saved then carry it)."""
     path: str
     """The local directory the weights were loaded from (after GGUF conversion)."""
     is_encoder: bool
@@ -354,8 +357,55 @@ def quantization_config(
     )
 
 
+MODEL_FILES = ("*.safetensors", "config.json", "generation_config.json", "preprocessor_config.json", "tokenizer*",
+               "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "chat_template.jinja")
+"""The files of a model folder that decide its outputs: weights, architecture, tokenizer, generation and image
+settings (a README or a training log does not)."""
+BOOKKEEPING = ("transformers_version", "_name_or_path", "_model_name_or_path", "_commit_hash")
+"""Keys a JSON file of a model folder carries that say where or by which version it was written, not what it is."""
+
+
+def _file_digest(f: Path) -> str:
+    """A JSON file by its content without ``BOOKKEEPING`` keys (a GGUF converted again by a newer transformers is the
+    same model), any other file by its bytes."""
+    if f.suffix != ".json":
+        return file_sha256(f)
+    try:
+        content = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return file_sha256(f)
+    if isinstance(content, dict):
+        content = {k: v for k, v in content.items() if k not in BOOKKEEPING}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def model_folder(path: str, is_hub: bool, revision: str | None) -> Path | None:
+    """Where the model's files are: a local folder, or a hub model's snapshot in the Hugging Face cache (a folder
+    named by the commit the revision resolved to); None when the cache does not hold it."""
+    if not is_hub:
+        return Path(path)
+    found = try_to_load_from_cache(path, "config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationConfig) -> str:
-    """Hash of the weight files and the quantization settings that turn them into the backbone."""
+    """Hash of the files that decide the backbone (``MODEL_FILES``) and of how its weights are quantized. The
+    compute dtype (``model.dtype``, ``quantization.compute_dtype``) is left out: the probe resolves it per machine and
+    an adapter fits the same weights in any of them (the score cache keys scores by dtype itself)."""
+    quant = {"method": q.method, "double_quant": q.double_quant if q.method in ("nf4", "fp4") else None}
+    digest = hashlib.sha256(json.dumps({"version": 2, "quantization": quant}, sort_keys=True).encode())
+    folder = model_folder(path, is_hub, revision)
+    if folder is None:
+        digest.update(f"{path}@{revision or 'main'}".encode())
+        return digest.hexdigest()[:16]
+    for f in sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()}):
+        digest.update(f"{f.name}:{_file_digest(f)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def first_fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationConfig) -> str:
+    """The fingerprint before version 2 (safetensors files and the quantization keys as written): adapters saved
+    then carry it, and re-evaluating their runs must still pass the fingerprint guard."""
     digest = hashlib.sha256(json.dumps(q.model_dump(), sort_keys=True).encode())
     if is_hub:
         digest.update(f"{path}@{revision or 'main'}".encode())
@@ -363,6 +413,11 @@ def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationCo
         for f in sorted(Path(path).glob("*.safetensors")):
             digest.update(file_sha256(f).encode())
     return digest.hexdigest()[:16]
+
+
+def fingerprints(path: str, is_hub: bool, revision: str | None, q: QuantizationConfig) -> tuple[str, str]:
+    """The backbone's fingerprint and the one version 1 gave it."""
+    return fingerprint(path, is_hub, revision, q), first_fingerprint(path, is_hub, revision, q)
 
 
 def _from_pretrained(source: str, encoder: bool, num_labels: int | None, kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -430,7 +485,7 @@ def load_backbone(
     if device.type == "cpu":  # what loading freed goes back to the OS; what training or scoring frees is reused
         trim_heap()
         keep_freed_memory()
-    return Backbone(model, tokenizer, fingerprint(source, is_hub, cfg.revision, quant), source, encoder)
+    return Backbone(model, tokenizer, *fingerprints(source, is_hub, cfg.revision, quant), source, encoder)
 
 
 def image_input(cfg: ModelConfig) -> ImageSpec:
@@ -499,4 +554,4 @@ def _load_image_backbone(source: str, cfg: ModelConfig, quant: QuantizationConfi
     for p in model.parameters():
         p.requires_grad_(False)
     spec = image_spec(source, config, cfg.revision)
-    return Backbone(model, None, fingerprint(source, is_hub, cfg.revision, quant), source, True, spec)
+    return Backbone(model, None, *fingerprints(source, is_hub, cfg.revision, quant), source, True, spec)

@@ -70,17 +70,18 @@ def adapter_weight_delta(model: PeftModel) -> Guard:
 
 
 def run_guards(
-    model: PeftModel, tokenizer, *, fingerprint: str, adapter_fingerprint: str | None, checksum_at_load: float,
-    diverged: str | None = None,
+    model: PeftModel, tokenizer, *, fingerprints: tuple[str, str], adapter_fingerprint: str | None,
+    checksum_at_load: float, diverged: str | None = None,
 ) -> list[Guard]:
-    """``diverged``: why training diverged (run.json), so an adapter that learned nothing is not reported."""
+    """``fingerprints``: the backbone's, and the one version 1 gave it (adapters saved before version 2 carry
+    that); ``diverged``: why training diverged (run.json), so an adapter that learned nothing is not reported."""
     guards = [
         adapter_changes_outputs(model, tokenizer),
         Guard("base = same weights, adapter disabled", abs(frozen_checksum(model) - checksum_at_load) <= 1e-6 * max(abs(checksum_at_load), 1.0),
               "frozen backbone weights unchanged since load; base is scored with disable_adapter() on them"),
         adapter_weight_delta(model),
-        Guard("backbone fingerprint", adapter_fingerprint in (None, fingerprint),
-              f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprint}"),
+        Guard("backbone fingerprint", adapter_fingerprint in (None, *fingerprints),
+              f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprints[0]}"),
         Guard("training converged", diverged is None, f"training diverged: {diverged}" if diverged else
               "no non-finite loss, no loss stuck at or past a uniform guess, no gradient explosion"),
     ]

@@ -85,7 +85,7 @@ def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: li
     main_process = accelerator is None or accelerator.is_main_process
     run = RunDir(run_dir)
     model.eval()
-    guards = run_guards(model, backbone.tokenizer, fingerprint=backbone.fingerprint,
+    guards = run_guards(model, backbone.tokenizer, fingerprints=(backbone.fingerprint, backbone.first_fingerprint),
                         adapter_fingerprint=run.adapter_fingerprint(), diverged=run.record().get("diverged"),
                         checksum_at_load=trained.checksum_at_load)
     enforce(guards)
