@@ -38,6 +38,7 @@ from transformers.utils import cached_file
 
 from tuneguard.allocator import keep_freed_memory, trim_heap
 from tuneguard.errors import TuneguardError
+from tuneguard.hub import use_hub
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
 from tuneguard.numerics import linear, resolve_dtype
 from tuneguard.progress import Advance, console, phase
@@ -205,6 +206,7 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, bool]:
     if cfg.gguf_file:
         raise TuneguardError(f"model.gguf_file applies to a local folder; download {source}'s GGUF file and name it "
                              "in model.source (a .gguf path)")
+    use_hub()
     return source, True
 
 

@@ -146,6 +146,9 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
     if vendored:
         raise TuneguardError(f"--tasks {vendored[0]}: @vendored names are tuneguard's (tuneguard eval --model M "
                              f"--tasks lm_eval:{vendored[0]}); lm-eval's command line takes its task names or a YAML path")
+    from tuneguard.hub import use_hub
+
+    use_hub()  # its tasks' datasets (and an hf model) may live there
     sys.argv = ["lm_eval", *lm_eval_args]
     try:
         cli_evaluate()

@@ -42,6 +42,7 @@ from tuneguard.eval.scoring import (
     prefix_token_id,
     rolling_loglikelihood,
 )
+from tuneguard.hub import use_hub
 from tuneguard.io import cache_dir
 from tuneguard.progress import Advance
 from tuneguard.recipe import LmEvalConfig
@@ -329,6 +330,8 @@ def _load(spec: str) -> dict[str, Any]:
         close = difflib.get_close_matches(spec, manager.all_tasks, n=1)
         hint = f"; did you mean '{PREFIX}{close[0]}'?" if close else ""
         raise TuneguardError(f"{PREFIX}{spec}: not a task, group or tag of lm-eval {lm_eval.__version__}{hint}")
+    if not spec.endswith(VENDORED):
+        use_hub()  # a task's dataset may live there
     try:
         return manager.load([target])["tasks"]
     except TuneguardError:
