@@ -297,6 +297,10 @@ def test_compare_adapters_on_one_base(tmp_path: Path, tiny_llama_dir: Path) -> N
     assert page.index("<img") < page.index("<table") and "https://" not in page
     assert "Adapter against adapter" in (out / "compare.md").read_text()
     assert cli_main(["compare", dirs[0], "--out", str(out)]) == 2
+    meta = Path(dirs[1]) / "adapter" / "tuneguard.json"  # an adapter trained on other weights: refused, not scored
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "0123456789abcdef"}))
+    assert cli_main(["compare", *dirs, "--out", str(tmp_path / "cmp2")]) == 2
+    assert not (tmp_path / "cmp2").exists()
 
 
 def test_compare_keeps_same_named_tasks_apart_and_takes_any_folder_name(tmp_path: Path, tiny_llama_dir: Path,

@@ -74,7 +74,7 @@ def test_untrained_adapter_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> N
 def test_fingerprint_guard_takes_earlier_versions_adapters(tmp_path: Path, tiny_llama_dir: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     """An adapter saved before fingerprint version 2 carries the first version's fingerprint: its run is evaluated
-    again as before; an adapter trained on other weights is refused, nothing reported."""
+    again as before; an adapter trained on other weights is refused in one line, nothing reported or exported."""
     path, recipe, _ = trained(tmp_path, tiny_llama_dir, train={"max_steps": 4}, eval={"task": True, "suites": []})
     run_dir = recipe.run_dir(path)
     meta = run_dir / "adapter" / ADAPTER_META
@@ -84,8 +84,11 @@ def test_fingerprint_guard_takes_earlier_versions_adapters(tmp_path: Path, tiny_
     assert cli_main(["eval", str(run_dir)]) == 0
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "0123456789abcdef"}))
     capsys.readouterr()
-    assert cli_main(["eval", str(run_dir)]) == 2
-    assert "backbone fingerprint: adapter trained on 0123456789abcdef" in capsys.readouterr().err
+    for verb in (["eval"], ["export"]):  # check, compare and lm-eval's run= load a run's adapter the same way
+        assert cli_main([*verb, str(run_dir)]) == 2
+        assert f"{run_dir}: its adapter was trained on backbone 0123456789abcdef; the recipe's model.source" in \
+            capsys.readouterr().err
+    assert not (run_dir / "merged").exists()
 
 
 def test_encoder_scored_by_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:

@@ -422,6 +422,12 @@ def fingerprints(path: str, is_hub: bool, revision: str | None, q: QuantizationC
     return fingerprint(path, is_hub, revision, q), first_fingerprint(path, is_hub, revision, q)
 
 
+def recipe_fingerprints(cfg: ModelConfig, q: QuantizationConfig) -> tuple[str, str]:
+    """What :func:`fingerprints` gives the backbone a recipe loads, without loading it."""
+    source, is_hub = resolve_source(cfg)
+    return fingerprints(source, is_hub, cfg.revision, q)
+
+
 def _from_pretrained(source: str, encoder: bool, num_labels: int | None, kwargs: dict[str, Any]) -> PreTrainedModel:
     """The model's weights. An encoder's head with another label count is replaced by a fresh one (trained with the
     adapter); any other weight that does not fit the config would be replaced by random values too: refused."""

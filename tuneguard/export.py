@@ -13,12 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from tuneguard.adapters.registry import load_adapter, method_spec
-from tuneguard.backbones import load_backbone
+from tuneguard.backbones import load_backbone, recipe_fingerprints
 from tuneguard.data.examples import has_chat_template, label_index
 from tuneguard.errors import TuneguardError
-from tuneguard.eval.guards import PROBE
+from tuneguard.eval.guards import PROBE, require_trained_backbone
 from tuneguard.io import atomic_dir, atomic_write_json, atomic_write_text
 from tuneguard.recipe import QuantizationConfig, Recipe
+from tuneguard.rundir import adapter_fingerprint
 from tuneguard.weights import check_weights_dir
 
 MARKER = "tuneguard-export.json"
@@ -40,6 +41,8 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
     if out.exists() and not (out / MARKER).exists():
         raise TuneguardError(f"{out} exists and is not a tuneguard export; choose another --out (nothing is replaced)")
+    require_trained_backbone(adapter_dir.parent, adapter_fingerprint(adapter_dir),
+                             recipe_fingerprints(recipe.model, recipe.quantization))
     model_cfg = recipe.model.model_copy(update={"dtype": dtype})
     backbone = load_backbone(model_cfg, QuantizationConfig(method="none"), num_labels=_num_labels(recipe))
     peft_model = load_adapter(backbone.model, adapter_dir).eval()

@@ -60,6 +60,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def adapter_fingerprint(folder: Path) -> str | None:
+    """The backbone fingerprint an adapter folder was saved with (its ``tuneguard.json``); None without one."""
+    meta = folder / ADAPTER_META
+    return read_json(meta).get("fingerprint") if meta.exists() else None
+
+
 def _require(path: Path) -> None:
     if not path.is_file():
         raise TuneguardError(f"{path}: file not found (is {path.parent} a finished run directory?)")
@@ -223,8 +229,7 @@ class RunDir:
 
     def adapter_fingerprint(self) -> str | None:
         """The backbone fingerprint the adapter was trained on; None for an adapter saved without one."""
-        meta = self.adapter / ADAPTER_META
-        return read_json(meta).get("fingerprint") if meta.exists() else None
+        return adapter_fingerprint(self.adapter)
 
     # -------------------------------------------------------------------- evaluation's files
 

@@ -19,6 +19,7 @@ from tuneguard.adapters.registry import load_adapter, method_spec
 from tuneguard.backbones import load_backbone
 from tuneguard.data.prepare import prepare_data
 from tuneguard.errors import TuneguardError
+from tuneguard.eval.guards import require_trained_backbone
 from tuneguard.eval.harness import evaluate_tasks
 from tuneguard.eval.records import Task, TaskResult
 from tuneguard.eval.stage import recipe_task
@@ -88,6 +89,8 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
     backbone = load_backbone(first.model, first.quantization)
     if backbone.is_encoder:
         raise TuneguardError("tuneguard compare scores decoder backbones (encoders carry a head per run)")
+    for _, d, _ in runs:
+        require_trained_backbone(d, RunDir(d).adapter_fingerprint(), (backbone.fingerprint, backbone.first_fingerprint))
     general = get_tasks(tasks if tasks is not None else first.eval.suites, first.eval.lm_eval)
     own = _own_tasks(runs, backbone.tokenizer, limit or first.eval.limit)
     shared = list({id(t): t for t in own.values() if t is not None}.values())

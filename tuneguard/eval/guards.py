@@ -7,6 +7,7 @@ check here makes that impossible to miss: the report is refused when any of them
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -69,6 +70,22 @@ def adapter_weight_delta(model: PeftModel) -> Guard:
     return Guard("adapter weights moved", largest > 1e-7, f"largest RMS weight delta per layer = {largest:.3g}")
 
 
+def fingerprint_guard(adapter_fingerprint: str | None, fingerprints: tuple[str, str]) -> Guard:
+    """The adapter sits on the weights it was trained on: the backbone's fingerprint, or the one version 1 gave the
+    same files (adapters saved before version 2 carry that); an adapter saved without one passes."""
+    return Guard("backbone fingerprint", adapter_fingerprint in (None, *fingerprints),
+                 f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprints[0]}")
+
+
+def require_trained_backbone(where: Path, adapter_fingerprint: str | None, fingerprints: tuple[str, str]) -> None:
+    """One line for a verb that puts a run's adapter on its backbone (eval, check, lm-eval, compare, export) when the
+    recipe's model files or quantization are no longer those it was trained on."""
+    if not fingerprint_guard(adapter_fingerprint, fingerprints).passed:
+        raise TuneguardError(f"{where}: its adapter was trained on backbone {adapter_fingerprint}; the recipe's "
+                             f"model.source and quantization now give {fingerprints[0]} (the model's files changed "
+                             "since training?): put the files back, or train again")
+
+
 def run_guards(
     model: PeftModel, tokenizer, *, fingerprints: tuple[str, str], adapter_fingerprint: str | None,
     checksum_at_load: float, diverged: str | None = None,
@@ -80,8 +97,7 @@ def run_guards(
         Guard("base = same weights, adapter disabled", abs(frozen_checksum(model) - checksum_at_load) <= 1e-6 * max(abs(checksum_at_load), 1.0),
               "frozen backbone weights unchanged since load; base is scored with disable_adapter() on them"),
         adapter_weight_delta(model),
-        Guard("backbone fingerprint", adapter_fingerprint in (None, *fingerprints),
-              f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprints[0]}"),
+        fingerprint_guard(adapter_fingerprint, fingerprints),
         Guard("training converged", diverged is None, f"training diverged: {diverged}" if diverged else
               "no non-finite loss, no loss stuck at or past a uniform guess, no gradient explosion"),
     ]

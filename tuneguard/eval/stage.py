@@ -25,7 +25,7 @@ from tuneguard.backbones import Backbone, dequantized, file_sha256, load_backbon
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.cache import ScoreCache
-from tuneguard.eval.guards import enforce, run_guards
+from tuneguard.eval.guards import enforce, require_trained_backbone, run_guards
 from tuneguard.eval.harness import evaluate_tasks, general_text_loss
 from tuneguard.eval.records import Doc, Task, TaskResult
 from tuneguard.eval.suites import get_tasks
@@ -195,6 +195,7 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     run = RunDir(run_dir)
     recipe = load_recipe(run.recipe)
     backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None)
+    require_trained_backbone(run_dir, run.adapter_fingerprint(), (backbone.fingerprint, backbone.first_fingerprint))
     checksum = frozen_checksum(backbone.model)
     model = load_adapter(backbone.model, run.adapter)
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed,
