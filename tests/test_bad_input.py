@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -271,6 +272,38 @@ def test_resume_refuses_a_changed_recipe_unless_named(tmp_path: Path, tiny_llama
     assert not (run_dir / "eval.json").exists() and not (run_dir / "report.json").exists()  # gate cannot pass on them
     (aside,) = run_dir.parent.glob("recipe.replaced-*")
     assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.json"]
+
+
+def test_resume_refuses_what_the_recipe_does_not_show(tmp_path: Path, tiny_llama_dir: Path, capsys) -> None:
+    """Same recipe, other run: other data under the same file name, another process count, a checkpoint past a
+    shortened run; and --resume-changed that changes nothing does not retrain a finished run."""
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 6, "save_every": 2})
+    run_dir = tmp_path / "runs" / "recipe"
+    assert cli_main(["train", str(path), "--no-eval"]) == 0
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "--resume-changed", "train.max_steps")
+    assert code == 2 and "training already finished, nothing to resume" in lines[-1], lines
+    shutil.rmtree(run_dir / "adapter")  # killed after its step-4 checkpoint
+    (run_dir / "run.json").unlink()
+    before = snapshot(run_dir)
+    data = tmp_path / "train.jsonl"
+    rows = data.read_text()
+    data.write_text(rows.replace("the movie was", "this film was"))
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "--resume")
+    assert code == 2 and "step-4: the contents of data.train changed since this checkpoint" in lines[-1], lines
+    assert "--resume-changed data.train" in lines[-1] and snapshot(run_dir) == before
+    data.write_text(rows)
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "--resume-changed", "train.max_steps",
+                            "train.max_steps=3")
+    assert code == 2 and "step-4: step 4 is past the run's 3 steps" in lines[-1], lines
+    state = run_dir / "checkpoints" / "step-4" / "train_state.json"
+    saved = json.loads(state.read_text())
+    assert saved["processes"] == 1 and set(saved["inputs"]) == {"model.source", "data.train"}
+    state.write_text(json.dumps({**saved, "processes": 2}))
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "--resume")
+    assert code == 2 and "saved by 2 processes, resumed with 1" in lines[-1], lines
+    state.write_text(json.dumps(saved))
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "--resume")
+    assert code == 0 and json.loads((run_dir / "run.json").read_text())["steps"] == 6, lines
 
 
 def test_non_finite_step_keeps_the_previous_adapter_and_checkpoint(tmp_path: Path, tiny_llama_dir: Path,

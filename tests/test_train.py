@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_recipe_file
@@ -289,24 +289,32 @@ def test_tensorboard_tracker_receives_metrics(tmp_path: Path, tiny_llama_dir: Pa
 
 def test_a_checkpoint_is_restored_only_from_safetensors_and_a_readable_random_state(tmp_path: Path,
                                                                                    tiny_llama_dir: Path) -> None:
-    """Accelerate would load a pickled ``pytorch_model.bin`` in place of the adapter's safetensors, and resume
-    with fresh random state when its RNG file does not load (dropout masks and batches then differ, silently)."""
+    """Accelerate would load a pickled ``pytorch_model.bin`` in place of the adapter's safetensors, resume with
+    fresh random state when its RNG file does not load (dropout masks and batches then differ, silently), and
+    leave untrained any weight the state lacks (strict=False)."""
     import shutil
 
     from tuneguard.train.checkpoints import check_checkpoint
 
     run_train(make_run(tmp_path, tiny_llama_dir, train={"max_steps": 3, "save_every": 2}))
     saved = tmp_path / "runs/recipe/checkpoints/step-2"
-    check_checkpoint(saved, 0)  # what save_checkpoint writes passes
+    trainable = set(load_file(str(saved / "model.safetensors")))
+    assert len(trainable) == 28 and all("lora_" in k for k in trainable)  # the adapter alone
+    check_checkpoint(saved, 0, trainable)  # what save_checkpoint writes passes
+    check_checkpoint(saved, 1, trainable, sharded=False)  # an earlier version's process 1 had no file: a warning
     pickled = shutil.copytree(saved, tmp_path / "pickled")
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     with pytest.raises(TuneguardError, match="no model.safetensors"):
-        check_checkpoint(pickled, 0)
+        check_checkpoint(pickled, 0, trainable)
     broken = shutil.copytree(saved, tmp_path / "broken")
     (broken / "random_states_0.pkl").write_bytes(b"not a random state")
     with pytest.raises(TuneguardError, match="random_states_0.pkl: the random state cannot be restored"):
-        check_checkpoint(broken, 0)
+        check_checkpoint(broken, 0, trainable)
+    empty = shutil.copytree(saved, tmp_path / "empty")  # what a multi-process run of an earlier version saved
+    save_file({}, str(empty / "model.safetensors"))
+    with pytest.raises(TuneguardError, match="model.safetensors lacks 28 of the adapter's 28 trained weights"):
+        check_checkpoint(empty, 0, trainable)
 
 
 def test_an_epoch_trains_each_row_once_whatever_the_accumulation(tmp_path: Path, tiny_llama_dir: Path) -> None:

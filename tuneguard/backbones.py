@@ -97,6 +97,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def path_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative paths and contents, all levels down)."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path)}:{file_sha256(f)}".encode())
+    return digest.hexdigest()
+
+
 def _bundled_path(name: str) -> Path:
     if name not in BUNDLED:
         raise TuneguardError(f"model.source: unknown bundled model '{name}'; choose one of {sorted(BUNDLED)}")

@@ -529,12 +529,13 @@ class RunDir:
     # ----------------------------------------------------------------------------- resuming
 
     def check_resume(self, checkpoint: Path, recipe_view: dict[str, Any], allowed: list[str],
-                     defaults: dict[str, Any] | None = None) -> None:
+                     defaults: dict[str, Any] | None = None) -> list[str]:
         """Refuse to resume with a training recipe other than the checkpoint's, unless every change is named
-        (keys the checkpoint's recipe lacks count as their ``defaults``)."""
+        (keys the checkpoint's recipe lacks count as their ``defaults``); the keys that changed (``allowed`` for a
+        checkpoint from before recipes were stored with it)."""
         stored = checkpoint / CHECKPOINT_RECIPE
         if not stored.exists():
-            return  # a checkpoint from before recipes were stored with it
+            return allowed
         changed = recipe_changes(json.loads(stored.read_text()), recipe_view, defaults)
         unnamed = [k for k in changed if k not in allowed]
         if unnamed:
@@ -542,6 +543,7 @@ class RunDir:
                 f"{checkpoint}: the recipe changed since this checkpoint ({', '.join(unnamed)}); resuming would "
                 f"mix two runs. Pass --resume-changed {','.join(unnamed)} to resume anyway, or --overwrite"
             )
+        return changed
 
     def write_checkpoint_recipe(self, folder: Path, recipe_view: dict[str, Any]) -> None:
         atomic_write_json(folder / CHECKPOINT_RECIPE, recipe_view)

@@ -6,6 +6,7 @@ only those), so a run killed while saving resumes from the one before.
 
 from __future__ import annotations
 
+import contextlib
 import pickle  # for its error type only: nothing is unpickled here
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -14,11 +15,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, load
+from accelerate.utils import DistributedType, broadcast_object_list, load
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_json
+from tuneguard.progress import console
 from tuneguard.recipe import Recipe
 from tuneguard.rundir import TRAIN_STATE, RunDir, read_json
 
@@ -46,62 +49,94 @@ class TrainState:
     """Why training diverged (see tuneguard.train.divergence), or None."""
     divergence: dict[str, Any] = field(default_factory=dict)
     """The divergence watch's history (best loss, steps at the uniform value, gradient norms) at the checkpoint."""
+    processes: int = 0
+    """How many processes trained (0 in a checkpoint from before it was kept): each one's share of the batches
+    and the effective batch depend on it."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """What the run's inputs hashed to when it started, by recipe key (``model.source``: the backbone's fingerprint;
+    ``data.train``, ``data.validation``, ``data.replay``: the files' contents); a resumed run must find the same."""
+
+
+def trainable_names(loss_model: torch.nn.Module) -> set[str]:
+    """The trainable parameters' names as a checkpoint's ``model.safetensors`` keys them: without DDP's ``module.``
+    (the wrapper's names carry it, the state dict Accelerate saves does not)."""
+    return {n.removeprefix("module.") for n, p in loss_model.named_parameters() if p.requires_grad}
 
 
 def only_trainable_weights(accelerator: Accelerator, loss_model: torch.nn.Module) -> None:
     """Checkpoints hold the adapter, not the frozen backbone: megabytes instead of the whole model."""
-    trainable = {n for n, p in loss_model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(loss_model)
 
     def keep(models: list, weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
         for i, w in enumerate(weights):
-            weights[i] = {k: v for k, v in w.items() if k in trainable or k.removeprefix("module.") in trainable}
+            weights[i] = {k: v for k, v in w.items() if k.removeprefix("module.") in trainable}
 
     accelerator.register_save_state_pre_hook(keep)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState, best: dict | None,
                     recipe: Recipe) -> None:
-    """Adapter, optimizer and RNG state, the train state written last (it marks the checkpoint complete)."""
+    """Adapter, optimizer and RNG state, the train state written last (it marks the checkpoint complete).
+
+    Every process saves into the main process's temporary folder: the main one writes the adapter and the
+    optimizer, each its own random state (``random_states_N.pkl``), without which a resumed process draws other
+    dropout masks than the uninterrupted run."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_dir(run_dir.checkpoint(state.step)) as tmp:
-            accelerator.save_state(str(tmp))
+    main = accelerator.is_main_process
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(run_dir.checkpoint(state.step))) if main else None
+        tmp = broadcast_object_list([tmp])[0]
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's file is in before the folder is renamed
+        if main:
             if best is not None:
                 save_file(best, str(tmp / BEST))
             run_dir.write_checkpoint_recipe(tmp, recipe.training_view())
             atomic_write_json(tmp / TRAIN_STATE, asdict(state))
+    if main:
         for path in run_dir.checkpoint_list()[: -recipe.train.keep_checkpoints]:
             shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def restore_checkpoint(accelerator: Accelerator, path: Path, run_dir: RunDir) -> tuple[TrainState, dict | None]:
-    check_checkpoint(path, accelerator.process_index, sharded=accelerator.distributed_type == DistributedType.FSDP)
+def restore_checkpoint(accelerator: Accelerator, path: Path, trainable: set[str]) -> tuple[TrainState, dict | None]:
+    check_checkpoint(path, accelerator.process_index, trainable,
+                     sharded=accelerator.distributed_type == DistributedType.FSDP)
     try:
         accelerator.load_state(str(path), strict=False)
     except Exception as exc:  # a damaged or foreign file: one line, not Accelerate's traceback
         raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); {_INSTEAD}") from None
     state = TrainState(**read_json(path / TRAIN_STATE))
     best = load_file(str(path / BEST)) if (path / BEST).exists() else None
-    if accelerator.is_main_process:
-        run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
     return state, best
 
 
 _INSTEAD = "delete this checkpoint to resume from the one before, or start again with --overwrite"
 
 
-def check_checkpoint(path: Path, process_index: int, sharded: bool = False) -> None:
+def check_checkpoint(path: Path, process_index: int, trainable: set[str], sharded: bool = False) -> None:
     """What ``save_checkpoint`` writes, before Accelerate reads it: the adapter as safetensors (Accelerate would
-    fall back to a pickled ``pytorch_model.bin``), and RNG state that loads (Accelerate ignores one that does
-    not, and the resumed run would silently draw other dropout masks and batches). ``sharded``: FSDP writes
-    its own sharded format instead."""
+    fall back to a pickled ``pytorch_model.bin``), and this process's RNG state, which must load (Accelerate ignores
+    one that does not, and the resumed run would silently draw other dropout masks and batches), every trained
+    weight (``trainable``, as :func:`trainable_names` gives them) in the adapter's state. A checkpoint
+    written before every process saved its own holds process 0's only: the others resume with a warning.
+    ``sharded``: FSDP writes its own sharded format instead."""
     if not sharded and not (path / "model.safetensors").is_file():
         raise TuneguardError(f"{path}: no model.safetensors (tuneguard writes the adapter's state only as "
                              f"safetensors and never loads a pickled model file); {_INSTEAD}")
-    if process_index:  # the main process saves the checkpoint, so only its random state is there
+    if not sharded:  # Accelerate loads it with strict=False: a weight it lacks would silently restart untrained
+        with safe_open(str(path / "model.safetensors"), "pt") as saved:
+            missing = sorted(trainable - set(saved.keys()))
+        if missing:
+            raise TuneguardError(f"{path}: model.safetensors lacks {len(missing)} of the adapter's {len(trainable)} "
+                                 f"trained weights (first: {missing[0]}; a multi-process checkpoint of an earlier "
+                                 f"tuneguard held none), so they would restart untrained; {_INSTEAD}")
+    rng = path / f"random_states_{process_index}.pkl"
+    if process_index and not rng.exists():
+        console.print(f"warning: {path} holds no random state of process {process_index} (an earlier "
+                      "tuneguard saved process 0's only): it resumes with a fresh one, so its dropout masks differ from an uninterrupted "
+                      "run's", soft_wrap=True)
         return
-    rng = path / "random_states_0.pkl"
     try:
         states = load(rng)  # Accelerate's own reader, weights_only: nothing in it is executed
         missing = [k for k in ("random_state", "numpy_random_seed", "torch_manual_seed") if k not in states]
@@ -116,6 +151,26 @@ def _first_line(exc: Exception) -> str:
     if isinstance(exc, pickle.UnpicklingError):  # torch's own advice (weights_only=False) would run its code
         return "it holds objects other than tensors and plain values, which tuneguard never unpickles"
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def check_same_run(path: Path, state: TrainState, processes: int, inputs: dict[str, str], allowed: list[str],
+                   total_steps: int) -> None:
+    """What the recipe check cannot see: the process count, the contents behind the recipe's paths (another
+    model or data under the same names), and a checkpoint past the run's (changed) last step."""
+    if state.processes and state.processes != processes:
+        raise TuneguardError(f"{path}: saved by {state.processes} processes, resumed with {processes}: the effective "
+                             f"batch and each process's share of the rows would change; resume with {state.processes} "
+                             f"(torchrun --nproc_per_node {state.processes}), or start again with --overwrite")
+    changed = [key for key, digest in state.inputs.items() if inputs.get(key) != digest and key not in allowed]
+    if changed:
+        what = ", ".join(changed)
+        raise TuneguardError(f"{path}: the contents of {what} changed since this checkpoint (same recipe, other "
+                             f"files); resuming would mix two runs. Put them back, pass --resume-changed "
+                             f"{','.join(changed)} to resume anyway, or --overwrite")
+    if state.step > total_steps:
+        raise TuneguardError(f"{path}: step {state.step} is past the run's {total_steps} steps; delete the "
+                             f"checkpoints past step {total_steps} to resume from an earlier one, or start again "
+                             "with --overwrite")
 
 
 def use_new_lr(scheduler: Any, lr: float) -> None:

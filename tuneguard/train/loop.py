@@ -29,7 +29,7 @@ from tuneguard.adapters.freezing import frozen_floor, layer_index, num_layers
 from tuneguard.adapters.registry import MethodSpec, apply_adapter, count_parameters, method_spec
 from tuneguard.adapters.state import frozen_checksum
 from tuneguard.allocator import trim_heap
-from tuneguard.backbones import Backbone, check_image_size, check_max_length, load_backbone
+from tuneguard.backbones import Backbone, check_image_size, check_max_length, load_backbone, path_sha256
 from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir
@@ -48,10 +48,12 @@ from tuneguard.train.batches import (
 )
 from tuneguard.train.checkpoints import (
     TrainState,
+    check_same_run,
     only_trainable_weights,
     refuse_unresumable,
     restore_checkpoint,
     save_checkpoint,
+    trainable_names,
     use_new_lr,
 )
 from tuneguard.train.divergence import DivergenceWatch, NonFiniteStep, non_finite
@@ -304,11 +306,26 @@ def needs_scorer(recipe: Recipe) -> bool:
     return recipe.train.early_stopping_metric != "val_loss" or recipe.train.select == "task_within_forgetting"
 
 
+def run_inputs(s: Session) -> dict[str, str]:
+    """What ``TrainState.inputs`` keeps: the backbone's fingerprint and the contents of the recipe's data paths."""
+    d = s.recipe.data
+    found = {"model.source": s.backbone.fingerprint}
+    for key, value in (("data.train", d.train), ("data.validation", d.validation), ("data.replay", d.replay)):
+        if value and Path(value).exists():
+            found[key] = path_sha256(Path(value))
+    return found
+
+
 def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tuple[TrainState, dict | None]:
     """The loop's state and best adapter from ``checkpoint``, or a fresh start."""
+    processes, inputs = s.accelerator.num_processes, run_inputs(s)
     if checkpoint is None:
-        return TrainState(), None
-    state, best = restore_checkpoint(s.accelerator, checkpoint, s.run_dir)
+        return TrainState(processes=processes, inputs=inputs), None
+    state, best = restore_checkpoint(s.accelerator, checkpoint, trainable_names(s.loss_model))
+    check_same_run(checkpoint, state, processes, inputs, resume_changed, s.total_steps)
+    state.processes, state.inputs = processes, inputs
+    if s.accelerator.is_main_process:
+        s.run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
     if "train.lr" in resume_changed:
         use_new_lr(s.scheduler, s.recipe.train.lr)
     if "train.early_stopping_patience" in resume_changed:  # stopped under the old patience; judge by the new one
@@ -478,10 +495,11 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
     started = time.time()
     quiet_libraries()
     checkpoint = run_dir.latest_checkpoint() if resume_run else None
+    changed = resume_changed
     if checkpoint is not None:
-        run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed, recipe_defaults())
+        changed = run_dir.check_resume(checkpoint, recipe.training_view(), resume_changed, recipe_defaults())
         refuse_unresumable(resume_changed)
-    if resume_run and not resume_changed and run_dir.finished_after(checkpoint):
+    if resume_run and not changed and run_dir.finished_after(checkpoint):
         raise TuneguardError(f"{run_dir.path}: training already finished, nothing to resume; {FINISHED_HINT}")
     if resume_run and checkpoint is None and is_main_process():
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
