@@ -338,6 +338,28 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path: Path, tiny_l
     assert json.loads((run_dir / "run.json").read_text())["steps"] == 4
 
 
+def test_torch_serializer_out_of_space_is_one_line(tmp_path: Path, tiny_llama_dir: Path, monkeypatch,
+                                                  capsys) -> None:
+    """torch.save reports a full disk as a RuntimeError, not an OSError: one line naming the checkpoint, not an
+    internal error; the checkpoint before it is kept."""
+    from accelerate import Accelerator
+
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 4, "save_every": 1})
+    run_dir = tmp_path / "runs" / "recipe"
+    save = Accelerator.save_state
+
+    def full_disk(self, output_dir, **kwargs):
+        if (run_dir / "checkpoints" / "step-1").exists():
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48576 vs 48464")
+        return save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval")
+    assert code == 2 and "checkpoints/step-2: could not be written (RuntimeError: [enforce fail" in lines[-1], lines
+    assert "MB free on its disk; the checkpoints before it are kept" in lines[-1]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-1"]
+
+
 def test_divergence_watch() -> None:
     uniform = 6.0
     watch = DivergenceWatch(uniform)

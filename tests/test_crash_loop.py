@@ -73,3 +73,25 @@ def test_kill_9_at_random_steps_always_resumes_to_the_same_adapter(tmp_path: Pat
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=f"trial {trial}: {name}")
     assert kills >= TRIALS
+
+
+def test_sigterm_releases_the_lock_and_the_run_resumes(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """What a scheduler sends before it kills: the lock file goes (a requeue on another host would be refused by a
+    left one, which names this host), temporary folders too, and ``--resume`` continues to the same adapter."""
+    reference = make_run(tmp_path / "reference", tiny_llama_dir, train=TRAIN)
+    subprocess.run(command(reference), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recipe = make_run(tmp_path / "stopped", tiny_llama_dir, train=TRAIN)
+    run_dir = tmp_path / "stopped/runs/recipe"
+    proc = subprocess.Popen(command(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while last_step(run_dir) < 7 and proc.poll() is None:
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().endswith("tuneguard: terminated (SIGTERM)"), err
+    assert not (run_dir / ".tuneguard.lock").exists() and not list(run_dir.rglob(".*.tmp"))
+    subprocess.run(command(recipe, "--resume"), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got, expected = adapter(run_dir), adapter(tmp_path / "reference/runs/recipe")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -34,6 +36,19 @@ def require_lm_eval(what: str) -> None:
         raise TuneguardError(f"{what} needs lm-evaluation-harness, an optional extra: {LM_EVAL_EXTRA}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (what a scheduler, ``docker stop`` or a closed terminal sends), raised where the process is,
+    so that, as for Ctrl-C, the run's lock is released and its temporary files removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def _traceback(debug: bool) -> None:
     """``--debug`` shows where the error came from; the exit code stays the error's (CI reads 1 as a regression)."""
     if debug:
@@ -42,6 +57,9 @@ def _traceback(debug: bool) -> None:
 
 def guarded(action: Callable[[], int], debug: bool = False) -> int:
     """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _terminate)
     try:
         return action()
     except TuneguardError as exc:
@@ -56,6 +74,9 @@ def guarded(action: Callable[[], int], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("tuneguard: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"tuneguard: terminated ({exc})", file=sys.stderr)
+        return 128 + exc.signum
     except Exception as exc:  # a bug, or a library's refusal not yet put in words: never 1, which means a regression
         _traceback(debug)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -86,7 +86,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(run_dir.checkpoint(state.step))) if main else None
         tmp = broadcast_object_list([tmp])[0]
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except RuntimeError as exc:  # torch.save's own words for a full disk ("unexpected pos ...")
+            free = shutil.disk_usage(tmp).free / 2**20
+            raise TuneguardError(f"{run_dir.checkpoint(state.step)}: could not be written ({_first_line(exc)}); "
+                                 f"{free:.0f} MB free on its disk; the checkpoints before it are kept") from None
         accelerator.wait_for_everyone()  # every process's file is in before the folder is renamed
         if main:
             if best is not None:
