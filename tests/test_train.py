@@ -340,3 +340,25 @@ def test_an_epoch_trains_each_row_once_whatever_the_accumulation(tmp_path: Path,
     for window in windows[3:]:
         assert [torch.equal(a["input_ids"], b["input_ids"]) for (a, _), (b, _) in zip(window, next(resumed),
                                                                                       strict=True)] == [True] * len(window)
+
+
+def test_adalora_resumes_to_the_ranks_an_uninterrupted_run_keeps(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The rank allocator's importance averages live outside the parameters and the optimizer: a checkpoint keeps
+    them, so a resumed run prunes the same singular values (before, 12 of 42 tensors ended another shape)."""
+    import shutil
+
+    sections = {"adapter": {"method": "adalora", "dropout": 0.0}, "train": {"max_steps": 20, "save_every": 8}}
+    path = make_run(tmp_path, tiny_llama_dir, **sections)
+    whole, resumed = tmp_path / "runs/whole", tmp_path / "runs/resumed"
+    for name in ("whole", "resumed"):
+        run_train(path, f"output.name={name}")
+    for name in ("adapter", "run.json", "checkpoints/step-16"):  # as if killed after the step-8 checkpoint
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    state = load_file(str(resumed / "checkpoints/step-8/method_state.safetensors"))
+    assert any(k.startswith("exp_avg_ipt/") for k in state) and any(k.startswith("rank_pattern/") for k in state)
+    train(load_recipe(path, ["output.name=resumed"]), resumed, resume=True)
+    config = [json.loads((d / "adapter/adapter_config.json").read_text())["rank_pattern"] for d in (whole, resumed)]
+    assert config[0] and config[0] == config[1]
+    expected, got = (load_file(str(d / "adapter/adapter_model.safetensors")) for d in (whole, resumed))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -144,6 +144,11 @@ def _nothing(*_: object) -> None:
     return None
 
 
+def _no_state(_: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state of a method whose per-step hook keeps none."""
+    return {}
+
+
 def _freeze_ranknum(model: PeftModel) -> None:
     """AdaLoRA's rank count is a constant; PEFT's cast of adapter tensors to a bf16/fp16 backbone's
     dtype re-creates it as a trainable Parameter, and AdamW would then move it."""
@@ -172,6 +177,27 @@ def _adalora_orthogonality(model: torch.nn.Module) -> torch.Tensor | None:
 def _adalora_allocate(model: torch.nn.Module, step: int) -> None:
     """AdaLoRA's rank budget: after each optimizer step, it reads the grads and prunes singular values."""
     model.base_model.update_and_allocate(step)
+
+
+ALLOCATOR_AVERAGES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _adalora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The rank allocator's importance averages and the rank pattern so far: neither parameters nor optimizer
+    state, so a checkpoint without them resumes to other ranks than the uninterrupted run keeps."""
+    base = model.base_model
+    state = {f"{kind}/{n}": t.detach().contiguous() for kind in ALLOCATOR_AVERAGES
+             for n, t in getattr(base.rankallocator, kind).items()}
+    pattern = base.peft_config[base.trainable_adapter_name].rank_pattern or {}
+    return state | {f"rank_pattern/{n}": torch.tensor(mask, dtype=torch.bool) for n, mask in pattern.items()}
+
+
+def _adalora_restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    base = model.base_model
+    for kind in ALLOCATOR_AVERAGES:
+        setattr(base.rankallocator, kind, {k.split("/", 1)[1]: t for k, t in state.items() if k.startswith(f"{kind}/")})
+    pattern = {k.split("/", 1)[1]: t.tolist() for k, t in state.items() if k.startswith("rank_pattern/")}
+    base.peft_config[base.trainable_adapter_name].rank_pattern = pattern or None
 
 
 def _delta_weight(module: torch.nn.Module, adapter: str) -> torch.Tensor | None:
@@ -237,6 +263,10 @@ class MethodSpec(Capabilities):
     """A term added to the training loss (None: nothing to add)."""
     after_step: Callable[[torch.nn.Module, int], None] = _nothing
     """Called with the step count after each optimizer step."""
+    step_state: Callable[[torch.nn.Module], dict[str, torch.Tensor]] = _no_state
+    """What its per-step hook keeps beyond parameters and optimizer state, for a checkpoint ({}: nothing)."""
+    restore_step_state: Callable[[torch.nn.Module, dict[str, torch.Tensor]], None] = _nothing
+    """Puts ``step_state``'s tensors back into a resumed model."""
 
 
 def _spec(name: str, **parts: Any) -> MethodSpec:
@@ -252,7 +282,8 @@ METHODS: dict[str, MethodSpec] = {
         # ``ranknum`` is a frozen parameter, but the adapter's: the backbone had none at load.
         "adalora", peft_type=PeftType.ADALORA, build_config=_adalora_config, param_markers=("lora_", "ranknum"),
         moved=partial(_layer_deltas, delta=_svd_delta_weight), after_apply=_freeze_ranknum,
-        extra_loss=_adalora_orthogonality, after_step=_adalora_allocate,
+        extra_loss=_adalora_orthogonality, after_step=_adalora_allocate, step_state=_adalora_state,
+        restore_step_state=_adalora_restore,
     ),
     "prompt_tuning": _spec(
         "prompt_tuning", peft_type=PeftType.PROMPT_TUNING, build_config=_prompt_tuning_config,

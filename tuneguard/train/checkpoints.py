@@ -26,6 +26,8 @@ from tuneguard.recipe import Recipe
 from tuneguard.rundir import TRAIN_STATE, RunDir, read_json
 
 BEST = "best_adapter.safetensors"
+METHOD_STATE = "method_state.safetensors"
+"""What an adapter method's per-step hook keeps (AdaLoRA's rank allocator), when it keeps anything."""
 
 
 @dataclass
@@ -75,7 +77,7 @@ def only_trainable_weights(accelerator: Accelerator, loss_model: torch.nn.Module
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState, best: dict | None,
-                    recipe: Recipe) -> None:
+                    recipe: Recipe, method_state: dict[str, torch.Tensor]) -> None:
     """Adapter, optimizer and RNG state, the train state written last (it marks the checkpoint complete).
 
     Every process saves into the main process's temporary folder: the main one writes the adapter and the
@@ -96,6 +98,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
         if main:
             if best is not None:
                 save_file(best, str(tmp / BEST))
+            if method_state:
+                save_file(method_state, str(tmp / METHOD_STATE))
             run_dir.write_checkpoint_recipe(tmp, recipe.training_view())
             atomic_write_json(tmp / TRAIN_STATE, asdict(state))
     if main:
@@ -104,7 +108,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
     accelerator.wait_for_everyone()
 
 
-def restore_checkpoint(accelerator: Accelerator, path: Path, trainable: set[str]) -> tuple[TrainState, dict | None]:
+def restore_checkpoint(accelerator: Accelerator, path: Path,
+                       trainable: set[str]) -> tuple[TrainState, dict | None, dict[str, torch.Tensor]]:
+    """The loop's state, the best adapter so far (or None) and the method's own state ({} if it keeps none)."""
     check_checkpoint(path, accelerator.process_index, trainable,
                      sharded=accelerator.distributed_type == DistributedType.FSDP)
     try:
@@ -113,7 +119,8 @@ def restore_checkpoint(accelerator: Accelerator, path: Path, trainable: set[str]
         raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); {_INSTEAD}") from None
     state = TrainState(**read_json(path / TRAIN_STATE))
     best = load_file(str(path / BEST)) if (path / BEST).exists() else None
-    return state, best
+    method_state = load_file(str(path / METHOD_STATE)) if (path / METHOD_STATE).exists() else {}
+    return state, best, method_state
 
 
 _INSTEAD = "delete this checkpoint to resume from the one before, or start again with --overwrite"

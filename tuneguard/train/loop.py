@@ -321,8 +321,10 @@ def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tu
     processes, inputs = s.accelerator.num_processes, run_inputs(s)
     if checkpoint is None:
         return TrainState(processes=processes, inputs=inputs), None
-    state, best = restore_checkpoint(s.accelerator, checkpoint, trainable_names(s.loss_model))
+    state, best, method_state = restore_checkpoint(s.accelerator, checkpoint, trainable_names(s.loss_model))
     check_same_run(checkpoint, state, processes, inputs, resume_changed, s.total_steps)
+    if method_state:
+        s.method.restore_step_state(s.model, method_state)
     state.processes, state.inputs = processes, inputs
     if s.accelerator.is_main_process:
         s.run_dir.keep_metrics_through(state.step)  # the resumed run logs the later steps again
@@ -543,7 +545,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
                 state.elapsed += time.time() - started
                 started = time.time()
                 state.divergence = watch.to_state()
-                save_checkpoint(s.accelerator, run_dir, state, best, recipe)
+                save_checkpoint(s.accelerator, run_dir, state, best, recipe, s.method.step_state(s.model))
     state.elapsed += time.time() - started
     return finish(s, state, best)
 
