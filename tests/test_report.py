@@ -6,6 +6,7 @@ import io
 import json
 import re
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,12 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     run_dir, report = run
     record_run(run_dir, report)
     record_run(run_dir, report)          # the same run again replaces, not duplicates
+    monkeypatch.chdir(run_dir.parent)    # nor when its directory is spelled another way, in the report too
+    record_run(Path(run_dir.name), {**report, "summary": {**report["summary"], "run_dir": run_dir.name}})
+    legacy = {**report, "summary": {**report["summary"], "run_dir": "./" + run_dir.name}}
+    with closing(sqlite3.connect(tmp_path / "home" / "history.sqlite")) as con, con:  # keyed by an older version
+        con.execute("UPDATE runs SET run_key = 'older'")
+    record_run(run_dir, legacy)
     assert (tmp_path / "home" / "history.sqlite").is_file()
     rows = list_history()
     assert [r["task"] for r in rows] == ["sst2", "arc_easy", "wikitext"]

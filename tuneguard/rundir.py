@@ -204,7 +204,7 @@ class RunDir:
         method = adapter.get("method") or run.get("adapter_method")
         return {
             "name": run.get("recipe") or (recipe.get("output") or {}).get("name") or self.path.name,
-            "run_dir": str(self.path),
+            "run_dir": str(self.path.resolve()),
             "model": (recipe.get("model") or {}).get("source"),
             "fingerprint": run.get("fingerprint"),
             "quantization": run.get("quantization") or (recipe.get("quantization") or {}).get("method"),

@@ -114,17 +114,21 @@ def record_run(run_dir: Path, report: dict[str, Any], *, db: Path | None = None)
 
 
 def _record(run_dir: Path, report: dict[str, Any], db: Path | None) -> None:
-    s = report["summary"]
     run_dir_text = str(Path(run_dir).resolve())
+    s = {**report["summary"], "run_dir": run_dir_text}  # however the directory was spelled when it was evaluated
     key = hashlib.sha256(json.dumps([run_dir_text, s], sort_keys=True, default=str).encode()).hexdigest()
+    facts = (run_dir_text, s.get("name"), s.get("model"), s.get("fingerprint"), s.get("quantization"), s.get("adapter"),
+             s.get("r"), s.get("trainable_params"), s.get("tokens_per_s"), s.get("peak_memory_mb"))
     with closing(_connect(db)) as con, con:
         con.execute("DELETE FROM runs WHERE run_key = ?", (key,))
+        # Rows keyed by another spelling of the directory (before the key took the resolved one): the same facts.
+        con.execute("DELETE FROM runs WHERE run_dir = ? AND recipe IS ? AND model IS ? AND fingerprint IS ? AND "
+                    "quantization IS ? AND adapter_method IS ? AND adapter_r IS ? AND trainable_params IS ? AND "
+                    "tokens_per_s IS ? AND peak_memory_mb IS ?", facts)
         run_id = con.execute(
             "INSERT INTO runs (run_key, created, run_dir, recipe, model, fingerprint, quantization, adapter_method, "
             "adapter_r, trainable_params, tokens_per_s, peak_memory_mb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, report["created"], run_dir_text, s.get("name"), s.get("model"), s.get("fingerprint"),
-             s.get("quantization"), s.get("adapter"), s.get("r"), s.get("trainable_params"), s.get("tokens_per_s"),
-             s.get("peak_memory_mb")),
+            (key, report["created"], *facts),
         ).lastrowid
         con.executemany(
             f"INSERT INTO results (run_id, {', '.join(_RESULT_KEYS)}) VALUES (?{', ?' * len(_RESULT_KEYS)})",
