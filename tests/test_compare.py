@@ -61,6 +61,18 @@ def test_identical_outcomes_are_non_inferior(outcomes: np.ndarray) -> None:
     assert few.verdict == "inconclusive" and few.items_to_decide is None  # no spread to plan items from
 
 
+def test_no_detectable_change_past_what_an_accuracy_can_lose() -> None:
+    """Five items, 2 of 5 right: a drop of 40 pp is all there is to lose, and a normal approximation's 100 pp is
+    not detectable; the gate and the reports show a dash, not 'inf %'."""
+    from tuneguard.report.blocks import fmt_points
+
+    base, tuned = [1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0, 0.0]
+    c = compare_task(acc("t", base), acc("t", tuned))
+    assert c.mdr == math.inf and c.to_dict()["mdr"] is None and fmt_points(c.mdr, "pp") == "–"
+    many = compare_task(acc("t", base * 200), acc("t", tuned * 200))
+    assert 0 < many.mdr < 40 and fmt_points(many.mdr, "pp") == f"{many.mdr:.1f} pp"
+
+
 def test_many_discordant_pairs_one_way_is_significant_and_matches_mcnemar(outcomes: np.ndarray) -> None:
     tuned = flipped(outcomes, wins=40, losses=12)
     c = compare_task(acc("t", outcomes), acc("t", tuned), n_boot=2000)

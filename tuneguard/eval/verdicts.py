@@ -253,7 +253,10 @@ def _finish(ev: _Evidence, *, is_general: bool, level: float, p_adjusted: float,
     )
     c.sd_item = abs(c._gain(ev.sd_item()))
     powerless = ev.flips is not None and ev.flips.exact and c.n < stats.sign_flip_min_items(level)
-    c.mdr = math.inf if powerless else stats.min_detectable(c.sd_item, c.n, level)  # no change is detectable
+    detectable = stats.min_detectable(c.sd_item, c.n, level)
+    # A 0/1 outcome cannot fall by more than it stands at (100.2 pp read as detectable at n = 5): none is.
+    largest = 100 * (c.base if c.higher_is_better else 1 - c.base) if ev.won is not None else math.inf
+    c.mdr = math.inf if powerless or detectable >= largest else detectable  # inf: no change is detectable
     significant = p_adjusted < alpha and not low <= 0 <= high
     return replace(c, **_judge(c, margin, significant))
 

@@ -93,7 +93,8 @@ def fmt_p_adjusted(c: dict[str, Any]) -> str:
 
 
 def fmt_points(v: float | None, unit: str) -> str:
-    return DASH if missing(v) else f"{v:.1f} {unit}"
+    """A dash where there is no number, or none that could be reached (a detectable change of infinity)."""
+    return DASH if missing(v) or not math.isfinite(v) else f"{v:.1f} {unit}"
 
 
 def points_unit(c: dict[str, Any]) -> str:
