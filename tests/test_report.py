@@ -312,6 +312,25 @@ def test_compare_runs_side_by_side(tmp_path: Path) -> None:
     assert "files" not in compare_run_dirs(dirs[:1], None)
 
 
+def test_side_by_side_keeps_a_task_on_other_items_apart(tmp_path: Path) -> None:
+    """arc_easy on 500 items and on its first 100 (another --limit, or general-tiny beside general-small) are not
+    one row: each is said with its item count."""
+    dirs = []
+    for name, n in (("all", 500), ("first", 100)):
+        run_dir, eval_data = make_run(tmp_path / "runs", name)
+        for side in ("base", "tuned"):
+            for result in eval_data[side]:
+                if result["task"] == "arc_easy":
+                    result["per_item"] = result["per_item"][:n]
+                    result["n"], result["item_hashes"] = n, [f"h{i}" for i in range(n)]
+        atomic_write_json(run_dir / "eval.json", eval_data)
+        write_reports(run_dir, _report(run_dir, eval_data))
+        dirs.append(run_dir)
+    tasks = {t["task"]: t["cells"] for t in compare_run_dirs(dirs, None)["tasks"]}
+    assert tasks["arc_easy (500 items)"][1] is None and tasks["arc_easy (100 items)"][0] is None
+    assert tasks["arc_easy (100 items)"][1]["n"] == 100 and all(tasks["wikitext"])
+
+
 def _kept_step(run_dir: Path, selection: dict[str, Any]) -> None:
     record = json.loads((run_dir / "run.json").read_text())
     atomic_write_json(run_dir / "run.json", {**record, "selection": selection})

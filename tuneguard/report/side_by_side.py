@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,14 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
         labels = [r["run_dir"] for r in runs]
     for run, label in zip(runs, labels, strict=True):
         run["label"] = label
+    comparison: dict[str, Any] = {"runs": runs, "tasks": _task_rows(reports)}
+    if out_dir is not None:
+        comparison["files"] = [str(p) for p in _write(Path(out_dir), comparison)]
+    return comparison
+
+
+def _task_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The union of the reports' tasks, one row per task and item set, a cell per report (None where it has none)."""
     tasks: dict[tuple[str, str], dict[str, Any]] = {}
     for i, report in enumerate(reports):
         for c in report.get("task", []) + report.get("general", []):
@@ -74,23 +83,23 @@ def compare_run_dirs(run_dirs: list[Path], out_dir: Path | None = None) -> dict[
         names = list(dict.fromkeys(row.pop("names")))
         if len(names) > 1:  # one validation set under each run's own name
             row["task"] = f"own task (validation, the same {_own_items(row)} items)"
-    comparison: dict[str, Any] = {
-        "runs": runs, "tasks": sorted(tasks.values(), key=lambda t: t["is_general"]),
-    }
-    if out_dir is not None:
-        comparison["files"] = [str(p) for p in _write(Path(out_dir), comparison)]
-    return comparison
+    labels = Counter((row["task"], row["metric"]) for row in tasks.values())
+    for row in tasks.values():  # one task scored on different items (another --limit or suite): rows apart, said
+        if labels[row["task"], row["metric"]] > 1:
+            row["task"] = f"{row['task']} ({_own_items(row)} items)"
+    return sorted(tasks.values(), key=lambda t: t["is_general"])
 
 
 def _row_key(cell: dict[str, Any], report: dict[str, Any]) -> str:
-    """A general task by name; a recipe's own task (named after its run) by the items it scored, so
-    runs of one recipe under different names share a row, and different validation sets never do."""
+    """A task by the items it scored: a general task by name and items (arc_easy on 80 items and on 250 are two
+    rows), a recipe's own task (named after its run) by its items alone, so runs of one recipe under different
+    names share a row, and different validation sets never do."""
+    digest = next((hashlib.sha256(" ".join(sorted(items["item_hashes"])).encode()).hexdigest()
+                   for items in report.get("items", []) if items["task"] == cell["task"]
+                   and items["metric"] == cell["metric"] and items.get("item_hashes")), None)
     if cell.get("is_general", False):
-        return cell["task"]
-    for items in report.get("items", []):
-        if items["task"] == cell["task"] and items["metric"] == cell["metric"] and items.get("item_hashes"):
-            return "items:" + hashlib.sha256(" ".join(sorted(items["item_hashes"])).encode()).hexdigest()
-    return cell["task"]
+        return f"{cell['task']}|{digest}"
+    return f"items:{digest}" if digest else cell["task"]
 
 
 def _own_items(row: dict[str, Any]) -> str:
