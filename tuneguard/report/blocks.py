@@ -218,7 +218,7 @@ def html_block(block: Block) -> str:
     if block.headers:
         head = "".join(_td(h, "th") for h in block.headers)
         body = "".join("<tr>" + "".join(map(_td, row)) + "</tr>" for row in block.rows)
-        out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
     if block.lines:
         out.append("<ul>" + "".join(_td(c, "li") for c in block.lines) + "</ul>")
     return "\n".join(out) + "\n"
@@ -227,9 +227,10 @@ def html_block(block: Block) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:80rem;
 color:#1d1d1f;padding:0 1rem}td{white-space:nowrap}td:last-child{white-space:normal;min-width:8rem}
+td:first-child{white-space:normal;overflow-wrap:anywhere;min-width:8rem;max-width:22rem}.scroll{overflow-x:auto}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}
-th,td{border:1px solid #ddd;padding:.25rem .45rem;text-align:right}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.8rem}
+th,td{border:1px solid #ddd;padding:.2rem .35rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f5f5f7}
 .improved,.pass{color:#137333;font-weight:600}.regressed,.fail{color:#c5221f;font-weight:600}
 .nochange{color:#80868b}.noninferior{color:#1a73e8}.inconclusive{color:#b06000;font-weight:600}

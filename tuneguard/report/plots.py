@@ -19,8 +19,15 @@ from tuneguard.report.blocks import fmt_verdict
 
 COLOURS = {"improved": "#188038", "non-inferior": "#1a73e8", "inconclusive": "#e37400", "regressed": "#d93025"}
 _OTHER = "#80868b"
-PALETTE = ["#1a73e8", "#d93025", "#188038", "#e37400", "#9334e6", "#12b5cb", "#b06000", "#5f6368"]
-"""One colour per adapter in the gain-vs-forgetting chart (verdict colours mean something else)."""
+PALETTE = ["#9334e6", "#12b5cb", "#795548", "#e52592", "#3949ab", "#827717", "#00897b", "#5f6368"]
+"""One colour per adapter in the gain-vs-forgetting chart: none of the verdict colours (green, blue, orange, red),
+which mean improved, non-inferior, inconclusive and regressed in every other chart and table."""
+LABEL_CHARS = 40
+"""A task's name on a chart's axis is cut to this: one long name squeezed every panel to a sliver."""
+
+
+def short(name: str) -> str:
+    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -65,7 +72,7 @@ def _forest_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
         ax.plot(min(hi, right), y, ">" if math.isinf(hi) else "|", color=colour, markersize=9)
     ax.set_xlim(left, right)
     ax.axvline(0, color="#202124", linewidth=1)
-    names = [c.get("label") or f"{c['task']} ({c['metric']})" for c in rows]
+    names = [short(c.get("label") or f"{c['task']} ({c['metric']})") for c in rows]
     ax.set_yticks(range(len(rows)), [f"{name}\n{fmt_verdict(c)}" for name, c in zip(names, rows, strict=True)],
                   fontsize=8.5)
     for label, c in zip(ax.get_yticklabels(), rows, strict=True):
