@@ -211,7 +211,7 @@ def test_a_narrow_table_keeps_its_title_on_one_line() -> None:
 
 
 def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   run: tuple[Path, dict[str, Any]]) -> None:
+                                   run: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("TUNEGUARD_HOME", str(tmp_path / "home"))
     run_dir, report = run
     record_run(run_dir, report)
@@ -240,6 +240,13 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert sst2[1]["adapter_r"] is None
     assert {r["recipe"] for r in list_history(last=1)} == {"sst2-ia3"}
     assert len(list_history(recipe="sst2-lora", last=1)) == 3  # the newest run *of that recipe*
+    from tuneguard.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["history", "--last", "1"]) == 0
+    assert "the newest 1 of 2 runs; --last N shows more" in capsys.readouterr().err
+    assert cli_main(["history"]) == 0
+    assert "--last N" not in capsys.readouterr().err
     assert len(list_history(recipe="sst2-lora")) == 3
     assert unknown_filter("sst2", "sst2-ia3") is None
     assert unknown_filter("arc_easyy", None) == ("--task 'arc_easyy': no run or check in the history has it; did you "

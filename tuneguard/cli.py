@@ -172,7 +172,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
-    from tuneguard.report.history import list_checks, list_history, unknown_filter
+    from tuneguard.report.history import count_runs, list_checks, list_history, unknown_filter
     from tuneguard.report.terminal import print_history
 
     results = list_history(task=args.task, recipe=args.recipe, last=args.last)
@@ -188,12 +188,16 @@ def _history(args: argparse.Namespace) -> int:
                                  f"{f' of task {args.task!r}' if args.task else ''}")
         png, drawn, total = trend_png(results, checks)
         atomic_write_bytes(args.plot, png)
-        console.print(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot}")
+        console.print(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot} (the newest "
+                      f"{args.last} runs and checks at most; --last N)")
         if len(drawn) < total:
             console.print(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
         return 0
     if results or not checks:
         print_history(results, console)
+        shown, total = len({r["run_dir"] + r["created"] for r in results}), count_runs(task=args.task, recipe=args.recipe)
+        if shown < total:
+            console.print(f"the newest {shown} of {total} runs; --last N shows more")
     if checks:
         from tuneguard.report.monitor import print_checks
 
@@ -318,7 +322,7 @@ def _add_monitoring_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("history", help="results of past runs and checks over time, oldest first (--last N: the newest N)")
     p.add_argument("--task")
     p.add_argument("--recipe")
-    p.add_argument("--last", type=positive_int, default=20)
+    p.add_argument("--last", type=positive_int, default=20, help="the newest N runs and checks (default 20)")
     p.add_argument("--plot", metavar="OUT.png", help="draw each task's metric over time (runs and checks) to a PNG")
     p.set_defaults(func=_history)
 

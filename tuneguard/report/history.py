@@ -140,17 +140,10 @@ def list_history(
     *, task: str | None = None, recipe: str | None = None, last: int | None = None, db: Path | None = None
 ) -> list[dict[str, Any]]:
     """Task results joined with their run, oldest first; ``last`` keeps the most recent N runs that match."""
-    where, args = [], []
-    if task is not None:
-        where.append("results.task = ?")
-        args.append(task)
-    if recipe is not None:
-        where.append("runs.recipe = ?")
-        args.append(recipe)
-    matching = f" WHERE {' AND '.join(where)}" if where else ""
+    matching, args = _matching(task, recipe)
     joined = "FROM results JOIN runs ON runs.id = results.run_id" + matching
     if last is not None:
-        matching += (" AND " if where else " WHERE ") + (
+        matching += (" AND " if matching else " WHERE ") + (
             f"runs.id IN (SELECT runs.id {joined} GROUP BY runs.id ORDER BY MAX(runs.created) DESC, runs.id DESC LIMIT ?)")
         args = [*args, *args, last]
     sql = (
@@ -161,6 +154,21 @@ def list_history(
     )
     with closing(_connect(db)) as con:
         return [dict(row) | {"is_general": bool(row["is_general"])} for row in con.execute(sql, args)]
+
+
+def _matching(task: str | None, recipe: str | None) -> tuple[str, list[str]]:
+    """The WHERE clause (or "") of a ``--task``/``--recipe`` filter over results joined with runs, and its values."""
+    where = [(f"{column} = ?", value) for column, value in (("results.task", task), ("runs.recipe", recipe))
+             if value is not None]
+    return (f" WHERE {' AND '.join(w for w, _ in where)}" if where else ""), [v for _, v in where]
+
+
+def count_runs(*, task: str | None = None, recipe: str | None = None, db: Path | None = None) -> int:
+    """How many runs the filter matches (``tuneguard history`` says when ``--last`` shows fewer)."""
+    matching, args = _matching(task, recipe)
+    with closing(_connect(db)) as con:
+        return con.execute("SELECT COUNT(DISTINCT runs.id) FROM results JOIN runs ON runs.id = results.run_id"
+                           + matching, args).fetchone()[0]
 
 
 def unknown_filter(task: str | None, recipe: str | None, *, db: Path | None = None) -> str | None:
