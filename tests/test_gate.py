@@ -54,6 +54,16 @@ def test_regression_beyond_the_margin_fails_with_junit_and_markdown(report_path:
     assert "corrected by holm" in summary and len(summary) < 2000
 
 
+def test_junit_stays_well_formed_with_control_characters_in_a_task_name(tmp_path: Path) -> None:
+    """A task YAML may name a task with a character XML 1.0 forbids: the file must still parse in CI."""
+    from tuneguard.report.gate import gate_junit
+
+    results = [TaskResult("odd\x1bname\x07", "acc", 0.5, True, 4, [1.0, 0.0, 1.0, 0.0])]
+    rows = compare_results(results, results, general_tasks={"odd\x1bname\x07"}, n_boot=100)
+    suite = ET.fromstring(gate_junit(rows, False, "its base").split("\n", 1)[1])
+    assert [c.get("name") for c in suite.iter("testcase")] == ["odd\ufffdname\ufffd"]
+
+
 def test_a_margin_of_zero_is_a_margin(tmp_path: Path) -> None:
     """``eval.margin: 0`` (no regression accepted) is kept by the gate, not replaced by the default 2."""
     n = 3000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def gate_markdown(rows: list[Comparison], require_power: bool, against: str) -> 
     return f"### tuneguard gate: {_HEADLINE[code]}\n\n{_summary(rows, against)}\n\n{table}"
 
 
+XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def gate_junit(rows: list[Comparison], require_power: bool, against: str) -> str:
     """One test case per task; a failure carries the row's numbers (undecided fails only with --require-power)."""
     suite = ET.Element("testsuite", name="tuneguard gate", tests=str(len(rows)))
@@ -106,7 +110,9 @@ def gate_junit(rows: list[Comparison], require_power: bool, against: str) -> str
     props = ET.Element("properties")
     ET.SubElement(props, "property", name="against", value=_summary(rows, against))
     suite.insert(0, props)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+    # A task name (a YAML's) may hold characters XML 1.0 forbids, which ElementTree writes as they are: CI's parser
+    # would then refuse the whole file.
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + XML_FORBIDDEN.sub("\ufffd", ET.tostring(suite, encoding="unicode")) + "\n"
 
 
 def write_gate(rows: list[Comparison], require_power: bool, against: str, *, junit: str | None,
