@@ -274,6 +274,23 @@ def test_resume_refuses_a_changed_recipe_unless_named(tmp_path: Path, tiny_llama
     assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.json"]
 
 
+def test_an_adapter_that_cannot_be_applied_writes_nothing(tmp_path: Path, tiny_llama_dir: Path,
+                                                          tiny_bert_dir: Path, capsys) -> None:
+    """Refused while the adapter is built (targets, a method the backbone cannot take): no run directory, so the
+    corrected command needs no --overwrite."""
+    path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 1})
+    run_dir = tmp_path / "runs" / "recipe"
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", "adapter.target_modules=[qury]")
+    assert code == 2 and "no linear layer named ['qury']" in lines[-1] and not run_dir.exists(), lines
+    code, lines = tuneguard(capsys, "train", str(path), "--no-eval", r"adapter.target_modules=[.*\.q_proj$]")
+    assert code == 2 and "not a regular expression" in lines[-1] and not run_dir.exists(), lines
+    bert = make_run(tmp_path / "bert", tiny_bert_dir, train={"max_steps": 1})
+    code, lines = tuneguard(capsys, "train", str(bert), "--no-eval", "adapter.method=prompt_tuning")
+    assert code == 2 and "adapter.method 'prompt_tuning' adapts a language model" in lines[-1], lines
+    assert not (tmp_path / "bert" / "runs").exists()
+    assert tuneguard(capsys, "train", str(path), "--no-eval", "adapter.target_modules=[q_proj]")[0] == 0
+
+
 def test_resume_refuses_what_the_recipe_does_not_show(tmp_path: Path, tiny_llama_dir: Path, capsys) -> None:
     """Same recipe, other run: other data under the same file name, another process count, a checkpoint past a
     shortened run; and --resume-changed that changes nothing does not retrain a finished run."""

@@ -20,6 +20,9 @@ class Capabilities:
     """False where examples must not be packed into one sequence (virtual tokens go in front of each example)."""
     has_rank: bool = True
     """False where ``adapter.r`` means nothing, so reports leave it blank."""
+    classifier: bool = True
+    """False where it cannot sit on a classifier with its own head (an encoder or image backbone): PEFT's
+    ``disable_adapter`` for prompt tuning swaps a generation hook a classifier lacks, so no base could be scored."""
     dora: bool = False
     """Whether ``adapter.use_dora`` applies."""
     lr: float = 2e-4
@@ -45,7 +48,8 @@ CAPABILITIES: dict[str, Capabilities] = {
     "loha": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
     "lokr": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
     "adalora": Capabilities(lr=5e-4, lr_range=(2e-4, 2e-3)),
-    "prompt_tuning": Capabilities(mergeable=False, packable=False, has_rank=False, lr=3e-2, lr_range=(1e-2, 3e-1)),
+    "prompt_tuning": Capabilities(mergeable=False, packable=False, has_rank=False, classifier=False, lr=3e-2,
+                                  lr_range=(1e-2, 3e-1)),
 }
 """One entry per recipe ``adapter.method``."""
 

@@ -77,8 +77,10 @@ def resolve_targets(model: PreTrainedModel, target: str | list[str], layers: lis
         missing = [t for t in wanted if not any(n == t or n.endswith(f".{t}") for n in kinds)]
         if missing:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in kinds})
+            regex = " (names match a module's name or its dotted ending, not a regular expression)" if any(
+                ch in "".join(missing) for ch in "*[]()|^$\\+?") else ""
             raise TuneguardError(
-                f"adapter.target_modules: no linear layer named {missing} in this model; "
+                f"adapter.target_modules: no linear layer named {missing} in this model{regex}; "
                 f"available: {leaves} or a preset (all-linear, attention, mlp)"
             )
         names = [n for n in kinds if any(n == t or n.endswith(f".{t}") for t in wanted)]
@@ -327,6 +329,9 @@ def apply_adapter(
 ) -> PeftModel:
     """Wrap the frozen backbone with the recipe's adapter; only adapter (and new head) weights train."""
     spec = method_spec(cfg)
+    if is_encoder and not spec.classifier:
+        raise TuneguardError(f"adapter.method '{cfg.method}' adapts a language model (a decoder); this backbone is a "
+                             "classifier with its own head: use lora, ia3, loha, lokr or adalora")
     # PEFT has no image task type: an image classifier's new head is named as trained and saved with the adapter.
     task_type = None if image else TaskType.SEQ_CLS if is_encoder else TaskType.CAUSAL_LM
     config = spec.build_config(cfg, model, task_type, total_steps)

@@ -247,14 +247,13 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
                         packable=method.packable, image=backbone.image)
     total_steps, _ = planned_steps(recipe, len(data.train), accelerator.num_processes)
     scorer = make_scorer(recipe, backbone, data, accelerator) if make_scorer else None
-    if accelerator.is_main_process:  # only now that the inputs are known to be good
-        run_dir.write_recipe(dump_recipe(recipe))
-        for line in data_notes(data.stats):
-            accelerator.print(f"note: {line}")
-
     set_seed(recipe.train.seed)
     model = apply_adapter(backbone.model, recipe.adapter, is_encoder=backbone.is_encoder, total_steps=total_steps,
                           image=backbone.image is not None)
+    if accelerator.is_main_process:  # only now that the inputs, the adapter's targets included, are known to be good
+        run_dir.write_recipe(dump_recipe(recipe))
+        for line in data_notes(data.stats):
+            accelerator.print(f"note: {line}")
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
     model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None,
