@@ -173,6 +173,17 @@ def test_adalora_rank_count_stays_constant_and_reloads(tmp_path: Path, tiny_llam
     assert all(torch.equal(named[f"{key}.default"].detach(), value) for key, value in saved.items())
 
 
+def test_a_short_adalora_run_ends_at_its_target_rank(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The rank schedule is scaled to the run: 4 steps still reach the final allocation, r 4 of init_r 6 per layer
+    (a 10-step floor left such runs at 6)."""
+    path = make_run(tmp_path, tiny_llama_dir, adapter={"method": "adalora", "r": 4}, train={"max_steps": 4})
+    run_train(path)
+    config = json.loads((tmp_path / "runs/recipe/adapter/adapter_config.json").read_text())
+    assert config["total_step"] == 4
+    ranks = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert ranks and sum(ranks) == 4 * len(ranks)  # the budget: target_r per adapted layer, spread as it chose
+
+
 def test_an_adalora_classifier_reloads_with_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """The head is saved under its module's name (modules_to_save), not an AdaLoRA layer's: both come back."""
     path = make_run(tmp_path, tiny_bert_dir, adapter={"method": "adalora", "r": 4}, train={"max_steps": 3})

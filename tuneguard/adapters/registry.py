@@ -126,10 +126,11 @@ def _lokr_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType
 
 
 def _adalora_config(cfg: AdapterConfig, model: PreTrainedModel, task_type: TaskType, total_steps: int) -> PeftConfig:
-    """Start at 1.5x the recipe's rank and prune to it, the schedule scaled to the run's length."""
+    """Start at 1.5x the recipe's rank and prune to it, the schedule scaled to the run's length (a floor of 10 steps
+    left runs under 10 short of the final allocation, above ``target_r``; PEFT needs 3: warm-up, prune, mask)."""
     return AdaLoraConfig(
         init_r=max(cfg.r * 3 // 2, cfg.r + 1), target_r=cfg.r, lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout, total_step=max(total_steps, 10),
+        lora_dropout=cfg.dropout, total_step=max(total_steps, 3),
         tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1), deltaT=1,
         target_modules=_targets(cfg, model), task_type=task_type,
     )
