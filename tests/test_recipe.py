@@ -216,3 +216,16 @@ def test_keys_the_data_never_reads_are_refused(tmp_path: Path, data: str, proble
     """Each was accepted and silently did nothing."""
     with pytest.raises(TuneguardError, match=re.escape(problem)):
         load_recipe(write(tmp_path, f"data: {data}\n"))
+
+
+def test_keys_a_method_does_not_read_are_named() -> None:
+    """IA3 has no rank, prompt tuning no target modules: set anyway, they are said at the start (not refused, so one
+    override switches a recipe's method)."""
+    from tuneguard.recipe import METHOD_KEYS, AdapterConfig
+
+    assert AdapterConfig(method="ia3", r=64, alpha=1, dropout=0.5).unused_keys() == [
+        "adapter.alpha", "adapter.dropout", "adapter.r"]
+    assert AdapterConfig(method="prompt_tuning", target_modules=["q_proj"]).unused_keys() == ["adapter.target_modules"]
+    assert AdapterConfig(method="lora", num_virtual_tokens=4).unused_keys() == ["adapter.num_virtual_tokens"]
+    assert AdapterConfig(method="lora", r=8, target_modules="mlp").unused_keys() == []
+    assert set(METHOD_KEYS) == set(AdapterConfig.model_fields["method"].annotation.__args__)

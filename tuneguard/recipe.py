@@ -74,6 +74,15 @@ class QuantizationConfig(Section):
         return self
 
 
+_LAYERED = {"target_modules", "layers_to_transform", "freeze_layers_below", "unfreeze_every"}
+_RANKED = _LAYERED | {"r", "alpha", "dropout"}
+METHOD_KEYS = {
+    "lora": _RANKED | {"use_rslora", "use_dora", "init"}, "ia3": _LAYERED, "loha": _RANKED, "lokr": _RANKED,
+    "adalora": _RANKED, "prompt_tuning": {"num_virtual_tokens"},
+}
+"""The adapter keys each method reads, beyond ``method``."""
+
+
 class AdapterConfig(Section):
     method: Literal["lora", "ia3", "loha", "lokr", "adalora", "prompt_tuning"] = "lora"
     r: int = Field(16, ge=1)
@@ -91,6 +100,12 @@ class AdapterConfig(Section):
     """Keep the adapters of the lowest N layers frozen (layer-wise freezing)."""
     unfreeze_every: int = Field(0, ge=0)
     """Gradual unfreezing: every N steps, one more frozen layer (top-down) starts training."""
+
+    def unused_keys(self) -> list[str]:
+        """Keys the recipe sets that its method does not read (``adapter.r`` with IA3, ``adapter.target_modules``
+        with prompt tuning): said at the start, not refused, so a recipe can switch methods by one override."""
+        reads = METHOD_KEYS[self.method]
+        return [f"adapter.{k}" for k in sorted(self.model_fields_set - reads - {"method"})]
 
     def method_problem(self) -> str | None:
         """Keys the method would ignore or cannot honour, which a run should not silently train without."""

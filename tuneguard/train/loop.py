@@ -268,6 +268,8 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     groups = param_groups(recipe, model)
     for line in lr_notes(recipe, groups, warn=lr_factor is None):
         accelerator.print(line)
+    if unused := recipe.adapter.unused_keys():
+        accelerator.print(f"note: {', '.join(unused)}: not read by adapter.method '{recipe.adapter.method}' (ignored)")
     if note := selection_note(recipe.train.select, recipe.train.early_stopping_patience):
         accelerator.print(note)
     optimizer = make_optimizer(recipe, groups, accelerator.device)
