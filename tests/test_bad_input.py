@@ -473,10 +473,17 @@ def test_export_carries_labels_and_prompt_and_is_verified(tmp_path: Path, tiny_l
                                                           tiny_bert_dir: Path, capsys) -> None:
     from transformers import AutoConfig
 
-    _, run_dir = finished_run(tmp_path / "enc", tiny_bert_dir)
-    assert tuneguard(capsys, "export", str(run_dir))[0] == 0
+    _, run_dir = finished_run(tmp_path / "enc", tiny_bert_dir, quantization={"method": "nf4"})
+    capsys.readouterr()
+    assert cli_main(["export", str(run_dir)]) == 0
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    assert note.startswith("note: the adapter was trained and evaluated on the nf4 backbone"), note
+    assert note.endswith("score the export again before relying on the report's numbers on your validation rows")
     config = AutoConfig.from_pretrained(run_dir / "merged")
     assert config.id2label == {0: "negative", 1: "positive"} and config.label2id == {"negative": 0, "positive": 1}
+    card = (run_dir / "merged" / "README.md").read_text()  # an encoder's export says what it takes, too
+    assert "a sequence classifier" in card and "Review: {text}" in card and "`negative`, `positive`" in card
+    assert "chat template" not in card and "nf4 backbone" in card
 
     _, run_dir = finished_run(tmp_path / "dec", tiny_llama_dir)
     assert tuneguard(capsys, "export", str(run_dir))[0] == 0

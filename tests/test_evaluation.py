@@ -1,6 +1,7 @@
 """The evaluation stage on a tiny trained run: guards, base vs tuned, eval.json and reports."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,20 @@ def test_fingerprint_guard_takes_earlier_versions_adapters(tmp_path: Path, tiny_
 
 
 def test_encoder_scored_by_its_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
-    path, recipe, result = trained(tmp_path, tiny_bert_dir, train={"max_steps": 10, "lr": 1e-2}, eval={"task": True})
+    # Three classes where the saved head has two: a fresh head, drawn at load.
+    path, recipe, result = trained(tmp_path, tiny_bert_dir, train={"max_steps": 10, "lr": 1e-2}, eval={"task": True},
+                                   data={"labels": ["negative", "positive", "neutral"]})
     run_dir = recipe.run_dir(path)
     assert evaluate(recipe, run_dir, result) == 0
     data = json.loads((run_dir / "eval.json").read_text())
     assert [r["task"] for r in data["tuned"]] == ["recipe (validation)"]
     assert {"acc", "f1_macro"} <= set(data["tuned"][0]["metrics"])
+    # Evaluated again from disk: the head the adapter disables ("base") is drawn as training drew it, not anew.
+    shutil.rmtree(run_dir / "scores")
+    assert cli_main(["eval", str(run_dir)]) == 0
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert [r["per_item"] for r in again["base"]] == [r["per_item"] for r in data["base"]]
+    assert [g["detail"] for g in again["guards"]] == [g["detail"] for g in data["guards"]]
 
 
 def test_base_model_eval_cli(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

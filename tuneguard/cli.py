@@ -54,7 +54,7 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tuneguard.export import QUANTIZED_EXPORT, export_merged
+    from tuneguard.export import export_merged
     from tuneguard.progress import quiet_libraries
     from tuneguard.recipe import load_recipe
     from tuneguard.rundir import RunDir
@@ -64,11 +64,10 @@ def _export(args: argparse.Namespace) -> int:
     run.ensure_converged()
     recipe = load_recipe(run.recipe)
     out = Path(args.out) if args.out else run.merged
-    export_merged(recipe, run.adapter, out, dtype=args.dtype)
+    note = export_merged(recipe, run.adapter, out, dtype=args.dtype)
     print(f"merged model saved to {out}")
-    if recipe.quantization.method != "none":
-        print(f"note: {QUANTIZED_EXPORT.format(method=recipe.quantization.method, dtype=args.dtype)}; score it with "
-              f"tuneguard eval --model {out}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 

@@ -345,6 +345,11 @@ class DataConfig(Section):
         return class_names(self.labels)
 
     @property
+    def num_labels(self) -> int | None:
+        """The classifier head's size, or None for a language model (no labels)."""
+        return len(self.classes) or None
+
+    @property
     def template(self) -> str:
         """The prompt template in effect: the user's, or the text field alone."""
         return self.prompt_template if self.prompt_template is not None else "{" + self.text_field + "}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from peft import PeftModel
 from pydantic import ValidationError
 
@@ -164,7 +165,7 @@ def score_backbone(recipe: Recipe, limit: int | None) -> BackboneScore:
     """The recipe's backbone at its quantization, untuned: a decoder zero-shot on the recipe's validation task and
     on ``eval.suites``; an encoder by a linear probe, since a new head has no zero-shot meaning (and an encoder
     no general suite: it has no language-model head)."""
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None)
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=recipe.data.num_labels)
     model = backbone.model
     data = prepare_data(recipe.data, backbone.tokenizer, is_encoder=backbone.is_encoder, seed=recipe.train.seed)
     task = recipe_task(recipe, data, backbone.is_encoder)
@@ -194,7 +195,8 @@ def load_run(run_dir: Path) -> tuple[Recipe, TrainResult]:
     """A finished run's recipe, and its backbone with the saved adapter: what training would have handed over."""
     run = RunDir(run_dir)
     recipe = load_recipe(run.recipe)
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None)
+    set_seed(recipe.train.seed)  # a classifier's fresh head (its "base") is drawn as training drew it
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=recipe.data.num_labels)
     require_trained_backbone(run_dir, run.adapter_fingerprint(), (backbone.fingerprint, backbone.first_fingerprint))
     checksum = frozen_checksum(backbone.model)
     model = load_adapter(backbone.model, run.adapter)

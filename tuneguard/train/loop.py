@@ -237,7 +237,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     in place of the recipe's schedule: the learning-rate range test)."""
     accelerator = make_accelerator(recipe, run_dir.path)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
-    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=len(recipe.data.classes) or None,
+    backbone = load_backbone(recipe.model, recipe.quantization, num_labels=recipe.data.num_labels,
                              device=accelerator.device)
     check_image_size(backbone, recipe.data.image_size)
     check_max_length(backbone, recipe.data.max_length)
