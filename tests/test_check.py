@@ -331,6 +331,21 @@ def test_a_trend_of_moments_spans_an_hour_around_them() -> None:
     assert time_limits(["2026-12-05T06:40:00+00:00", "2026-12-06T06:40:00+00:00"]) is None
 
 
+def test_a_trend_of_rates_reads_in_percent() -> None:
+    """An accuracy's axis in percent, as every table shows it; a perplexity's in its own units."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    from tuneguard.report.monitor import _panel
+
+    run = {"created": "2026-12-05T06:40:00+00:00", "metric": "acc", "aggregate": "mean", "tuned": 0.65}
+    axes = Figure().subplots(1, 2)
+    _panel(axes[0], "t", [run], [])
+    _panel(axes[1], "w", [{**run, "metric": "perplexity", "aggregate": "perplexity", "tuned": 20.0}], [])
+    assert isinstance(axes[0].yaxis.get_major_formatter(), PercentFormatter)
+    assert not isinstance(axes[1].yaxis.get_major_formatter(), PercentFormatter)
+
+
 def test_an_older_history_database_gains_the_checks_table(tmp_path: Path) -> None:
     db = tmp_path / "history.sqlite"
     with sqlite3.connect(db) as con:  # the schema before checks existed, with one run in it

@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import PercentFormatter
 from rich.console import Console
 
 from tuneguard.report.blocks import Block, Cell, fmt_ci, fmt_delta, fmt_int, fmt_p, fmt_value
@@ -102,6 +103,8 @@ def _panel(ax: Any, task: str, runs: list[dict[str, Any]], checks: list[dict[str
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
     ax.set_title(task, fontsize=10, loc="left")
     ax.set_ylabel(metric, fontsize=9)
+    if all(r.get("aggregate", "mean") == "mean" for r in runs):  # a rate: in percent, as every table shows it
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
 
