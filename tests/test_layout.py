@@ -106,7 +106,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 LAYERS = [
     ("tuneguard.errors", "tuneguard.io", "tuneguard.progress", "tuneguard.provenance", "tuneguard.weights",
-     "tuneguard.numerics", "tuneguard.args", "tuneguard.allocator"),
+     "tuneguard.numerics", "tuneguard.args", "tuneguard.allocator", "tuneguard.hub"),
     ("tuneguard.recipe", "tuneguard.rundir", "tuneguard.adapters.capabilities"),
     ("tuneguard.backbones",),
     ("tuneguard.adapters",),

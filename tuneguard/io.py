@@ -57,6 +57,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -78,17 +79,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         for file in tmp.rglob("*"):  # safetensors writes its files 0600 whatever the umask
             if file.is_file() and not file.is_symlink():
                 os.chmod(file, 0o666 & ~_umask())
+                _fsync(file)  # what libraries wrote is on disk before the rename makes it the folder
         old = None
         if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             _remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself
         if old is not None:
             _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk: after a power cut a renamed folder could hold empty files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
