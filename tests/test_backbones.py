@@ -58,25 +58,38 @@ def test_fingerprint_tracks_weights_and_quantization(tiny_llama_dir: Path, tmp_p
     assert fingerprint(str(other), False, None, none) != a
 
 
-def test_hub_fingerprint_hashes_the_cached_snapshot(tiny_llama_dir: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hub model is fingerprinted by the files of the commit its revision resolved to, not by its name: a new
-    commit on main is another backbone."""
+def test_a_data_folder_hashes_what_the_readers_read(tmp_path: Path) -> None:
+    """A resumed run compares its data's hash: a Finder's ``.DS_Store`` beside the images is not other data."""
+    from tuneguard.backbones import path_sha256
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(b"pixels")
+    before = path_sha256(tmp_path)
+    (tmp_path / ".DS_Store").write_bytes(b"finder")
+    (tmp_path / "cat" / "._a.png").write_bytes(b"sidecar")
+    assert path_sha256(tmp_path) == before
+    (tmp_path / "cat" / "a.png").write_bytes(b"other pixels")
+    assert path_sha256(tmp_path) != before
+
+
+def test_hub_fingerprint_is_the_resolved_commit(tiny_llama_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub model is fingerprinted by its id and the commit its revision resolved to, not by its name alone (a new
+    commit on main is another backbone), nor by which of the commit's files the cache happens to hold."""
     hub = tmp_path / "hub"
     repo = hub / "models--org--tiny"
     for commit in ("a" * 40, "b" * 40):
         shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
-    (repo / "snapshots" / ("b" * 40) / "config.json").write_text(
-        json.dumps({**json.loads((tiny_llama_dir / "config.json").read_text()), "num_hidden_layers": 1}))
     (repo / "refs").mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     q = QuantizationConfig()
     (repo / "refs" / "main").write_text("a" * 40)
     first = fingerprint("org/tiny", True, None, q)
-    assert first == fingerprint(str(tiny_llama_dir), False, None, q)  # the same files as the local folder
+    assert first == fingerprint("org/tiny", True, "a" * 40, q)
+    (repo / "snapshots" / ("a" * 40) / "consolidated.safetensors").write_bytes(b"a later full download")
+    assert fingerprint("org/tiny", True, None, q) == first
     (repo / "refs" / "main").write_text("b" * 40)
     assert fingerprint("org/tiny", True, None, q) != first
-    assert fingerprint("org/tiny", True, "a" * 40, q) == first
     assert fingerprint("org/absent", True, None, q) != fingerprint("org/absent", True, "v2", q)
 
 

@@ -478,7 +478,7 @@ def test_export_carries_labels_and_prompt_and_is_verified(tmp_path: Path, tiny_l
     assert cli_main(["export", str(run_dir)]) == 0
     note = capsys.readouterr().out.strip().splitlines()[-1]
     assert note.startswith("note: the adapter was trained and evaluated on the nf4 backbone"), note
-    assert note.endswith("score the export again before relying on the report's numbers on your validation rows")
+    assert note.endswith("score it on your validation rows before relying on the report")
     config = AutoConfig.from_pretrained(run_dir / "merged")
     assert config.id2label == {0: "negative", 1: "positive"} and config.label2id == {"negative": 0, "positive": 1}
     card = (run_dir / "merged" / "README.md").read_text()  # an encoder's export says what it takes, too

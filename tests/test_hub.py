@@ -17,7 +17,10 @@ from tuneguard import hub
 def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A process that has not asked yet, and gets its offline setting back afterwards."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    loaded = sys.modules.get("datasets.config")  # use_hub sets it too
+    if loaded is not None:
+        monkeypatch.setattr(loaded, "HF_HUB_OFFLINE", loaded.HF_HUB_OFFLINE)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     hub.reachable.cache_clear()
     yield
@@ -43,6 +46,13 @@ def test_reachable_asks_the_endpoint_or_the_proxy(fresh: None, monkeypatch: pyte
         hub.reachable.cache_clear()
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the proxy answers for the endpoint
         assert hub.reachable()
+        hub.reachable.cache_clear()
+        monkeypatch.delenv("HTTPS_PROXY")
+        monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{port}")  # so does one for every scheme
+        assert hub.reachable()
+        hub.reachable.cache_clear()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # unless the endpoint is not to be proxied
+        assert not hub.reachable()
 
 
 def test_use_hub_goes_offline_once_and_says_so(fresh: None, monkeypatch: pytest.MonkeyPatch,

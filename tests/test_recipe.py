@@ -228,4 +228,6 @@ def test_keys_a_method_does_not_read_are_named() -> None:
     assert AdapterConfig(method="prompt_tuning", target_modules=["q_proj"]).unused_keys() == ["adapter.target_modules"]
     assert AdapterConfig(method="lora", num_virtual_tokens=4).unused_keys() == ["adapter.num_virtual_tokens"]
     assert AdapterConfig(method="lora", r=8, target_modules="mlp").unused_keys() == []
+    stored = AdapterConfig(**AdapterConfig().model_dump())  # a run's recipe.yaml names every key at its default
+    assert stored.model_copy(update={"method": "ia3"}).unused_keys() == []
     assert set(METHOD_KEYS) == set(AdapterConfig.model_fields["method"].annotation.__args__)

@@ -98,12 +98,15 @@ def file_sha256(path: Path) -> str:
 
 
 def path_sha256(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (their relative paths and contents, all levels down)."""
+    """sha256 of a file, or of a folder's files (their relative paths and contents, all levels down), hidden ones
+    left out as the data readers leave them (a Finder's ``.DS_Store``, ``._x.png``)."""
     if path.is_file():
         return file_sha256(path)
     digest = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{f.relative_to(path)}:{file_sha256(f)}".encode())
+        relative = f.relative_to(path)
+        if not any(part.startswith(".") for part in relative.parts):
+            digest.update(f"{relative}:{file_sha256(f)}".encode())
     return digest.hexdigest()
 
 
@@ -370,9 +373,10 @@ def quantization_config(
 
 
 MODEL_FILES = ("*.safetensors", "config.json", "generation_config.json", "preprocessor_config.json", "tokenizer*",
-               "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "chat_template.jinja")
-"""The files of a model folder that decide its outputs: weights, architecture, tokenizer, generation and image
-settings (a README or a training log does not)."""
+               "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model", "chat_template.jinja",
+               "*.py")
+"""The files of a local model folder that decide its outputs: weights, architecture (and its code, under
+``trust_remote_code``), tokenizer, generation and image settings (a README or a training log does not)."""
 BOOKKEEPING = ("transformers_version", "_name_or_path", "_model_name_or_path", "_commit_hash")
 """Keys a JSON file of a model folder carries that say where or by which version it was written, not what it is."""
 
@@ -391,25 +395,25 @@ def _file_digest(f: Path) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def model_folder(path: str, is_hub: bool, revision: str | None) -> Path | None:
-    """Where the model's files are: a local folder, or a hub model's snapshot in the Hugging Face cache (a folder
-    named by the commit the revision resolved to); None when the cache does not hold it."""
-    if not is_hub:
-        return Path(path)
-    found = try_to_load_from_cache(path, "config.json", revision=revision)
-    return Path(found).parent if isinstance(found, str) else None
+def hub_commit(repo: str, revision: str | None) -> str:
+    """The commit a hub model's revision resolved to when it was loaded (its snapshot folder in the Hugging Face
+    cache is named by it), or the revision as named where the cache does not hold the model."""
+    found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    return Path(found).parent.name if isinstance(found, str) else revision or "main"
 
 
 def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationConfig) -> str:
-    """Hash of the files that decide the backbone (``MODEL_FILES``) and of how its weights are quantized. The
-    compute dtype (``model.dtype``, ``quantization.compute_dtype``) is left out: the probe resolves it per machine and
-    an adapter fits the same weights in any of them (the score cache keys scores by dtype itself)."""
+    """Hash of what decides the backbone and of how its weights are quantized: a local folder's files
+    (``MODEL_FILES``), a hub model's id and resolved commit (its files at a commit do not change; which of them a
+    cache happens to hold does). The compute dtype (``model.dtype``, ``quantization.compute_dtype``) is left out: the
+    probe resolves it per machine and an adapter fits the same weights in any of them (the score cache keys scores by
+    dtype itself)."""
     quant = {"method": q.method, "double_quant": q.double_quant if q.method in ("nf4", "fp4") else None}
     digest = hashlib.sha256(json.dumps({"version": 2, "quantization": quant}, sort_keys=True).encode())
-    folder = model_folder(path, is_hub, revision)
-    if folder is None:
-        digest.update(f"{path}@{revision or 'main'}".encode())
+    if is_hub:
+        digest.update(f"{path}@{hub_commit(path, revision)}".encode())
         return digest.hexdigest()[:16]
+    folder = Path(path)
     for f in sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()}):
         digest.update(f"{f.name}:{_file_digest(f)}".encode())
     return digest.hexdigest()[:16]

@@ -59,7 +59,8 @@ def guarded(action: Callable[[], int], debug: bool = False) -> int:
     """Run a verb; a user error becomes one line on stderr and a non-zero exit (traceback with --debug)."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _terminate)
+            if signal.getsignal(signum) is signal.SIG_DFL:  # nohup's SIG_IGN stays: such a run outlives its terminal
+                signal.signal(signum, _terminate)
     try:
         return action()
     except TuneguardError as exc:

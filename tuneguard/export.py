@@ -42,10 +42,11 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
         raise TuneguardError("prompt tuning adds virtual tokens and cannot be merged into the weights")
     if out.exists() and not (out / MARKER).exists():
         raise TuneguardError(f"{out} exists and is not a tuneguard export; choose another --out (nothing is replaced)")
-    require_trained_backbone(adapter_dir.parent, adapter_fingerprint(adapter_dir),
-                             recipe_fingerprints(recipe.model, recipe.quantization))
     model_cfg = recipe.model.model_copy(update={"dtype": dtype})
     backbone = load_backbone(model_cfg, QuantizationConfig(method="none"), num_labels=recipe.data.num_labels)
+    # after the load: a hub model's commit is known once it is in the cache
+    require_trained_backbone(adapter_dir.parent, adapter_fingerprint(adapter_dir),
+                             recipe_fingerprints(recipe.model, recipe.quantization))
     peft_model = load_adapter(backbone.model, adapter_dir).eval()
     ids = torch.tensor([backbone.tokenizer(PROBE)["input_ids"]])
     with torch.no_grad():
@@ -67,8 +68,10 @@ def export_merged(recipe: Recipe, adapter_dir: Path, out: Path, dtype: str = "fl
         raise TuneguardError(f"{out}: cannot write the export ({exc.strerror or exc}); nothing saved") from None
     if recipe.quantization.method == "none":
         return None
-    how = " on your validation rows" if backbone.is_encoder else f" (tuneguard eval --model {out}: the general tasks)"
-    return QUANTIZED_EXPORT.format(method=recipe.quantization.method, dtype=dtype) + how
+    how = ("score it on your validation rows" if backbone.is_encoder
+           else f"score it (tuneguard eval --model {out} for the general tasks)")
+    seen = "on the bundled SmolLM2, nf4 and fp32 chose the same next token at only 47-85% of positions"
+    return f"{QUANTIZED_EXPORT.format(method=recipe.quantization.method, dtype=dtype)} ({seen}): {how} before relying on the report"
 
 
 def verify_export(folder: Path, is_encoder: bool, ids: torch.Tensor, expected: torch.Tensor, dtype: str) -> None:
@@ -89,9 +92,7 @@ def verify_export(folder: Path, is_encoder: bool, ids: torch.Tensor, expected: t
 
 
 QUANTIZED_EXPORT = ("the adapter was trained and evaluated on the {method} backbone; it is merged here into the "
-                    "unquantized one ({dtype}), whose outputs can differ a lot from those the run's report scored (on "
-                    "the bundled SmolLM2, nf4 against fp32 chose the same next token at 47-85% of positions, "
-                    "session 35): score the export again before relying on the report's numbers")
+                    "unquantized one ({dtype}), whose outputs can differ a lot from those the run's report scored")
 
 
 def model_card(recipe: Recipe, chat_template: bool, encoder: bool = False) -> str:

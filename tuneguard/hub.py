@@ -23,10 +23,14 @@ CONNECT_SECONDS = 3.0
 
 @functools.cache
 def reachable() -> bool:
-    """Whether the Hub's endpoint, or the HTTPS proxy in front of it, takes a TCP connection within a few seconds."""
+    """Whether the Hub's endpoint, or the proxy in front of it (``HTTPS_PROXY``, else ``ALL_PROXY``, unless
+    ``NO_PROXY`` names the endpoint), takes a TCP connection within a few seconds."""
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urllib.request.getproxies().get("https") or constants.ENDPOINT
+    endpoint = urlparse(constants.ENDPOINT).hostname or ""
+    proxies = urllib.request.getproxies()
+    proxy = None if urllib.request.proxy_bypass(endpoint) else proxies.get("https") or proxies.get("all")
+    url = proxy or constants.ENDPOINT
     parsed = urlparse(url if "//" in url else f"//{url}")
     if parsed.hostname is None:
         return True  # an endpoint tuneguard cannot read: leave it to huggingface_hub

@@ -104,8 +104,9 @@ class AdapterConfig(Section):
     def unused_keys(self) -> list[str]:
         """Keys the recipe sets that its method does not read (``adapter.r`` with IA3, ``adapter.target_modules``
         with prompt tuning): said at the start, not refused, so a recipe can switch methods by one override."""
-        reads = METHOD_KEYS[self.method]
-        return [f"adapter.{k}" for k in sorted(self.model_fields_set - reads - {"method"})]
+        fields = type(self).model_fields  # a stored recipe.yaml sets every key: only a value off its default counts
+        return [f"adapter.{k}" for k in sorted(self.model_fields_set - METHOD_KEYS[self.method] - {"method"})
+                if getattr(self, k) != fields[k].default]
 
     def method_problem(self) -> str | None:
         """Keys the method would ignore or cannot honour, which a run should not silently train without."""

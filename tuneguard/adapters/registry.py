@@ -197,8 +197,10 @@ def _adalora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _adalora_restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     base = model.base_model
+    device = next(p.device for p in model.parameters() if p.requires_grad)  # read from disk to the CPU
     for kind in ALLOCATOR_AVERAGES:
-        setattr(base.rankallocator, kind, {k.split("/", 1)[1]: t for k, t in state.items() if k.startswith(f"{kind}/")})
+        setattr(base.rankallocator, kind,
+                {k.split("/", 1)[1]: t.to(device) for k, t in state.items() if k.startswith(f"{kind}/")})
     pattern = {k.split("/", 1)[1]: t.tolist() for k, t in state.items() if k.startswith("rank_pattern/")}
     base.peft_config[base.trainable_adapter_name].rank_pattern = pattern or None
 
@@ -331,8 +333,9 @@ def apply_adapter(
     """Wrap the frozen backbone with the recipe's adapter; only adapter (and new head) weights train."""
     spec = method_spec(cfg)
     if is_encoder and not spec.classifier:
+        others = ", ".join(name for name, caps in CAPABILITIES.items() if caps.classifier)
         raise TuneguardError(f"adapter.method '{cfg.method}' adapts a language model (a decoder); this backbone is a "
-                             "classifier with its own head: use lora, ia3, loha, lokr or adalora")
+                             f"classifier with its own head: use one of {others}")
     # PEFT has no image task type: an image classifier's new head is named as trained and saved with the adapter.
     task_type = None if image else TaskType.SEQ_CLS if is_encoder else TaskType.CAUSAL_LM
     config = spec.build_config(cfg, model, task_type, total_steps)

@@ -13,7 +13,7 @@ from matplotlib.ticker import PercentFormatter
 from rich.console import Console
 
 from tuneguard.report.blocks import Block, Cell, fmt_ci, fmt_delta, fmt_int, fmt_p, fmt_value
-from tuneguard.report.plots import COLOURS, PALETTE, png_bytes
+from tuneguard.report.plots import COLOURS, PALETTE, png_bytes, short
 from tuneguard.report.terminal import print_block
 
 _ITEMS = {"two-sample": "new items vs stored (two-sample score test)",
@@ -101,7 +101,7 @@ def _panel(ax: Any, task: str, runs: list[dict[str, Any]], checks: list[dict[str
     locator = AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
-    ax.set_title(task, fontsize=10, loc="left")
+    ax.set_title(short(task), fontsize=10, loc="left")
     ax.set_ylabel(metric, fontsize=9)
     if all(r.get("aggregate", "mean") == "mean" for r in runs):  # a rate: in percent, as every table shows it
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))

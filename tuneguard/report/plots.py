@@ -167,7 +167,7 @@ def gain_forgetting_png(points: list[dict[str, Any]]) -> str | None:
         ax.errorbar(p["gain"], p["forgetting"], xerr=[[p["gain"] - g_lo], [g_hi - p["gain"]]],
                     yerr=[[p["forgetting"] - f_lo], [f_hi - p["forgetting"]]], fmt="o", color=colour, capsize=4,
                     markersize=9, elinewidth=1.4, markerfacecolor=colour if p["pareto"] else "white",
-                    label=f"{p['adapter']} (worst: {p['worst_task']})" + ("" if p["pareto"] else ", dominated")
+                    label=f"{short(p['adapter'])} (worst: {short(p['worst_task'])})" + ("" if p["pareto"] else ", dominated")
                     + (f", on top of {hidden}" if hidden else ""))
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["gain"])
     if len(front) > 1:

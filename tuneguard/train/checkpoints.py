@@ -26,6 +26,8 @@ from tuneguard.recipe import Recipe
 from tuneguard.rundir import TRAIN_STATE, RunDir, read_json
 
 BEST = "best_adapter.safetensors"
+WRITE_FAILED = ("unexpected pos", "file write failed")
+"""torch.save's words for a write that did not complete (a full disk), which it raises as a RuntimeError."""
 METHOD_STATE = "method_state.safetensors"
 """What an adapter method's per-step hook keeps (AdaLoRA's rank allocator), when it keeps anything."""
 
@@ -90,7 +92,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
         tmp = broadcast_object_list([tmp])[0]
         try:
             accelerator.save_state(str(tmp))
-        except RuntimeError as exc:  # torch.save's own words for a full disk ("unexpected pos ...")
+        except RuntimeError as exc:
+            if not any(words in str(exc) for words in WRITE_FAILED):
+                raise
             free = shutil.disk_usage(tmp).free / 2**20
             raise TuneguardError(f"{run_dir.checkpoint(state.step)}: could not be written ({_first_line(exc)}); "
                                  f"{free:.0f} MB free on its disk; the checkpoints before it are kept") from None
@@ -108,6 +112,11 @@ def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState
     accelerator.wait_for_everyone()
 
 
+def read_train_state(path: Path) -> TrainState:
+    """A checkpoint's loop state, read alone (the resume checks run on it before anything is restored)."""
+    return TrainState(**read_json(path / TRAIN_STATE))
+
+
 def restore_checkpoint(accelerator: Accelerator, path: Path,
                        trainable: set[str]) -> tuple[TrainState, dict | None, dict[str, torch.Tensor]]:
     """The loop's state, the best adapter so far (or None) and the method's own state ({} if it keeps none)."""
@@ -117,7 +126,7 @@ def restore_checkpoint(accelerator: Accelerator, path: Path,
         accelerator.load_state(str(path), strict=False)
     except Exception as exc:  # a damaged or foreign file: one line, not Accelerate's traceback
         raise TuneguardError(f"{path}: cannot be restored ({_first_line(exc)}); {_INSTEAD}") from None
-    state = TrainState(**read_json(path / TRAIN_STATE))
+    state = read_train_state(path)
     best = load_file(str(path / BEST)) if (path / BEST).exists() else None
     method_state = load_file(str(path / METHOD_STATE)) if (path / METHOD_STATE).exists() else {}
     return state, best, method_state

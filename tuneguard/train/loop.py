@@ -50,6 +50,7 @@ from tuneguard.train.checkpoints import (
     TrainState,
     check_same_run,
     only_trainable_weights,
+    read_train_state,
     refuse_unresumable,
     restore_checkpoint,
     save_checkpoint,
@@ -322,8 +323,8 @@ def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tu
     processes, inputs = s.accelerator.num_processes, run_inputs(s)
     if checkpoint is None:
         return TrainState(processes=processes, inputs=inputs), None
+    check_same_run(checkpoint, read_train_state(checkpoint), processes, inputs, resume_changed, s.total_steps)
     state, best, method_state = restore_checkpoint(s.accelerator, checkpoint, trainable_names(s.loss_model))
-    check_same_run(checkpoint, state, processes, inputs, resume_changed, s.total_steps)
     if method_state:
         s.method.restore_step_state(s.model, method_state)
     state.processes, state.inputs = processes, inputs
