@@ -41,6 +41,10 @@ def test_adapter_params_are_exactly_the_new_ones(method: str, encoder: bool, tin
     """``is_adapter_param`` (the frozen checksum's filter) names every parameter PEFT added and no backbone one."""
     model = BertForSequenceClassification.from_pretrained(tiny_bert_dir) if encoder else tiny_llama[0]
     backbone = {id(p) for p in model.parameters()}
+    if encoder and not METHODS[method].classifier:  # refused: no base could be scored on it
+        with pytest.raises(TuneguardError, match=f"adapter.method '{method}' adapts a language model"):
+            apply_adapter(model, AdapterConfig(method=method, r=4), is_encoder=encoder, total_steps=10)
+        return
     peft_model = apply_adapter(model, AdapterConfig(method=method, r=4), is_encoder=encoder, total_steps=10)
     spec = METHODS[method]
     assert peft_model.active_peft_config.peft_type == spec.peft_type
