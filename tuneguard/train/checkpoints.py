@@ -177,12 +177,14 @@ def _first_line(exc: Exception) -> str:
 def check_same_run(path: Path, state: TrainState, processes: int, inputs: dict[str, str], allowed: list[str],
                    total_steps: int) -> None:
     """What the recipe check cannot see: the process count, the contents behind the recipe's paths (another
-    model or data under the same names), and a checkpoint past the run's (changed) last step."""
+    model or data under the same names), and a checkpoint past the run's (changed) last step. A named change of a
+    ``model.`` or ``quantization.`` key accepts another backbone fingerprint, as it changes it."""
     if state.processes and state.processes != processes:
         raise TuneguardError(f"{path}: saved by {state.processes} processes, resumed with {processes}: the effective "
                              f"batch and each process's share of the rows would change; resume with {state.processes} "
                              f"(torchrun --nproc_per_node {state.processes}), or start again with --overwrite")
-    changed = [key for key, digest in state.inputs.items() if inputs.get(key) != digest and key not in allowed]
+    named = set(allowed) | ({"model.source"} if any(k.startswith(("model.", "quantization.")) for k in allowed) else set())
+    changed = [key for key, digest in state.inputs.items() if inputs.get(key) != digest and key not in named]
     if changed:
         what = ", ".join(changed)
         raise TuneguardError(f"{path}: the contents of {what} changed since this checkpoint (same recipe, other "
