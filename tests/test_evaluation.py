@@ -83,6 +83,8 @@ def test_fingerprint_guard_takes_earlier_versions_adapters(tmp_path: Path, tiny_
     assert json.loads(meta.read_text())["fingerprint"] != earlier
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": earlier}))
     assert cli_main(["eval", str(run_dir)]) == 0
+    guard = next(g for g in json.loads((run_dir / "eval.json").read_text())["guards"] if g["name"] == "backbone fingerprint")
+    assert guard["passed"] and f"{earlier} (the first version's fingerprint of the same files)" in guard["detail"]
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": "0123456789abcdef"}))
     capsys.readouterr()
     for verb in (["eval"], ["export"]):  # check, compare and lm-eval's run= load a run's adapter the same way

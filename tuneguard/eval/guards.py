@@ -73,8 +73,9 @@ def adapter_weight_delta(model: PeftModel) -> Guard:
 def fingerprint_guard(adapter_fingerprint: str | None, fingerprints: tuple[str, str]) -> Guard:
     """The adapter sits on the weights it was trained on: the backbone's fingerprint, or the one version 1 gave the
     same files (adapters saved before version 2 carry that); an adapter saved without one passes."""
+    earlier = " (the first version's fingerprint of the same files)" if adapter_fingerprint == fingerprints[1] else ""
     return Guard("backbone fingerprint", adapter_fingerprint in (None, *fingerprints),
-                 f"adapter trained on {adapter_fingerprint or 'unknown'}, evaluated on {fingerprints[0]}")
+                 f"adapter trained on {adapter_fingerprint or 'unknown'}{earlier}, evaluated on {fingerprints[0]}")
 
 
 def require_trained_backbone(where: Path, adapter_fingerprint: str | None, fingerprints: tuple[str, str]) -> None:
