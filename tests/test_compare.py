@@ -73,6 +73,15 @@ def test_no_detectable_change_past_what_an_accuracy_can_lose() -> None:
     assert 0 < many.mdr < 40 and fmt_points(many.mdr, "pp") == f"{many.mdr:.1f} pp"
 
 
+def test_a_change_at_the_margin_asks_for_no_item_count() -> None:
+    """41 of 50 right, then 40: -2 pp, the margin itself, up to a float's rounding; no number of items decides it
+    (it asked for 1.8e31, which then failed the history's write with exit 70)."""
+    base = [1.0] * 41 + [0.0] * 9
+    tuned = [1.0] * 40 + [0.0] * 10
+    c = compare_task(acc("t", base), acc("t", tuned))
+    assert c.verdict == "inconclusive" and c.items_to_decide is None
+
+
 def test_many_discordant_pairs_one_way_is_significant_and_matches_mcnemar(outcomes: np.ndarray) -> None:
     tuned = flipped(outcomes, wins=40, losses=12)
     c = compare_task(acc("t", outcomes), acc("t", tuned), n_boot=2000)

@@ -14,7 +14,7 @@ from scipy.stats import norm
 
 from tuneguard.cli import main as cli_main
 from tuneguard.errors import TuneguardError
-from tuneguard.eval import gate
+from tuneguard.eval import gate, stats
 from tuneguard.eval.gate import plan
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.verdicts import compare_results
@@ -178,10 +178,26 @@ def test_plan_from_a_stated_discordance() -> None:
     tasks = [{"task": "arc_easy", "kind": "multiple_choice", "available": 250},
              {"task": "wikitext", "kind": "perplexity", "available": 2}]
     rows = plan(tasks, 2.0, discordance=0.1)
-    z = norm.ppf(1 - 0.05 / 2 / 2) + norm.ppf(0.8)
-    assert rows[0]["needed"] == math.ceil((z * math.sqrt(0.1) * 100 / 2.0) ** 2) and rows[0]["enough"] is False
+    assert rows[0]["needed"] == stats.binary_items_needed(0.1, 0.02, 0.05 / 2) and rows[0]["enough"] is False
+    z = norm.ppf(1 - 0.05 / 2 / 2) + norm.ppf(0.8)  # the spread at no change alone asked for fewer: 67% power
+    assert rows[0]["needed"] > math.ceil((z * math.sqrt(0.1) * 100 / 2.0) ** 2)
     assert rows[1]["needed"] is None and "needs --pilot" in rows[1]["source"]
     assert plan(tasks[:1], 4.0, discordance=0.1)[0]["needed"] < rows[0]["needed"] / 3
+
+
+@pytest.mark.parametrize(("discordance", "margin"), [(0.05, 0.05), (0.02, 0.02)])
+def test_a_planned_0_1_task_has_the_power_it_promises(discordance: float, margin: float) -> None:
+    """Exact power of the verdict's own check (Tango's interval clear of the margin) at the planned n, when nothing
+    changed: at least 80% (the normal approximation at no change gave 67% here)."""
+    from scipy.stats import binom
+
+    n = plan([{"task": "t", "kind": "multiple_choice"}], 100 * margin, discordance=discordance)[0]["needed"]
+    power = 0.0
+    for k in np.flatnonzero(binom.pmf(np.arange(n + 1), n, discordance) > 1e-9):
+        for won in np.flatnonzero(binom.pmf(np.arange(k + 1), k, 0.5) > 1e-9):
+            chance = binom.pmf(k, n, discordance) * binom.pmf(won, k, 0.5)
+            power += chance * (stats.tango_interval(int(won), int(k - won), n)[0] >= -margin)
+    assert 0.8 <= power < 0.86, (n, power)
 
 
 def test_plan_cli(report_path: Path, capsys: pytest.CaptureFixture) -> None:

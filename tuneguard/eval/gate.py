@@ -108,20 +108,24 @@ def plan(tasks: list[dict[str, Any]], margin: float, *, discordance: float | Non
     out = []
     for t in tasks:
         row = rows.get(t["task"])
-        sd, source = None, "needs --pilot (not a 0/1 task)" if t["kind"] == "perplexity" else "needs --discordance or --pilot"
+        sd, share, source = None, None, ("needs --pilot (not a 0/1 task)" if t["kind"] == "perplexity"
+                                         else "needs --discordance or --pilot")
         if pilot is not None and row is None:
             source = "not in the pilot report"
         if row is not None and row.get("sd_item"):
             sd, source = float(row["sd_item"]), f"pilot, n {row['n']}"
             if row.get("won") is not None:
                 seen = row["won"] + row["lost"]  # none seen: one in n assumed (binary_sd), not none
+                share = max(seen, 1) / row["n"]
                 source += f", discordance {seen / row['n']:.3f}" if seen else f", discordance 1/{row['n']} assumed (none seen)"
         elif discordance is not None and t["kind"] != "perplexity":
-            sd, source = 100.0 * discordance ** 0.5, f"discordance {discordance:g}"
-        needed = stats.items_needed(sd, margin, level, power) if sd else None
-        binary = row.get("won") is not None if row is not None else t["kind"] != "perplexity"
-        if needed is not None and not binary:  # a sign-flip test: it cannot reject on fewer items than this
-            needed = max(needed, stats.sign_flip_min_items(level))
+            share, source = discordance, f"discordance {discordance:g}"
+        if share is not None:  # a 0/1 task: as Tango's interval, which the verdict uses, decides
+            needed = stats.binary_items_needed(share, margin / 100, level, power)
+        else:
+            needed = stats.items_needed(sd, margin, level, power) if sd else None
+            if needed is not None:  # a sign-flip test: it cannot reject on fewer items than its smallest p allows
+                needed = max(needed, stats.sign_flip_min_items(level))
         out.append({**t, "source": source, "needed": needed, "alpha": level,
                     "enough": None if needed is None or t.get("available") is None else t["available"] >= needed})
     return out

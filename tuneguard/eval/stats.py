@@ -219,11 +219,29 @@ def min_detectable(sd_item: float, n: int, alpha: float = ALPHA, power: float = 
 def items_needed(sd_item: float, distance: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """Items for the interval's near end to clear a bound ``distance`` away from the true value, with ``power``.
 
-    ``None`` when the distance is zero (no number of items decides it).
+    ``None`` when the distance is zero (no number of items decides it; a change a float's rounding away from the
+    margin counts as at it, where 10^31 items were asked for), or past :data:`MAX_ITEMS`.
     """
-    if distance <= 0:
+    if distance <= 1e-9:
         return None
-    return max(1, math.ceil(((z_crit(alpha) + float(norm.ppf(power))) * sd_item / distance) ** 2))
+    needed = max(1, math.ceil(((z_crit(alpha) + float(norm.ppf(power))) * sd_item / distance) ** 2))
+    return needed if needed <= MAX_ITEMS else None
+
+
+MAX_ITEMS = 10**9
+"""More items than any benchmark has: a count past it says nothing a plain "inconclusive" does not."""
+
+
+def binary_items_needed(discordance: float, margin: float, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Items a 0/1 task whose base and tuned disagree on ``discordance`` of them needs for Tango's interval to show
+    non-inferiority at ``margin`` (a fraction) with ``power`` when nothing changed. The test's variance is the
+    restricted one at the margin (larger than the spread at no change, which promised 80% and gave 67% where the
+    margin is near the discordance): n = ((z_a/2 sd_0 + z_b sd_1) / margin)^2."""
+    d0 = -margin
+    b, c = -discordance + 2 * d0, -(discordance / 2) * d0 * (1 - d0)  # tango_z's terms with won = lost, per item
+    q = (-b + math.sqrt(max(b * b - 8 * c, 0.0))) / 4
+    sd0, sd1 = math.sqrt(2 * q + d0 * (1 - d0)), math.sqrt(discordance)
+    return max(1, math.ceil(((z_crit(alpha) * sd0 + float(norm.ppf(power)) * sd1) / margin) ** 2))
 
 
 def binary_sd(won: int, lost: int, n: int) -> float:

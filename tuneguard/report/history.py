@@ -108,7 +108,7 @@ def record_run(run_dir: Path, report: dict[str, Any], *, db: Path | None = None)
     is a warning, never a failed run (the run's own files already hold every result)."""
     try:
         _record(run_dir, report, db)
-    except (sqlite3.Error, OSError) as exc:
+    except (sqlite3.Error, OSError, OverflowError) as exc:  # OverflowError: a number past SQLite's integers
         print(f"tuneguard: warning: the run was not added to the history ({exc}); its results are in {run_dir}",
               file=sys.stderr)
 
