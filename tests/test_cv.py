@@ -79,6 +79,8 @@ def test_too_many_folds_are_refused_in_one_line() -> None:
         fold_split(rows_with([0, 1, 0, 1, 0]), data_config(folds=6, fold=0), 0)
     with pytest.raises(TuneguardError, match=r"data.stratify: label 'b' has only 2 rows .*fewer than data.folds=3"):
         fold_split(rows_with([0, 0, 0, 1, 1, 0]), data_config(folds=3, fold=0, stratify=True), 0)
+    with pytest.raises(TuneguardError, match=r"label 'b' has only 1 rows .*would validate without it; do not stratify$"):
+        fold_split(rows_with([0, 0, 0, 1, 0, 0]), data_config(folds=3, fold=0, stratify=True), 0)  # not "at most 1"
 
 
 @pytest.mark.parametrize(("keys", "expected"), [
@@ -192,6 +194,18 @@ def test_folds_score_the_general_suite_only_when_asked(tmp_path: Path, tiny_llam
     base, folds = plan_folds(args)
     assert [f.run_dir.name for f in folds] == ["recipe-fold0", "recipe-fold1"] and cv_dir(base).name == "recipe-cv"
     assert all(f.recipe.eval.suites == (["arc_easy"] if general else []) and f.recipe.train.lr == 1e-3 for f in folds)
+
+
+def test_a_cv_row_compares_the_folds_where_both_sides_are_defined() -> None:
+    """A class a fold's tuned model never predicts has no precision there: before over five folds beside after over
+    two gave a Δ that was neither's difference."""
+    from tuneguard.report.cv import _metrics
+
+    folds = [{"values": [{"task": "t", "metric": "precision", "aggregate": "mean", "base": b, "tuned": t}]}
+             for b, t in ((0.2, None), (0.2, None), (0.3, None), (0.1, 0.2), (0.3, 0.1))]
+    (row,) = _metrics(folds)
+    assert row["base"]["n"] == row["tuned"]["n"] == row["delta"]["n"] == 2
+    assert row["tuned"]["mean"] - row["base"]["mean"] == pytest.approx(row["delta"]["mean"])
 
 
 def test_a_folds_row_names_the_step_it_kept() -> None:

@@ -51,15 +51,15 @@ def _check(rows: Sequence[Row], strata: Sequence[int | None], cfg: DataConfig, k
     """Every fold must validate on rows, and with stratification on every class: refuse k beyond either."""
     where = "data.train" + (" (after data.max_train_samples)" if cfg.max_train_samples else "")
     if len(rows) < k:
-        raise TuneguardError(f"data.folds={k}: {where} has only {len(rows)} rows, fewer than the folds; "
-                             f"use at most {len(rows)} folds")
+        fewer = f"use at most {len(rows)} folds" if len(rows) >= 2 else "cross-validation needs at least 2 rows"
+        raise TuneguardError(f"data.folds={k}: {where} has only {len(rows)} rows, fewer than the folds; {fewer}")
     counts = Counter(s for s in strata if s is not None)
     if counts and min(counts.values()) < k:
         label, count = min(counts.items(), key=lambda kv: (kv[1], kv[0]))  # the rarest; ties: the first label
         name = label_index(cfg)[1][label]
+        fewer = f"use at most {count} folds, or do not stratify" if count >= 2 else "do not stratify"  # 1 fold is none
         raise TuneguardError(f"data.stratify: label '{name}' has only {count} rows in {where}, fewer than "
-                             f"data.folds={k}, so a fold would validate without it; use at most {count} folds, "
-                             "or do not stratify")
+                             f"data.folds={k}, so a fold would validate without it; {fewer}")
 
 
 def fold_split(rows: list[Row], cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row]]:

@@ -107,13 +107,17 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any] | None:
 
 
 def _metrics(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, metric) any fold has: base, tuned and Δ (tuned − base, fold by fold) across folds."""
+    """One row per (task, metric) any fold has: base, tuned and Δ (tuned − base, fold by fold) across the folds
+    where both are defined."""
     by_fold = [{(v["task"], v["metric"]): v for v in f["values"]} for f in folds]
     keys = dict.fromkeys((v["task"], v["metric"], v["aggregate"]) for f in folds for v in f["values"])
     rows = []
     for task, metric, aggregate in keys:
         per_fold = [values.get((task, metric)) or {} for values in by_fold]
-        base, tuned = [v.get("base") for v in per_fold], [v.get("tuned") for v in per_fold]
+        paired = [v if v.get("base") is not None and v.get("tuned") is not None else {} for v in per_fold]
+        # before, after and Δ over the same folds (a per-class precision a fold's tuned model never predicts is
+        # undefined there: before over 5 folds beside after over 2 made a Δ that was neither's difference)
+        base, tuned = [v.get("base") for v in paired], [v.get("tuned") for v in paired]
         delta = [t - b if b is not None and t is not None else None for b, t in zip(base, tuned, strict=True)]
         rows.append({"task": task, "metric": metric, "aggregate": aggregate,
                      "base": _spread(base), "tuned": _spread(tuned), "delta": _spread(delta)})
