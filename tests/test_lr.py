@@ -210,6 +210,7 @@ def test_reading_the_curve() -> None:
                      losses=[1.5 if i in (1, 2, 3) else 2.0 + 0.01 * i for i in range(41)])  # lowest at its start
     read_curve(rising)
     assert rising.suggestion == 1e-5 and any("hardly fell before rising" in w for w in rising.warnings)
+    assert any("lies below --start: the suggestion is --start itself" in w for w in rising.warnings)
 
 
 def test_lr_range_test_on_a_tiny_recipe(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -249,7 +250,8 @@ def test_lr_refuses_bad_ranges_and_the_run_directory(tmp_path: Path, tiny_llama_
     path = make_run(tmp_path, tiny_llama_dir)
     for args, message in [(["--start", "1e-2", "--end", "1e-3"], "need 0 < start < end"),
                           (["--steps", "3"], "at least 8 steps"),
-                          (["--out", str(tmp_path / "runs" / "recipe")], "the recipe's run directory")]:
+                          (["--out", str(tmp_path / "runs" / "recipe")], "the recipe's run directory"),
+                          (["--out", str(tmp_path / "train.jsonl")], "train.jsonl: is a file, not a folder")]:
         assert cli_main(["lr", str(path), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

@@ -43,7 +43,7 @@ def lr_range_png(r: dict[str, Any]) -> bytes:
     ax.set_ylim(min(r["losses"]) - 0.1 * span, min(max(r["losses"]), first + 1.5 * span) + 0.1 * span)
     ax.set_xlabel("learning rate (train.lr)", fontsize=9)
     ax.set_ylabel("training loss", fontsize=9)
-    stop = f", stopped at step {len(r['lrs'])}" if r["stopped"] else ""
+    stop = f", stopped at step {len(r['lrs'])}" if r["stopped"] and len(r["lrs"]) < r["steps"] else ""
     ax.set_title(f"{r['recipe']}: learning-rate range test ({len(r['lrs'])} of {r['steps']} steps{stop})",
                  fontsize=10, loc="left")
     ax.grid(alpha=0.3, which="both")
@@ -72,7 +72,8 @@ def lr_range_blocks(r: dict[str, Any]) -> list[Block]:
     if r["layer_lr_decay"] < 1:
         lines.append(f"rates are train.lr, the top layer's; train.layer_lr_decay={r['layer_lr_decay']:g} scales "
                      "the layers below")
-    lines.append(f"stopped early at {r['stopped']}" if r["stopped"] else f"ran all {r['steps']} steps, to {r['end']:g}")
+    early = "stopped early" if len(r["lrs"]) < r["steps"] else "stopped at its last step"
+    lines.append(f"{early} at {r['stopped']}" if r["stopped"] else f"ran all {r['steps']} steps, to {r['end']:g}")
     lines += [(f"warning: {w}", "inconclusive") for w in r["warnings"]]
     return [curve, Block("lr", lines=lines), Block("caveat", lines=list(r["caveats"]))]
 

@@ -101,6 +101,8 @@ def lr_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
     if folder.resolve() == run.resolve() or run.resolve() in folder.resolve().parents:
         raise TuneguardError(f"--out {folder}: that is the recipe's run directory {run} (or inside it); the range "
                              "test writes beside runs, never into one")
+    if folder.exists() and not folder.is_dir():
+        raise TuneguardError(f"--out {folder}: is a file, not a folder")
     held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     if set(held) - {LR_JSON, LR_PNG, RECIPE}:  # a test that stopped early left its recipe.yaml alone
         raise TuneguardError(f"--out {folder}: holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}, not "
@@ -189,6 +191,7 @@ def read_curve(result: LrRange) -> None:
     low = min(range(n), key=result.smoothed.__getitem__)
     result.min_loss_lr = result.lrs[low]
     result.suggestion = min(max(result.min_loss_lr / 10, result.start), result.end)
+    clamped = result.suggestion != result.min_loss_lr / 10
     slopes = [(result.smoothed[i + 1] - result.smoothed[i]) / math.log10(result.lrs[i + 1] / result.lrs[i])
               for i in range(low)]
     result.steepest_lr = result.lrs[min(range(low), key=slopes.__getitem__)] if slopes else None
@@ -203,3 +206,6 @@ def read_curve(result: LrRange) -> None:
                                "try a lower --start")
     elif low == n - 1 and result.stopped is None:
         result.warnings.append("the loss was still falling at --end: the minimum may lie higher; try a higher --end")
+    if result.suggestion is not None and clamped:
+        result.warnings.append(f"minimum / 10 ({result.min_loss_lr / 10:.3g}) lies below --start: the suggestion is "
+                               f"--start itself; lower --start to read it")
