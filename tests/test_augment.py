@@ -219,6 +219,9 @@ def test_preview_errors_are_one_line_naming_the_key(tmp_path: Path, capsys: pyte
     assert main(["data", "preview", str(path), "data.augment=swap", "data.text_field=body",
                  "data.prompt_template='Review: {body}'"]) == 2
     assert "data.text_field: no usable training row has text in the field 'body'" in capsys.readouterr().err
+    out = tmp_path / "grid.png"  # a text recipe prints its copies: the image flags are refused, not ignored
+    assert main(["data", "preview", str(path), "data.augment=swap", "--out", str(out), "--epochs", "3"]) == 2
+    assert "--out, --epochs: for image recipes (a PNG grid)" in capsys.readouterr().err and not out.exists()
 
 
 def test_a_copy_that_cannot_be_built_is_dropped_and_its_row_still_trains(tmp_path: Path, tokenizer) -> None:

@@ -285,6 +285,9 @@ def _data_preview(args: argparse.Namespace) -> int:
     seed = recipe.train.seed if args.seed is None else args.seed
     if recipe.data.kind == "image_classification":
         return _image_preview(args, recipe, seed)
+    if given := [flag for flag, value in (("--out", args.out), ("--epochs", args.epochs)) if value is not None]:
+        raise TuneguardError(f"{', '.join(given)}: for image recipes (a PNG grid); data.kind "
+                             f"'{recipe.data.kind}' prints its copies here")
     print_augmentation_preview(augmentation_preview(recipe.data, seed, args.n), recipe.data, seed)
     return 0
 
@@ -297,9 +300,10 @@ def _image_preview(args: argparse.Namespace, recipe: Recipe, seed: int) -> int:
     out = Path(args.out or f"{Path(args.recipe).stem}-augment-preview.png")
     if out.is_dir() or out.suffix.lower() != ".png":
         raise TuneguardError(f"--out {out}: name the PNG file to write (a path ending in .png)")
-    rows = image_augmentation_preview(recipe.data, image_input(recipe.model), seed, args.n, args.epochs)
+    epochs = args.epochs or 4
+    rows = image_augmentation_preview(recipe.data, image_input(recipe.model), seed, args.n, epochs)
     write_image_grid(out, rows, f"data.image_augment {', '.join(recipe.data.image_augment)}; seed {seed}")
-    print(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{args.epochs - 1}")
+    print(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{epochs - 1}")
     return 0
 
 
@@ -312,7 +316,7 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=positive_int, default=10, help="training rows to show (default 10)")
     p.add_argument("--seed", type=int, help="the seed to augment with (default: the recipe's train.seed)")
     p.add_argument("--out", help="images: the PNG grid to write (default RECIPE-augment-preview.png here)")
-    p.add_argument("--epochs", type=positive_int, default=4, help="images: augmented copies shown, one per epoch")
+    p.add_argument("--epochs", type=positive_int, help="images: augmented copies shown, one per epoch (default 4)")
     p.set_defaults(func=_data_preview)
 
 
