@@ -14,8 +14,8 @@ from tuneguard.report.plots import png_bytes
 def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
     """One row per image: the original (as validation sees it), then one column per training epoch."""
     columns = rows[0].images.shape[0]
-    fig = Figure(figsize=(1.3 * columns, 1.4 * len(rows) + 0.6))
-    fig.suptitle(title, fontsize=8)
+    fig = Figure(figsize=(1.3 * columns, 1.4 * len(rows) + 0.6), layout="constrained")  # no band under the title
+    fig.suptitle(title, fontsize=9)
     for r, row in enumerate(rows):
         for c, image in enumerate(row.images):
             ax = fig.add_subplot(len(rows), columns, r * columns + c + 1)
@@ -25,7 +25,7 @@ def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title("original" if c == 0 else f"epoch {c - 1}", fontsize=7)
+                ax.set_title("original" if c == 0 else f"epoch {c - 1}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{Path(row.where).name}\n'{row.answer}'", fontsize=6)
+                ax.set_ylabel(f"{Path(row.where).name}\n'{row.answer}'", fontsize=8)
     atomic_write_bytes(path, png_bytes(fig))
