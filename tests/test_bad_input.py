@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneguard.cli import main as cli_main
+from tuneguard.errors import TuneguardError
 from tuneguard.report.history import list_history, record_run
 from tuneguard.rundir import LOCK
 from tuneguard.train.divergence import STUCK_STEPS, DivergenceWatch, non_finite
@@ -272,6 +273,19 @@ def test_resume_refuses_a_changed_recipe_unless_named(tmp_path: Path, tiny_llama
     assert not (run_dir / "eval.json").exists() and not (run_dir / "report.json").exists()  # gate cannot pass on them
     (aside,) = run_dir.parent.glob("recipe.replaced-*")
     assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.json"]
+
+
+def test_only_a_change_that_makes_another_backbone_accepts_another_fingerprint(tmp_path: Path) -> None:
+    """Naming model.dtype (not in the fingerprint) must not let other files under model.source through; a changed
+    quantization.method makes another fingerprint, which it then accepts."""
+    from tuneguard.train.checkpoints import TrainState, check_same_run
+
+    state = TrainState(step=2, processes=1, inputs={"model.source": "aaaa"})
+    for named, changed in ((["model.dtype"], ["model.dtype"]), (["quantization.method"], []), ([], [])):
+        with pytest.raises(TuneguardError, match="the contents of model.source changed since this checkpoint"):
+            check_same_run(tmp_path, state, 1, {"model.source": "bbbb"}, named, changed, 4)
+    check_same_run(tmp_path, state, 1, {"model.source": "bbbb"}, ["quantization.method"], ["quantization.method"], 4)
+    check_same_run(tmp_path, state, 1, {"model.source": "bbbb"}, ["model.source"], [], 4)  # named by the user
 
 
 def test_an_adapter_that_cannot_be_applied_writes_nothing(tmp_path: Path, tiny_llama_dir: Path,

@@ -206,6 +206,9 @@ def test_a_cv_row_compares_the_folds_where_both_sides_are_defined() -> None:
     (row,) = _metrics(folds)
     assert row["base"]["n"] == row["tuned"]["n"] == row["delta"]["n"] == 2
     assert row["tuned"]["mean"] - row["base"]["mean"] == pytest.approx(row["delta"]["mean"])
+    loss = [{"values": [{"task": "t", "metric": "validation loss", "aggregate": "loss", "base": None, "tuned": v}]}
+            for v in (0.5, 0.6, 0.7)]  # one side only, in every fold: every fold counts
+    assert _metrics(loss)[0]["tuned"]["mean"] == pytest.approx(0.6) and _metrics(loss)[0]["base"] is None
 
 
 def test_a_folds_row_names_the_step_it_kept() -> None:

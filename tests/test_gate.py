@@ -183,6 +183,8 @@ def test_plan_from_a_stated_discordance() -> None:
     assert rows[0]["needed"] > math.ceil((z * math.sqrt(0.1) * 100 / 2.0) ** 2)
     assert rows[1]["needed"] is None and "needs --pilot" in rows[1]["source"]
     assert plan(tasks[:1], 4.0, discordance=0.1)[0]["needed"] < rows[0]["needed"] / 3
+    assert plan(tasks[:1], 150.0, discordance=0.2)[0]["needed"] == 1  # no 0/1 task can lose 150 points
+    assert plan(tasks[:1], 1e-7, discordance=0.2)[0]["needed"] is None  # past any benchmark: no count
 
 
 @pytest.mark.parametrize(("discordance", "margin"), [(0.05, 0.05), (0.02, 0.02)])

@@ -332,6 +332,13 @@ def test_preview_writes_a_grid_of_originals_and_copies(tmp_path: Path, resnet_di
         assert f"--out {wrong}: name the PNG file to write" in capsys.readouterr().err
 
 
+def test_a_long_image_name_is_elided_in_the_grid() -> None:
+    from tuneguard.report.image_grid import _short
+
+    assert _short("0001.png") == "0001.png"
+    assert _short("some_long_image_name_0.png") == "some_lo…me_0.png" and len(_short("x" * 40)) == 16
+
+
 def test_preview_takes_each_class_in_turn_and_draws_what_training_draws(tmp_path: Path) -> None:
     """Class folders list one class after another: the preview takes a row of each class in turn (not the first
     class n times), and each copy is the one training draws for that row (its index among the training rows)."""

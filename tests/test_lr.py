@@ -169,7 +169,7 @@ def test_resume_with_a_changed_lr_keeps_the_layer_ratios(tmp_path: Path, four_la
     run_dir = tmp_path / "runs" / "recipe"
     recipe = load_recipe(path, ["train.lr=4e-2"])
     s = setup(recipe, RunDir(run_dir))
-    resume(s, RunDir(run_dir).latest_checkpoint(), ["train.lr"])
+    resume(s, RunDir(run_dir).latest_checkpoint(), ["train.lr"], ["train.lr"])
     assert [g["lr"] for g in s.optimizer.param_groups] == pytest.approx([4e-2 * 0.5 ** (3 - i) for i in range(4)])
     # The whole resume path: the optimizer's grouped state restores, and the log shows the new rate.
     train(recipe, run_dir, resume=True, resume_changed=["train.lr"])
@@ -251,7 +251,8 @@ def test_lr_refuses_bad_ranges_and_the_run_directory(tmp_path: Path, tiny_llama_
     for args, message in [(["--start", "1e-2", "--end", "1e-3"], "need 0 < start < end"),
                           (["--steps", "3"], "at least 8 steps"),
                           (["--out", str(tmp_path / "runs" / "recipe")], "the recipe's run directory"),
-                          (["--out", str(tmp_path / "train.jsonl")], "train.jsonl: is a file, not a folder")]:
+                          (["--out", str(tmp_path / "train.jsonl")], "train.jsonl is a file, not a folder"),
+                          (["--out", str(tmp_path / "train.jsonl" / "sub")], "train.jsonl is a file, not a folder")]:
         assert cli_main(["lr", str(path), *args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

@@ -232,16 +232,19 @@ MAX_ITEMS = 10**9
 """More items than any benchmark has: a count past it says nothing a plain "inconclusive" does not."""
 
 
-def binary_items_needed(discordance: float, margin: float, alpha: float = ALPHA, power: float = POWER) -> int:
+def binary_items_needed(discordance: float, margin: float, alpha: float = ALPHA, power: float = POWER) -> int | None:
     """Items a 0/1 task whose base and tuned disagree on ``discordance`` of them needs for Tango's interval to show
     non-inferiority at ``margin`` (a fraction) with ``power`` when nothing changed. The test's variance is the
     restricted one at the margin (larger than the spread at no change, which promised 80% and gave 67% where the
-    margin is near the discordance): n = ((z_a/2 sd_0 + z_b sd_1) / margin)^2."""
+    margin is near the discordance): n = ((z_a/2 sd_0 + z_b sd_1) / margin)^2; None past :data:`MAX_ITEMS`."""
+    if margin >= 1:  # no 0/1 outcome can fall by the whole scale: any item shows it
+        return 1
     d0 = -margin
     b, c = -discordance + 2 * d0, -(discordance / 2) * d0 * (1 - d0)  # tango_z's terms with won = lost, per item
     q = (-b + math.sqrt(max(b * b - 8 * c, 0.0))) / 4
     sd0, sd1 = math.sqrt(2 * q + d0 * (1 - d0)), math.sqrt(discordance)
-    return max(1, math.ceil(((z_crit(alpha) * sd0 + float(norm.ppf(power)) * sd1) / margin) ** 2))
+    needed = max(1, math.ceil(((z_crit(alpha) * sd0 + float(norm.ppf(power)) * sd1) / margin) ** 2))
+    return needed if needed <= MAX_ITEMS else None
 
 
 def binary_sd(won: int, lost: int, n: int) -> float:

@@ -108,13 +108,14 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any] | None:
 
 def _metrics(folds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, metric) any fold has: base, tuned and Δ (tuned − base, fold by fold) across the folds
-    where both are defined."""
+    where both are defined (a row with one side only, the validation loss, across every fold that has it)."""
     by_fold = [{(v["task"], v["metric"]): v for v in f["values"]} for f in folds]
     keys = dict.fromkeys((v["task"], v["metric"], v["aggregate"]) for f in folds for v in f["values"])
     rows = []
     for task, metric, aggregate in keys:
         per_fold = [values.get((task, metric)) or {} for values in by_fold]
-        paired = [v if v.get("base") is not None and v.get("tuned") is not None else {} for v in per_fold]
+        both = [v.get("base") is not None and v.get("tuned") is not None for v in per_fold]
+        paired = [v if ok else {} for v, ok in zip(per_fold, both, strict=True)] if any(both) else per_fold
         # before, after and Δ over the same folds (a per-class precision a fold's tuned model never predicts is
         # undefined there: before over 5 folds beside after over 2 made a Δ that was neither's difference)
         base, tuned = [v.get("base") for v in paired], [v.get("tuned") for v in paired]

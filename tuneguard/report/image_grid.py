@@ -11,6 +11,11 @@ from tuneguard.io import atomic_write_bytes
 from tuneguard.report.plots import png_bytes
 
 
+def _short(name: str, keep: int = 16) -> str:
+    """A file name within ``keep`` characters, its middle elided (longer ones ran into the rows above and below)."""
+    return name if len(name) <= keep else f"{name[: keep // 2 - 1]}…{name[-(keep // 2):]}"
+
+
 def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
     """One row per image: the original (as validation sees it), then one column per training epoch."""
     columns = rows[0].images.shape[0]
@@ -27,5 +32,5 @@ def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
             if r == 0:
                 ax.set_title("original" if c == 0 else f"epoch {c - 1}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{Path(row.where).name}\n'{row.answer}'", fontsize=8)
+                ax.set_ylabel(f"{_short(Path(row.where).name)}\n'{row.answer}'", fontsize=8)
     atomic_write_bytes(path, png_bytes(fig))

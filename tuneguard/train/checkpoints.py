@@ -174,22 +174,25 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def check_same_run(path: Path, state: TrainState, processes: int, inputs: dict[str, str], allowed: list[str],
-                   total_steps: int) -> None:
+FINGERPRINTED = ("model.source", "model.gguf_file", "model.revision", "quantization.method", "quantization.double_quant")
+"""Recipe keys whose change makes another backbone fingerprint (``backbones.fingerprint``)."""
+
+
+def check_same_run(path: Path, state: TrainState, processes: int, inputs: dict[str, str], named: list[str],
+                   changed: list[str], total_steps: int) -> None:
     """What the recipe check cannot see: the process count, the contents behind the recipe's paths (another
-    model or data under the same names), and a checkpoint past the run's (changed) last step. A named change of a
-    ``model.`` or ``quantization.`` key accepts another backbone fingerprint, as it changes it."""
+    model or data under the same names: refused unless ``named`` with --resume-changed), and a checkpoint past the
+    run's (changed) last step. A ``changed`` key of :data:`FINGERPRINTED` accepts the other fingerprint it makes."""
     if state.processes and state.processes != processes:
         raise TuneguardError(f"{path}: saved by {state.processes} processes, resumed with {processes}: the effective "
                              f"batch and each process's share of the rows would change; resume with {state.processes} "
                              f"(torchrun --nproc_per_node {state.processes}), or start again with --overwrite")
-    named = set(allowed) | ({"model.source"} if any(k.startswith(("model.", "quantization.")) for k in allowed) else set())
-    changed = [key for key, digest in state.inputs.items() if inputs.get(key) != digest and key not in named]
-    if changed:
-        what = ", ".join(changed)
-        raise TuneguardError(f"{path}: the contents of {what} changed since this checkpoint (same recipe, other "
-                             f"files); resuming would mix two runs. Put them back, pass --resume-changed "
-                             f"{','.join(changed)} to resume anyway, or --overwrite")
+    accepted = set(named) | ({"model.source"} if set(changed) & set(FINGERPRINTED) else set())
+    other = [key for key, digest in state.inputs.items() if inputs.get(key) != digest and key not in accepted]
+    if other:
+        raise TuneguardError(f"{path}: the contents of {', '.join(other)} changed since this checkpoint (same recipe, "
+                             f"other files); resuming would mix two runs. Put them back, pass --resume-changed "
+                             f"{','.join(other)} to resume anyway, or --overwrite")
     if state.step > total_steps:
         raise TuneguardError(f"{path}: step {state.step} is past the run's {total_steps} steps; delete the "
                              f"checkpoints past step {total_steps} to resume from an earlier one, or start again "

@@ -318,12 +318,15 @@ def run_inputs(s: Session) -> dict[str, str]:
     return found
 
 
-def resume(s: Session, checkpoint: Path | None, resume_changed: list[str]) -> tuple[TrainState, dict | None]:
-    """The loop's state and best adapter from ``checkpoint``, or a fresh start."""
+def resume(s: Session, checkpoint: Path | None, resume_changed: list[str],
+           changed: list[str]) -> tuple[TrainState, dict | None]:
+    """The loop's state and best adapter from ``checkpoint``, or a fresh start (``resume_changed``: the keys the
+    user named; ``changed``: those that did change since the checkpoint)."""
     processes, inputs = s.accelerator.num_processes, run_inputs(s)
     if checkpoint is None:
         return TrainState(processes=processes, inputs=inputs), None
-    check_same_run(checkpoint, read_train_state(checkpoint), processes, inputs, resume_changed, s.total_steps)
+    check_same_run(checkpoint, read_train_state(checkpoint), processes, inputs, resume_changed, changed,
+                   s.total_steps)
     state, best, method_state = restore_checkpoint(s.accelerator, checkpoint, trainable_names(s.loss_model))
     if method_state:
         s.method.restore_step_state(s.model, method_state)
@@ -509,7 +512,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
         print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
         run_dir.metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
     s = setup(recipe, run_dir, make_scorer)
-    state, best = resume(s, checkpoint, resume_changed)
+    state, best = resume(s, checkpoint, resume_changed, changed)
     t = recipe.train
     steps = step_windows(s.data, recipe, s.accelerator.process_index, s.accelerator.num_processes, s.pad_id,
                          start=state.step)

@@ -101,8 +101,8 @@ def lr_folder(recipe: Recipe, out: str | Path | None = None) -> Path:
     if folder.resolve() == run.resolve() or run.resolve() in folder.resolve().parents:
         raise TuneguardError(f"--out {folder}: that is the recipe's run directory {run} (or inside it); the range "
                              "test writes beside runs, never into one")
-    if folder.exists() and not folder.is_dir():
-        raise TuneguardError(f"--out {folder}: is a file, not a folder")
+    if blocked := next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None):
+        raise TuneguardError(f"--out {folder}: {blocked} is a file, not a folder")
     held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     if set(held) - {LR_JSON, LR_PNG, RECIPE}:  # a test that stopped early left its recipe.yaml alone
         raise TuneguardError(f"--out {folder}: holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}, not "
