@@ -408,7 +408,7 @@ def fingerprint(path: str, is_hub: bool, revision: str | None, q: QuantizationCo
     cache happens to hold does). The compute dtype (``model.dtype``, ``quantization.compute_dtype``) is left out: the
     probe resolves it per machine and an adapter fits the same weights in any of them (the score cache keys scores by
     dtype itself)."""
-    quant = {"method": q.method, "double_quant": q.double_quant if q.method in ("nf4", "fp4") else None}
+    quant = {"method": q.method, "double_quant": q.double_quant if q.four_bit else None}
     digest = hashlib.sha256(json.dumps({"version": 2, "quantization": quant}, sort_keys=True).encode())
     if is_hub:
         digest.update(f"{path}@{hub_commit(path, revision)}".encode())

@@ -64,10 +64,15 @@ class QuantizationConfig(Section):
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
+    @property
+    def four_bit(self) -> bool:
+        """nf4 or fp4: weights packed two to a byte, with a double quantization and a compute dtype of their own."""
+        return self.method in ("nf4", "fp4")
+
     @model_validator(mode="after")
     def _four_bit_keys(self) -> QuantizationConfig:
         """double_quant and compute_dtype shape a 4-bit load; with int8 or none they were accepted and ignored."""
-        if self.method not in ("nf4", "fp4") and (not self.double_quant or self.compute_dtype != "auto"):
+        if not self.four_bit and (not self.double_quant or self.compute_dtype != "auto"):
             key = "compute_dtype" if self.compute_dtype != "auto" else "double_quant"
             raise ValueError(f"quantization.{key} applies to 4-bit methods (nf4, fp4); method '{self.method}' has "
                              "none (drop it)")
@@ -545,7 +550,7 @@ class Recipe(Section):
             raise ValueError(f"adapter.use_dora applies to method {takes} only")
         if problem := self.adapter.method_problem():
             raise ValueError(problem)
-        if not caps.four_bit and self.quantization.method in ("nf4", "fp4"):
+        if not caps.four_bit and self.quantization.four_bit:
             raise ValueError(
                 f"adapter.method '{self.adapter.method}' does not work on a 4-bit backbone "
                 f"(quantization.method '{self.quantization.method}'); use int8 or none, or lora"

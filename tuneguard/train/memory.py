@@ -227,7 +227,7 @@ def dtype_bytes(recipe: Recipe, device_type: str) -> tuple[int, int]:
     weight = resolve_dtype(recipe.model.dtype, device_type, "model.dtype").itemsize
     if resolve_mixed_precision(recipe.train.mixed_precision, device_type) in {"bf16", "fp16"}:
         return 2, weight
-    if recipe.quantization.method in {"nf4", "fp4"}:
+    if recipe.quantization.four_bit:
         return resolve_dtype(recipe.quantization.compute_dtype, device_type, "quantization.compute_dtype").itemsize, weight
     return (4 if recipe.quantization.method == "int8" else weight), weight
 
