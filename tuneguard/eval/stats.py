@@ -52,15 +52,20 @@ def mcnemar_p(won: int, lost: int) -> float:
     return float(2 * norm.sf(abs(won - lost) / math.sqrt(won + lost))) if won + lost else 1.0
 
 
+def tango_variance(won: float, lost: float, n: float, d0: float) -> float:
+    """The variance of ``won - lost`` under ``H0: p_tuned - p_base = d0``, at the restricted MLE of P(lost)."""
+    b = -won - lost + (2 * n - won + lost) * d0
+    c = -lost * d0 * (1 - d0)
+    q = (-b + math.sqrt(max(b * b - 8 * n * c, 0.0))) / (4 * n)
+    return n * (2 * q + d0 * (1 - d0))
+
+
 def tango_z(won: int, lost: int, n: int, d0: float) -> float:
     """Tango's score statistic for ``H0: p_tuned - p_base = d0``, with the restricted MLE of P(lost).
 
     It decreases in ``d0``, which is what lets :func:`tango_interval` invert it by root finding.
     """
-    b = -won - lost + (2 * n - won + lost) * d0
-    c = -lost * d0 * (1 - d0)
-    q = (-b + math.sqrt(max(b * b - 8 * n * c, 0.0))) / (4 * n)
-    var = n * (2 * q + d0 * (1 - d0))
+    var = tango_variance(won, lost, n, d0)
     diff = won - lost - n * d0
     if var <= 0:
         return math.copysign(math.inf, diff) if diff else 0.0
@@ -224,7 +229,12 @@ def items_needed(sd_item: float, distance: float, alpha: float = ALPHA, power: f
     """
     if distance <= 1e-9:
         return None
-    needed = max(1, math.ceil(((z_crit(alpha) + float(norm.ppf(power))) * sd_item / distance) ** 2))
+    return _count(((z_crit(alpha) + float(norm.ppf(power))) * sd_item / distance) ** 2)
+
+
+def _count(items: float) -> int | None:
+    """A planned number of items, at least one; None past :data:`MAX_ITEMS`."""
+    needed = max(1, math.ceil(items))
     return needed if needed <= MAX_ITEMS else None
 
 
@@ -239,12 +249,9 @@ def binary_items_needed(discordance: float, margin: float, alpha: float = ALPHA,
     margin is near the discordance): n = ((z_a/2 sd_0 + z_b sd_1) / margin)^2; None past :data:`MAX_ITEMS`."""
     if margin >= 1:  # no 0/1 outcome can fall by the whole scale: any item shows it
         return 1
-    d0 = -margin
-    b, c = -discordance + 2 * d0, -(discordance / 2) * d0 * (1 - d0)  # tango_z's terms with won = lost, per item
-    q = (-b + math.sqrt(max(b * b - 8 * c, 0.0))) / 4
-    sd0, sd1 = math.sqrt(2 * q + d0 * (1 - d0)), math.sqrt(discordance)
-    needed = max(1, math.ceil(((z_crit(alpha) * sd0 + float(norm.ppf(power)) * sd1) / margin) ** 2))
-    return needed if needed <= MAX_ITEMS else None
+    # per item: won = lost = discordance / 2 of one item, the test's variance at the margin
+    sd0, sd1 = math.sqrt(tango_variance(discordance / 2, discordance / 2, 1, -margin)), math.sqrt(discordance)
+    return _count(((z_crit(alpha) * sd0 + float(norm.ppf(power)) * sd1) / margin) ** 2)
 
 
 def binary_sd(won: int, lost: int, n: int) -> float:
