@@ -333,10 +333,15 @@ def test_preview_writes_a_grid_of_originals_and_copies(tmp_path: Path, resnet_di
 
 
 def test_a_long_image_name_is_elided_in_the_grid() -> None:
-    from tuneguard.report.image_grid import _short
+    from tuneguard.report.image_grid import NAME_CHARS
+    from tuneguard.report.plots import short
+
+    def _short(name: str) -> str:
+        return short(name, NAME_CHARS, middle=True)
 
     assert _short("0001.png") == "0001.png"
     assert _short("some_long_image_name_0.png") == "some_lo…me_0.png" and len(_short("x" * 40)) == 16
+    assert short("x" * 50) == "x" * 39 + "…"  # a chart label: its end cut
 
 
 def test_preview_takes_each_class_in_turn_and_draws_what_training_draws(tmp_path: Path) -> None:

@@ -8,12 +8,10 @@ from matplotlib.figure import Figure
 
 from tuneguard.data.preview import ImagePreview
 from tuneguard.io import atomic_write_bytes
-from tuneguard.report.plots import png_bytes
+from tuneguard.report.plots import png_bytes, short
 
-
-def _short(name: str, keep: int = 16) -> str:
-    """A file name within ``keep`` characters, its middle elided (longer ones ran into the rows above and below)."""
-    return name if len(name) <= keep else f"{name[: keep // 2 - 1]}…{name[-(keep // 2):]}"
+NAME_CHARS = 16
+"""A file name's width on the grid: longer ones ran into the rows above and below."""
 
 
 def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
@@ -32,5 +30,5 @@ def write_image_grid(path: Path, rows: list[ImagePreview], title: str) -> None:
             if r == 0:
                 ax.set_title("original" if c == 0 else f"epoch {c - 1}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(f"{_short(Path(row.where).name)}\n'{row.answer}'", fontsize=8)
+                ax.set_ylabel(f"{short(Path(row.where).name, NAME_CHARS, middle=True)}\n'{row.answer}'", fontsize=8)
     atomic_write_bytes(path, png_bytes(fig))

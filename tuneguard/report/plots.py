@@ -26,8 +26,12 @@ LABEL_CHARS = 40
 """A task's name on a chart's axis is cut to this: one long name squeezed every panel to a sliver."""
 
 
-def short(name: str) -> str:
-    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
+def short(name: str, keep: int = LABEL_CHARS, *, middle: bool = False) -> str:
+    """``name`` within ``keep`` characters: its end cut, or with ``middle`` its middle (a file name keeps its
+    number and suffix)."""
+    if len(name) <= keep:
+        return name
+    return f"{name[: keep // 2 - 1]}…{name[-(keep // 2):]}" if middle else name[: keep - 1] + "…"
 
 
 def png_bytes(fig: Figure) -> bytes:
