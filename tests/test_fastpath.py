@@ -275,6 +275,7 @@ def test_file_backed_weights_are_released(tiny_llama_dir: Path) -> None:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_chunked_cross_entropy_matches_full_logits(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 500 * 64)  # 64 rows per chunk: several chunks
+    monkeypatch.setattr(losses, "_WORKSPACE", losses._Workspace())
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 32, generator=gen, requires_grad=True)
     weight = torch.randn(500, 32, generator=gen, requires_grad=True)
@@ -292,6 +293,36 @@ def test_chunked_cross_entropy_matches_full_logits(autocast: bool, monkeypatch: 
     assert float((gw_a - gw_b).norm() / gw_a.norm()) < (1e-5 if not autocast else 1e-2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         assert float(chunked_lm_loss(hidden, weight, targets)) == float(got.detach())  # no gradient work, same loss
+    kept = losses._WORKSPACE.buffers  # bf16: the chunk's casts kept for the next call; fp32 needs none
+    assert (kept is None) if not autocast else ([b.shape for b in kept] == [(64, 500)] * 2 and kept[1].dtype == torch.bfloat16)
+
+
+def test_the_kept_casts_serve_every_later_call_and_grow_to_a_padded_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workspace is made once (the same storage for every later batch), as wide as a chunk padded to a multiple
+    of 16 rows (50-row chunks are products of 64 rows), and no wider than the batch's own rows need."""
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 500 * 50)  # 50 rows per chunk, padded to 64
+    monkeypatch.setattr(losses, "_WORKSPACE", losses._Workspace())
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(500, 32, generator=gen)
+
+    def loss(rows: int) -> torch.Tensor:
+        hidden = torch.randn(rows, 32, generator=gen, requires_grad=True)
+        targets = torch.randint(0, 500, (rows,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = chunked_lm_loss(hidden, weight, targets)
+            expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+        torch.testing.assert_close(torch.autograd.grad(got, hidden)[0], torch.autograd.grad(expected, hidden)[0],
+                                   atol=2e-2, rtol=2e-2)
+        return got
+
+    loss(5)
+    assert losses._WORKSPACE.buffers[0].shape == (16, 500)  # 5 target rows need one 16-row product
+    loss(120)
+    first = [b.data_ptr() for b in losses._WORKSPACE.buffers]
+    assert losses._WORKSPACE.buffers[0].shape == (64, 500)
+    for rows in (7, 120, 64):
+        loss(rows)
+        assert [b.data_ptr() for b in losses._WORKSPACE.buffers] == first
 
 
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
