@@ -323,6 +323,8 @@ def test_the_kept_casts_serve_every_later_call_and_grow_to_a_padded_chunk(monkey
     for rows in (7, 120, 64):
         loss(rows)
         assert [b.data_ptr() for b in losses._WORKSPACE.buffers] == first
+    losses.release_kept()  # when training ends: evaluation uses neither the workspace nor the head's cast
+    assert losses._WORKSPACE.buffers is None and losses._HEAD_CAST._entry is None
 
 
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])

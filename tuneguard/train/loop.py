@@ -59,7 +59,7 @@ from tuneguard.train.checkpoints import (
 )
 from tuneguard.train.divergence import DivergenceWatch, NonFiniteStep, non_finite
 from tuneguard.train.fastpath import prepare_for_training
-from tuneguard.train.losses import CausalLMLoss, ClassificationLoss
+from tuneguard.train.losses import CausalLMLoss, ClassificationLoss, release_kept
 from tuneguard.train.selection import (
     forgetting_pct,
     metric_improves,
@@ -569,6 +569,7 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
                 named[name].copy_(value)
     started = time.time()
     final_val = validation_loss(s)
+    release_kept()
     # The last step's own validation, unless it was already logged; a restored adapter's is an earlier step's.
     if final_val is not None and not restored and not (recipe.train.eval_every and state.step % recipe.train.eval_every == 0):
         s.log({"step": state.step, "val_loss": round(final_val, 6)})

@@ -83,6 +83,13 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
+def release_kept() -> None:
+    """Drop the head's cast and the chunks' workspace (~100 MB for a 49k vocabulary in bf16) when training ends:
+    the evaluation that follows in the same process uses neither."""
+    _HEAD_CAST.clear()
+    _WORKSPACE.buffers = None
+
+
 def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight.to(dtype)``, kept while the weight is unchanged: the head is cast once per run, not per step.
 

@@ -29,3 +29,6 @@ class LastResult(Generic[T]):
         value = compute()
         self._entry = (weakref.ref(tensor), tensor._version, key, value)
         return value
+
+    def clear(self) -> None:
+        self._entry = None
