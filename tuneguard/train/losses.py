@@ -65,7 +65,7 @@ class _Workspace:
     Made afresh for every chunk, these ~47 MB of casts (160 rows of a 49k vocabulary) were allocated on CPU
     when the activations are at their peak, at wherever glibc's heap had a gap that wide, and the next
     micro-batch's activations could not reuse the gaps they left: the bench configuration in bf16 (3 steps, 8
-    of 30 layers recomputed) peaked at 1,712-1,919 MB over 21 runs, and at 1,753-1,832 over 10 with the casts
+    of 30 layers recomputed) peaked at 1,712-1,919 MB over 21 runs, and at 1,744-1,832 over 13 with the casts
     kept (bench/README.md, "The loss's casts and the run-to-run spread"). In fp32 the logits need no cast (one
     block a chunk, reused in place) and nothing is kept.
     """
