@@ -221,7 +221,8 @@ def test_keys_the_data_never_reads_are_refused(tmp_path: Path, data: str, proble
 def test_keys_a_method_does_not_read_are_named() -> None:
     """IA3 has no rank, prompt tuning no target modules: set anyway, they are said at the start (not refused, so one
     override switches a recipe's method)."""
-    from tuneguard.recipe import METHOD_KEYS, AdapterConfig
+    from tuneguard.adapters.capabilities import CAPABILITIES
+    from tuneguard.recipe import AdapterConfig
 
     assert AdapterConfig(method="ia3", r=64, alpha=1, dropout=0.5).unused_keys() == [
         "adapter.alpha", "adapter.dropout", "adapter.r"]
@@ -230,4 +231,5 @@ def test_keys_a_method_does_not_read_are_named() -> None:
     assert AdapterConfig(method="lora", r=8, target_modules="mlp").unused_keys() == []
     stored = AdapterConfig(**AdapterConfig().model_dump())  # a run's recipe.yaml names every key at its default
     assert stored.model_copy(update={"method": "ia3"}).unused_keys() == []
-    assert set(METHOD_KEYS) == set(AdapterConfig.model_fields["method"].annotation.__args__)
+    assert set(CAPABILITIES) == set(AdapterConfig.model_fields["method"].annotation.__args__)
+    assert all(caps.keys <= set(AdapterConfig.model_fields) for caps in CAPABILITIES.values())

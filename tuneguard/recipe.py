@@ -79,15 +79,6 @@ class QuantizationConfig(Section):
         return self
 
 
-_LAYERED = {"target_modules", "layers_to_transform", "freeze_layers_below", "unfreeze_every"}
-_RANKED = _LAYERED | {"r", "alpha", "dropout"}
-METHOD_KEYS = {
-    "lora": _RANKED | {"use_rslora", "use_dora", "init"}, "ia3": _LAYERED, "loha": _RANKED, "lokr": _RANKED,
-    "adalora": _RANKED, "prompt_tuning": {"num_virtual_tokens"},
-}
-"""The adapter keys each method reads, beyond ``method``."""
-
-
 class AdapterConfig(Section):
     method: Literal["lora", "ia3", "loha", "lokr", "adalora", "prompt_tuning"] = "lora"
     r: int = Field(16, ge=1)
@@ -110,7 +101,7 @@ class AdapterConfig(Section):
         """Keys the recipe sets that its method does not read (``adapter.r`` with IA3, ``adapter.target_modules``
         with prompt tuning): said at the start, not refused, so a recipe can switch methods by one override."""
         fields = type(self).model_fields  # a stored recipe.yaml sets every key: only a value off its default counts
-        return [f"adapter.{k}" for k in sorted(self.model_fields_set - METHOD_KEYS[self.method] - {"method"})
+        return [f"adapter.{k}" for k in sorted(self.model_fields_set - CAPABILITIES[self.method].keys - {"method"})
                 if getattr(self, k) != fields[k].default]
 
     def method_problem(self) -> str | None:

@@ -9,26 +9,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LAYERED = frozenset({"target_modules", "layers_to_transform", "freeze_layers_below", "unfreeze_every"})
+RANKED = LAYERED | {"r", "alpha", "dropout"}
+
 
 @dataclass(frozen=True)
 class Capabilities:
+    keys: frozenset[str] = RANKED
+    """The ``adapter`` keys the method reads, beyond ``method`` (a recipe setting another is told it is unused)."""
     four_bit: bool = True
     """False where PEFT builds the deltas from the weight's shape, which 4-bit packing flattens (LoHa, LoKr)."""
     mergeable: bool = True
     """False where the adapter is not a weight delta (prompt tuning adds virtual tokens): no merged export."""
     packable: bool = True
     """False where examples must not be packed into one sequence (virtual tokens go in front of each example)."""
-    has_rank: bool = True
-    """False where ``adapter.r`` means nothing, so reports leave it blank."""
     classifier: bool = True
     """False where it cannot sit on a classifier with its own head (an encoder or image backbone): PEFT's
     ``disable_adapter`` for prompt tuning swaps a generation hook a classifier lacks, so no base could be scored."""
-    dora: bool = False
-    """Whether ``adapter.use_dora`` applies."""
     lr: float = 2e-4
     """The ``train.lr`` (AdamW) a recipe that gives none trains at: published practice for the method."""
     lr_range: tuple[float, float] = (1e-4, 5e-4)
     """The usual range of published rates; a recipe more than ``LR_WARN_FACTOR`` outside it gets a warning."""
+
+    @property
+    def has_rank(self) -> bool:
+        """Whether ``adapter.r`` means something; reports leave it blank where not."""
+        return "r" in self.keys
+
+    @property
+    def dora(self) -> bool:
+        """Whether ``adapter.use_dora`` applies."""
+        return "use_dora" in self.keys
 
 
 # Learning rates (README "Learning rate" has the table):
@@ -43,13 +54,13 @@ class Capabilities:
 # - Prompt tuning: Lester et al. 2021 use 0.3 (Adafactor); PEFT's causal-LM prompt-tuning guide uses 3e-2
 #   (AdamW): virtual-token embeddings move far from where they start.
 CAPABILITIES: dict[str, Capabilities] = {
-    "lora": Capabilities(dora=True),
-    "ia3": Capabilities(has_rank=False, lr=3e-3, lr_range=(1e-3, 1e-2)),
+    "lora": Capabilities(keys=RANKED | {"use_rslora", "use_dora", "init"}),
+    "ia3": Capabilities(keys=LAYERED, lr=3e-3, lr_range=(1e-3, 1e-2)),
     "loha": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
     "lokr": Capabilities(four_bit=False, lr_range=(1e-4, 1e-3)),
     "adalora": Capabilities(lr=5e-4, lr_range=(2e-4, 2e-3)),
-    "prompt_tuning": Capabilities(mergeable=False, packable=False, has_rank=False, classifier=False, lr=3e-2,
-                                  lr_range=(1e-2, 3e-1)),
+    "prompt_tuning": Capabilities(keys=frozenset({"num_virtual_tokens"}), mergeable=False, packable=False,
+                                  classifier=False, lr=3e-2, lr_range=(1e-2, 3e-1)),
 }
 """One entry per recipe ``adapter.method``."""
 
