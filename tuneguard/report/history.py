@@ -136,12 +136,16 @@ def _record(run_dir: Path, report: dict[str, Any], db: Path | None) -> None:
         )
 
 
+_JOINED = "FROM results JOIN runs ON runs.id = results.run_id"
+"""Each task result beside its run: what the history's queries select from."""
+
+
 def list_history(
     *, task: str | None = None, recipe: str | None = None, last: int | None = None, db: Path | None = None
 ) -> list[dict[str, Any]]:
     """Task results joined with their run, oldest first; ``last`` keeps the most recent N runs that match."""
     matching, args = _matching(task, recipe)
-    joined = "FROM results JOIN runs ON runs.id = results.run_id" + matching
+    joined = _JOINED + matching
     if last is not None:
         matching += (" AND " if matching else " WHERE ") + (
             f"runs.id IN (SELECT runs.id {joined} GROUP BY runs.id ORDER BY MAX(runs.created) DESC, runs.id DESC LIMIT ?)")
@@ -149,8 +153,7 @@ def list_history(
     sql = (
         "SELECT runs.created, runs.run_dir, runs.recipe, runs.model, runs.fingerprint, runs.quantization, "
         "runs.adapter_method, runs.adapter_r, runs.trainable_params, runs.tokens_per_s, runs.peak_memory_mb, "
-        f"{', '.join('results.' + k for k in _RESULT_KEYS)} FROM results JOIN runs ON runs.id = results.run_id"
-        + matching + " ORDER BY runs.created, runs.id, results.rowid"
+        f"{', '.join('results.' + k for k in _RESULT_KEYS)} {_JOINED}{matching} ORDER BY runs.created, runs.id, results.rowid"
     )
     with closing(_connect(db)) as con:
         return [dict(row) | {"is_general": bool(row["is_general"])} for row in con.execute(sql, args)]
@@ -167,8 +170,7 @@ def count_runs(*, task: str | None = None, recipe: str | None = None, db: Path |
     """How many runs the filter matches (``tuneguard history`` says when ``--last`` shows fewer)."""
     matching, args = _matching(task, recipe)
     with closing(_connect(db)) as con:
-        return con.execute("SELECT COUNT(DISTINCT runs.id) FROM results JOIN runs ON runs.id = results.run_id"
-                           + matching, args).fetchone()[0]
+        return con.execute(f"SELECT COUNT(DISTINCT runs.id) {_JOINED}{matching}", args).fetchone()[0]
 
 
 def unknown_filter(task: str | None, recipe: str | None, *, db: Path | None = None) -> str | None:
