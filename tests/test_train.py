@@ -298,8 +298,8 @@ def test_tensorboard_tracker_receives_metrics(tmp_path: Path, tiny_llama_dir: Pa
     assert events and events[0].stat().st_size > 0
 
 
-def test_a_checkpoint_is_restored_only_from_safetensors_and_a_readable_random_state(tmp_path: Path,
-                                                                                   tiny_llama_dir: Path) -> None:
+def test_a_checkpoint_is_restored_only_from_safetensors_and_a_readable_random_state(
+        tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Accelerate would load a pickled ``pytorch_model.bin`` in place of the adapter's safetensors, resume with
     fresh random state when its RNG file does not load (dropout masks and batches then differ, silently), and
     leave untrained any weight the state lacks (strict=False)."""
@@ -312,7 +312,9 @@ def test_a_checkpoint_is_restored_only_from_safetensors_and_a_readable_random_st
     trainable = set(load_file(str(saved / "model.safetensors")))
     assert len(trainable) == 28 and all("lora_" in k for k in trainable)  # the adapter alone
     check_checkpoint(saved, 0, trainable)  # what save_checkpoint writes passes
+    capsys.readouterr()
     check_checkpoint(saved, 1, trainable, sharded=False)  # an earlier version's process 1 had no file: a warning
+    assert "holds no random state of process 1" in capsys.readouterr().err
     pickled = shutil.copytree(saved, tmp_path / "pickled")
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
