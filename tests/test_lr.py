@@ -209,8 +209,14 @@ def test_reading_the_curve() -> None:
     rising = LrRange(recipe="r", method="lora", start=1e-5, end=1e-1, steps=41, lrs=lrs,
                      losses=[1.5 if i in (1, 2, 3) else 2.0 + 0.01 * i for i in range(41)])  # lowest at its start
     read_curve(rising)
-    assert rising.suggestion == 1e-5 and any("hardly fell before rising" in w for w in rising.warnings)
-    assert any("lies below --start: the suggestion is --start itself" in w for w in rising.warnings)
+    assert rising.suggestion == 1e-5 and rising.warnings == [  # one line, not a second one that says it again
+        "the loss hardly fell before rising: the suggestion sits at the range's start (minimum / 10 = 1.26e-06 lies "
+        "below --start); try a lower --start"]
+    narrow = LrRange(recipe="r", method="lora", start=1e-3, end=5e-3, steps=41, lrs=[1e-3 * 5 ** (i / 40) for i in range(41)],
+                     losses=[2.0 - 0.01 * i for i in range(41)])  # still falling at --end of a range under 10x wide
+    read_curve(narrow)
+    assert narrow.suggestion == 1e-3 and [w.split(":")[0] for w in narrow.warnings] == [
+        "the loss was still falling at --end", "minimum / 10 (0.0005) lies below --start"]
 
 
 def test_lr_range_test_on_a_tiny_recipe(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -201,9 +201,11 @@ def read_curve(result: LrRange) -> None:
         result.warnings.append(f"the smoothed loss fell by only {100 * max(drop, 0):.1f}% (from "
                                f"{result.smoothed[0]:.4g} to {result.smoothed[low]:.4g}): no rate here clearly trains, "
                                "so nothing is suggested; check the data, or widen the range")
-    elif low < max(2, n // 10):
-        result.warnings.append("the loss hardly fell before rising: the suggestion sits at the range's start; "
+    elif low < max(2, n // 10):  # one line for one advice, whether or not minimum / 10 fell below --start too
+        below = f" (minimum / 10 = {result.min_loss_lr / 10:.3g} lies below --start)" if clamped else ""
+        result.warnings.append(f"the loss hardly fell before rising: the suggestion sits at the range's start{below}; "
                                "try a lower --start")
+        clamped = False
     elif low == n - 1 and result.stopped is None:
         result.warnings.append("the loss was still falling at --end: the minimum may lie higher; try a higher --end")
     if result.suggestion is not None and clamped:
