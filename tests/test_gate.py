@@ -42,7 +42,8 @@ def test_regression_beyond_the_margin_fails_with_junit_and_markdown(report_path:
                                                                      capsys: pytest.CaptureFixture) -> None:
     junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
     assert cli_main(["gate", str(report_path), "--junit", str(junit), "--markdown", str(md)]) == 1
-    assert "FAIL: regressed beyond the margin" in capsys.readouterr().err
+    said = capsys.readouterr()  # the result on standard output, so `tuneguard gate ... > gate.txt` keeps it
+    assert "FAIL: regressed beyond the margin" in said.out and "arc_easy" in said.out and said.err == ""
     suite = ET.parse(junit).getroot()
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert list(cases) == ["sst2", "arc_easy", "wikitext"] and suite.get("failures") == "1"
@@ -97,7 +98,7 @@ def test_inconclusive_passes_unless_power_is_required(tmp_path: Path, capsys: py
     assert cli_main(["gate", str(path)]) == 0
     junit = tmp_path / "g.xml"
     assert cli_main(["gate", str(path), "--require-power", "--junit", str(junit)]) == 3
-    assert "UNDECIDED" in capsys.readouterr().err
+    assert "UNDECIDED" in capsys.readouterr().out
     failure = ET.parse(junit).getroot().find("testcase/failure")
     assert failure is not None and failure.get("type") == "undecided" and "items)" in failure.get("message", "")
 
@@ -204,10 +205,10 @@ def test_a_planned_0_1_task_has_the_power_it_promises(discordance: float, margin
 
 def test_plan_cli(report_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["plan", "--margin", "2", "--tasks", "arc_easy", "boolq", "--discordance", "0.1"]) == 0
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert "arc_easy" in out and "boolq" in out and "discordance 0.1" in out
     assert cli_main(["plan", "--pilot", str(report_path)]) == 0
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert "pilot, n 500, discordance 0.080" in out and "wikitext" in out
     assert cli_main(["plan", "--tasks", "arc_easy"]) == 2
     assert "--discordance" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_select_ranks_a_decoder_and_an_encoder(tmp_path: Path, tiny_llama_dir: P
     # Both scored the same six validation rows, so the second is compared with the leader pair by pair.
     assert rows[0]["rows"] == rows[1]["rows"]
     assert rows[1]["versus_leader"]["delta"] == pytest.approx(rows[1]["score"] - rows[0]["score"])
-    printed = capsys.readouterr().err
+    printed = capsys.readouterr().out
     assert "n/a (encoder)" in printed and "linear probe" in printed and "zero-shot" in printed
     md = (tmp_path / "select" / "select.md").read_text()
     assert f"| 1 | {rows[0]['source']} |" in md and f"| 2 | {rows[1]['source']} |" in md

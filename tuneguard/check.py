@@ -115,7 +115,7 @@ def _check(run: RunDir, data: Path, alpha: float, allow_overlap: bool, limit: in
         "flagged": (result["accuracy"] or result["drift"])["flagged"], "seconds": round(time.time() - started, 1),
     }
     path = run.write_check(record)
-    print_check(record, console)
+    print_check(record)
     if trained_on:
         console.print(f"[yellow]{trained_on} of the {len(items)} rows were training rows of this run (overlap allowed): "
                       "the model can read better, and surer, on them than on new rows[/yellow]", soft_wrap=True)

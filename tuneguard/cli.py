@@ -74,7 +74,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.model:
         from tuneguard.eval.stage import evaluate_base_model
-        from tuneguard.progress import console, quiet_libraries
+        from tuneguard.progress import quiet_libraries
         from tuneguard.report.terminal import print_results
 
         if args.run:
@@ -87,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
         quiet_libraries()
         results = evaluate_base_model(args.model, args.tasks or ["general-small"], args.limit, args.quant or "none",
                                       args.batch_size or 8, _lm_eval_options(args))
-        print_results(results, console)
+        print_results(results)
         if args.out:
             from tuneguard.io import atomic_write_json
 
@@ -161,11 +161,10 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tuneguard.progress import console
     from tuneguard.report.side_by_side import compare_run_dirs, print_run_comparison
 
     comparison = compare_run_dirs([Path(r) for r in args.runs], Path(args.out) if args.out else None)
-    print_run_comparison(comparison, console)
+    print_run_comparison(comparison)
     return 0
 
 
@@ -193,14 +192,14 @@ def _history(args: argparse.Namespace) -> int:
             console.print(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
         return 0
     if results or not checks:
-        print_history(results, console)
+        print_history(results)
         shown, total = len({r["run_dir"] + r["created"] for r in results}), count_runs(task=args.task, recipe=args.recipe)
         if shown < total:
             console.print(f"the newest {shown} of {total} runs; --last N shows more")
     if checks:
         from tuneguard.report.monitor import print_checks
 
-        print_checks(checks, console)
+        print_checks(checks)
     return 0
 
 
@@ -211,19 +210,16 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from tuneguard.progress import console
     from tuneguard.report.gate import run_gate
 
     return run_gate(args.report, baseline=args.baseline, margin=args.margin, require_power=args.require_power,
-                    junit=args.junit, markdown=args.markdown, console=console)
+                    junit=args.junit, markdown=args.markdown)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from tuneguard.progress import console
     from tuneguard.report.gate import run_plan
 
-    return run_plan(args.tasks, args.margin, discordance=args.discordance, pilot=args.pilot, power=args.power,
-                    console=console)
+    return run_plan(args.tasks, args.margin, discordance=args.discordance, pilot=args.pilot, power=args.power)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -233,7 +229,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     result = score_runs([Path(r) for r in args.runs], tasks=args.tasks, limit=args.limit, console=console)
-    print_compare(result, console)
+    print_compare(result)
     paths = write_compare(result, Path(args.out))
     console.print(f"written: {', '.join(map(str, paths))}")
     return 0
@@ -248,7 +244,7 @@ def _lr(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     folder = lr_folder(recipe, args.out)
     result = range_test(recipe, folder, start=args.start, end=args.end, steps=args.steps).to_dict()
-    print_lr_range(result, console)
+    print_lr_range(result)
     console.print(f"written: {', '.join(map(str, write_lr_range(folder, result)))}")
     return 0
 

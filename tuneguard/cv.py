@@ -140,7 +140,7 @@ def cross_validate(args: argparse.Namespace) -> int:
     settings = {"recipe": str(args.recipe), "overrides": args.overrides, "k": args.folds, "stratify": args.stratify,
                 "seed": base.train.seed, "general": args.general}
     summary = summarize_folds(str(base.output.name), [fold.run_dir for fold in folds], settings)
-    print_cv(summary, console)
+    print_cv(summary)
     paths = write_cv(cv_dir(base), summary)
     console.print(f"cross-validation summary in {', '.join(map(str, paths))}")
     return 1 if summary["budget_exceeded"] else 0

@@ -69,7 +69,7 @@ def report(recipe: Recipe, run_dir: Path, evaluation: Evaluation) -> int:
     run.write_eval(evaluation.data)
     built = build_report(run_dir, evaluation.data, evaluation.comparisons, evaluation.original)
     write_reports(run_dir, built)
-    print_report(built, console)
+    print_report(built)
     record_run(run_dir, built)
     console.print(f"evaluation took {evaluation.data['seconds']:.0f} s; reports in {run_dir}/report.{{md,html,json}}")
     check_budget(evaluation.comparisons, recipe.eval.max_regression)

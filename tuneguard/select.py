@@ -210,7 +210,7 @@ def select_backbones(args: argparse.Namespace) -> int:
                 "steps": args.steps, "limit": args.limit, "quantization": base.quantization.method,
                 "adapter": base.adapter.method, "suites": base.eval.suites, "seed": base.train.seed}
     summary = rank(str(base.output.name), rows, settings)
-    print_select(summary, console)
+    print_select(summary)
     paths = write_select(out, summary)
     console.print(f"backbone ranking in {', '.join(map(str, paths))}")
     if all("error" in r for r in rows):

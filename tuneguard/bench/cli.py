@@ -134,7 +134,7 @@ def _finish(args: argparse.Namespace, results: list[dict[str, Any]], summary: li
     changes = changes_since(results, load_results(args.compare), args.tolerance)
     from tuneguard.bench.tables import changes_block, print_blocks
 
-    print_blocks([changes_block(changes, args.compare)], console)
+    print_blocks([changes_block(changes, args.compare)])
     return 1 if any(c.regressed for c in changes) else 0
 
 
@@ -173,7 +173,7 @@ def _train(args: argparse.Namespace) -> int:
     results = _run_all(specs, args.repeat, args.timeout)
     ceilings = {_config_of(spec): _ceiling(spec) for spec in specs if spec["runner"] == "tuneguard"}
     summary = train_summary(results, ceilings)
-    print_blocks(train_blocks(results, summary), console)
+    print_blocks(train_blocks(results, summary))
     return _finish(args, results, summary)
 
 
@@ -206,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
     summary = [{"agreement": score_agreement(ours, reference) if "error" not in ours and "error" not in reference else None,
                 "items_per_s_ratio": _ratio(ours.get("items_per_s"), reference.get("items_per_s")),
                 "generation_ratio": _ratio(ours.get("generation_items_per_s"), reference.get("generation_items_per_s"))}]
-    print_blocks(eval_blocks(results, summary[0]), console)
+    print_blocks(eval_blocks(results, summary[0]))
     return _finish(args, results, summary)
 
 
@@ -226,7 +226,7 @@ def _lm_eval(args: argparse.Namespace) -> int:
     ours, reference = results
     summary = [{"agreement": score_agreement(ours, reference) if "error" not in ours and "error" not in reference else None,
                 "items_per_s_ratio": _ratio(ours.get("items_per_s"), reference.get("items_per_s"))}]
-    print_blocks(eval_blocks(results, summary[0], against="lm-eval hf"), console)
+    print_blocks(eval_blocks(results, summary[0], against="lm-eval hf"))
     return _finish(args, results, summary)
 
 
@@ -240,7 +240,7 @@ def _matrix(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
 
     matrix = run_matrix(Path(args.recipe), args.adapter, args.overrides, Path(args.out), timeout=args.timeout)
-    print_blocks([matrix_block(matrix)], console)
+    print_blocks([matrix_block(matrix)])
     console.print(f"matrix written to {Path(args.out) / 'matrix.html'} and matrix.json")
     return 0 if all("error" not in row for row in matrix["rows"]) else 1
 
@@ -249,7 +249,7 @@ def _estimate(args: argparse.Namespace) -> int:
     from tuneguard.bench.measure import measure_recipe
     from tuneguard.bench.tables import estimate_block, print_blocks
     from tuneguard.io import atomic_write_json
-    from tuneguard.progress import console, quiet_libraries
+    from tuneguard.progress import quiet_libraries
     from tuneguard.recipe import load_recipe
     from tuneguard.train.fastpath import fastpath_enabled
     from tuneguard.train.memory import estimate_recipe
@@ -258,7 +258,7 @@ def _estimate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     fast = estimate_recipe(recipe, fastpath=fastpath_enabled())
     measured = measure_recipe(Path(args.recipe), args.overrides, args.measure) if args.measure else None
-    print_blocks([estimate_block(fast, measured)], console)
+    print_blocks([estimate_block(fast, measured)])
     if args.json_out:
         atomic_write_json(Path(args.json_out), {"estimate": fast.to_dict(), "measured": measured})
     return 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
-
 from tuneguard.bench.measure import Change
 from tuneguard.report.blocks import DASH, Block, Cell
 from tuneguard.report.terminal import print_block
@@ -26,9 +24,9 @@ def _x(v: Any) -> str:
     return f"{v:.2f}x" if isinstance(v, int | float) else DASH
 
 
-def print_blocks(blocks: Sequence[Block], console: Console) -> None:
+def print_blocks(blocks: Sequence[Block]) -> None:
     for block in blocks:
-        print_block(block, console)
+        print_block(block)
 
 
 def config_label(spec: dict[str, Any]) -> str:

@@ -6,8 +6,6 @@ import html
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import (
     DASH,
@@ -76,6 +74,6 @@ def write_compare(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
-def print_compare(result: dict[str, Any], console: Console) -> None:
+def print_compare(result: dict[str, Any]) -> None:
     for block in compare_blocks(result):
-        print_block(block, console)
+        print_block(block)

@@ -13,8 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import (
     DASH,
@@ -222,6 +220,6 @@ def write_cv(folder: Path, cv: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def print_cv(cv: dict[str, Any], console: Console | None = None) -> None:
+def print_cv(cv: dict[str, Any]) -> None:
     for block in cv_blocks(cv):
-        print_block(block, console or Console())
+        print_block(block)

@@ -116,11 +116,11 @@ def gate_junit(rows: list[Comparison], require_power: bool, against: str) -> str
 
 
 def write_gate(rows: list[Comparison], require_power: bool, against: str, *, junit: str | None,
-               markdown: str | None, console: Console) -> int:
+               markdown: str | None) -> int:
     """Print the gate, write the files asked for, and return the exit code."""
     code = decide(rows, require_power)
-    print_block(gate_block(rows, require_power, against), console)
-    console.print(f"gate: {_HEADLINE[code]} ({_summary(rows, against)})", soft_wrap=True)
+    print_block(gate_block(rows, require_power, against))
+    Console().print(f"gate: {_HEADLINE[code]} ({_summary(rows, against)})", soft_wrap=True)
     if junit:
         atomic_write_text(junit, gate_junit(rows, require_power, against))
     if markdown:
@@ -140,7 +140,7 @@ def plan_block(rows: list[dict[str, Any]], margin: float, power: float) -> Block
 
 
 def run_gate(report_path: str, *, baseline: str | None, margin: float | None, require_power: bool,
-             junit: str | None, markdown: str | None, console: Console) -> int:
+             junit: str | None, markdown: str | None) -> int:
     """``tuneguard gate``: the report's own verdicts, or the report against a baseline, as an exit code."""
     if margin is not None and margin < 0:
         raise TuneguardError(f"--margin must be >= 0 points; got {margin:g}")
@@ -151,11 +151,11 @@ def run_gate(report_path: str, *, baseline: str | None, margin: float | None, re
         rows, against = report_rows(report, margin), "tuned against its own base"
     if not rows:
         raise TuneguardError(f"{report_path}: the report has no task or general-suite rows to gate on")
-    return write_gate(rows, require_power, against, junit=junit, markdown=markdown, console=console)
+    return write_gate(rows, require_power, against, junit=junit, markdown=markdown)
 
 
 def run_plan(task_names: list[str] | None, margin: float, *, discordance: float | None, pilot: str | None,
-             power: float, console: Console) -> int:
+             power: float) -> int:
     """``tuneguard plan``: items per task for ``power`` at ``margin``, from a pilot report or a stated discordance."""
     from tuneguard.eval.suites import get_tasks
 
@@ -169,5 +169,5 @@ def run_plan(task_names: list[str] | None, margin: float, *, discordance: float 
         raise TuneguardError("give --tasks (task or suite names), or a --pilot report with a general suite")
     tasks = [{"task": t.name, "kind": t.kind, "available": len(t.docs())} for t in get_tasks(names)]
     rows = plan(tasks, margin, discordance=discordance, pilot=pilot_report, power=power)
-    print_block(plan_block(rows, margin, power), console)
+    print_block(plan_block(rows, margin, power))
     return 0

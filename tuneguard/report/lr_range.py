@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from rich.console import Console
 
 from tuneguard.io import atomic_write_bytes, atomic_write_json
 from tuneguard.report.blocks import Block, Cell
@@ -78,9 +77,9 @@ def lr_range_blocks(r: dict[str, Any]) -> list[Block]:
     return [curve, Block("lr", lines=lines), Block("caveat", lines=list(r["caveats"]))]
 
 
-def print_lr_range(r: dict[str, Any], console: Console | None = None) -> None:
+def print_lr_range(r: dict[str, Any]) -> None:
     for block in lr_range_blocks(r):
-        print_block(block, console or Console())
+        print_block(block)
 
 
 def write_lr_range(folder: Path, r: dict[str, Any]) -> list[Path]:

@@ -70,12 +70,10 @@ def check_verdict(check: dict[str, Any]) -> str:
     return f"{what} (exit 1)" if check["flagged"] else f"no {what} at alpha {check['alpha']:g} (exit 0)"
 
 
-def print_check(check: dict[str, Any], console: Console | None = None) -> None:
+def print_check(check: dict[str, Any]) -> None:
     """The check's table, then its verdict; p-values are one-sided (a drop) and Holm-adjusted across the tests."""
-    console = console or Console()
-    print_block(accuracy_block(check) if check["accuracy"] else drift_block(check), console)
-    print_block(Block("Check", lines=[(check_verdict(check), "regressed" if check["flagged"] else "nochange")]),
-                console)
+    print_block(accuracy_block(check) if check["accuracy"] else drift_block(check))
+    print_block(Block("Check", lines=[(check_verdict(check), "regressed" if check["flagged"] else "nochange")]))
 
 
 def _time(text: str) -> datetime:
@@ -164,4 +162,4 @@ def print_checks(checks: list[dict[str, Any]], console: Console | None = None) -
         for c in checks
     ]
     headers = ["time", "recipe", "task", "check", "data", "n", "after", "Δ", "p (adjusted)", "flagged"]
-    print_block(Block("Checks", headers, rows), console or Console())
+    print_block(Block("Checks", headers, rows), console)

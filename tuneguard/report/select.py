@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from tuneguard.io import atomic_write_json, atomic_write_text
 from tuneguard.report.blocks import (
     DASH,
@@ -104,9 +102,9 @@ def select_blocks(summary: dict[str, Any]) -> list[Block]:
             Block("How to read it", lines=select_lines(summary))]
 
 
-def print_select(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_select(summary: dict[str, Any]) -> None:
     for block in select_blocks(summary):
-        print_block(block, console or Console())
+        print_block(block)
 
 
 def write_select(out: Path, summary: dict[str, Any]) -> list[Path]:

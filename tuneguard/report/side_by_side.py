@@ -193,4 +193,4 @@ def _write(out_dir: Path, comparison: dict[str, Any]) -> list[Path]:
 
 
 def print_run_comparison(comparison: dict[str, Any], console: Console | None = None) -> None:
-    print_block(comparison_block(comparison), console or Console())
+    print_block(comparison_block(comparison), console)

@@ -50,9 +50,10 @@ def _wide(console: Console) -> Console:
     return Console(width=max(console.width, 200), file=console.file)
 
 
-def print_block(block: Block, console: Console) -> None:
-    """A table block as a rich table, a lines block as lines headed by the block's title."""
-    console = _wide(console)
+def print_block(block: Block, console: Console | None = None) -> None:
+    """A table block as a rich table, a lines block as lines headed by the block's title; on standard output
+    unless told otherwise (results go there, progress and notes to standard error)."""
+    console = _wide(console or Console())
     if block.headers:
         # at least as wide as its title, which rich would otherwise wrap to the width of a narrow table
         table = Table(title=block.title, title_justify="left", title_style="bold", header_style="bold",
@@ -88,10 +89,10 @@ def print_history(rows: list[dict[str, Any]], console: Console | None = None) ->
          fmt_value(r["tuned"], r["aggregate"]), fmt_delta(r), (fmt_verdict(r), verdict_class(r["verdict"]))]
         for r in rows
     ]
-    print_block(Block("History", headers, table), console or Console())
+    print_block(Block("History", headers, table), console)
 
 
-def print_results(results: list[TaskResult], console: Console | None = None) -> None:
+def print_results(results: list[TaskResult]) -> None:
     """Scores of one model alone (``tuneguard eval --model``): the primary metric, then the others."""
     rows = [
         [r.task, r.metric, fmt_value(r.value, r.aggregate), str(r.n), f"{r.seconds:.1f}",
@@ -99,12 +100,10 @@ def print_results(results: list[TaskResult], console: Console | None = None) -> 
                    if k != r.metric and isinstance(v, int | float) and not isinstance(v, bool))]
         for r in results
     ]
-    print_block(Block("Scores", ["task", "metric", "value", "n", "seconds", "other metrics"], rows), console or Console())
+    print_block(Block("Scores", ["task", "metric", "value", "n", "seconds", "other metrics"], rows))
 
 
-def print_augmentation_preview(
-    rows: list[PreviewRow], cfg: DataConfig, seed: int, console: Console | None = None
-) -> None:
+def print_augmentation_preview(rows: list[PreviewRow], cfg: DataConfig, seed: int) -> None:
     """``tuneguard data preview``: each training row's prompt beside its augmented copies, one line per copy."""
     title = (f"Training rows and their augmented copies (data.augment {', '.join(cfg.augment_ops)}; "
              f"augment_prob {cfg.augment_prob}; augment_copies {cfg.augment_copies}; seed {seed})")
@@ -112,4 +111,4 @@ def print_augmentation_preview(
         [Path(r.where).name, r.original, op, text, r.answer] if k == 0 else ["", "", op, text, ""]
         for r in rows for k, (op, text) in enumerate(r.copies)
     ]
-    print_block(Block(title, ["row", "original", "operation", "augmented", "answer"], table), console or Console())
+    print_block(Block(title, ["row", "original", "operation", "augmented", "answer"], table))
