@@ -159,7 +159,7 @@ def test_write_reports(run: tuple[Path, dict[str, Any]]) -> None:
         assert not re.search(r"\{'|\[\[|0\.29508", text)          # no dict reprs, nested lists or 16 digits
     assert not re.search(r"https?://|(?:src|href)\s*=\s*[\"']?//", page)
     assert "<link" not in page and "<script" not in page
-    assert '<td class="regressed">regressed, beyond margin</td>' in page
+    assert '<td class="regressed words">regressed, beyond margin</td>' in page
 
 
 def test_print_report_colours_verdicts(run: tuple[Path, dict[str, Any]]) -> None:

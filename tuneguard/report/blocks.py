@@ -209,8 +209,15 @@ def md_block(block: Block) -> str:
 
 
 def _td(cell: Cell, tag: str = "td") -> str:
-    cls = f' class="{cell_class(cell)}"' if cell_class(cell) else ""
-    return f"<{tag}{cls}>{html.escape(cell_text(cell))}</{tag}>"
+    """A cell. One without digits (a metric's or a test's name) may wrap, after a comma too
+    (``exact_match,strict-match``), so a wide table keeps its verdict column in view; numbers and intervals do not."""
+    raw = cell_text(cell)
+    text, classes = html.escape(raw), [cell_class(cell)] if cell_class(cell) else []
+    if not re.search(r"\d", raw):
+        classes.append("words")
+        text = re.sub(r",(?=\S)", ",<wbr>", text)
+    cls = f' class="{" ".join(classes)}"' if classes else ""
+    return f"<{tag}{cls}>{text}</{tag}>"
 
 
 def html_block(block: Block) -> str:
@@ -226,7 +233,7 @@ def html_block(block: Block) -> str:
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:80rem;
-color:#1d1d1f;padding:0 1rem}td{white-space:nowrap}td:last-child{white-space:normal;min-width:8rem}
+color:#1d1d1f;padding:0 1rem}td{white-space:nowrap}td.words,td:last-child{white-space:normal}td:last-child{min-width:8rem}
 td:first-child{white-space:normal;overflow-wrap:anywhere;min-width:8rem;max-width:22rem}.scroll{overflow-x:auto}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.8rem}
