@@ -389,7 +389,7 @@ def test_compare_ia3_before_lora_on_4_bit(tmp_path: Path, tiny_llama_dir: Path) 
 
 
 def test_an_unbounded_forgetting_interval_is_null_in_json_and_drawn_open(outcomes: np.ndarray) -> None:
-    """general-small's two WikiText pages can bound nothing: compare.json held -Infinity/Infinity (invalid JSON)
+    """Two WikiText pages (general-small's before session 37) can bound nothing: compare.json held -Infinity/Infinity (invalid JSON)
     and the chart drew that adapter's forgetting as if exact."""
     from tuneguard.eval.compare_adapters import trade_offs
     from tuneguard.report.plots import gain_forgetting_png

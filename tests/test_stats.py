@@ -167,7 +167,7 @@ def test_a_large_family_can_still_call_a_perplexity_regression() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 30])
 def test_few_perplexity_items_unchanged_are_rarely_called_significant(n: int) -> None:
-    """general-small scores two WikiText pages: the bootstrap it used called half of such unchanged pairs
+    """general-small scored two WikiText pages before session 37: the bootstrap it used called half of such unchanged pairs
     significant (both pages moved one way). The sign-flip test holds its 5% at any n, and on fewer than six items
     (smallest p 2 / 2^n > 0.05) calls nothing, with an interval unbounded on both sides."""
     rng = np.random.default_rng(n)

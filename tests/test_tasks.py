@@ -31,7 +31,7 @@ from tuneguard.eval.tasks import (
 )
 
 SIZES = {"arc_easy": 500, "arc_challenge": 500, "hellaswag": 500, "piqa": 500, "winogrande": 500, "boolq": 300,
-         "lambada_openai": 500, "wikitext": 10, "gsm8k": 100}
+         "lambada_openai": 500, "wikitext": 26, "gsm8k": 100}
 
 
 def test_every_vendored_file_loads_with_known_answers() -> None:
@@ -64,10 +64,12 @@ def test_every_vendored_file_loads_with_known_answers() -> None:
     assert gsm.context.startswith("Question: Natalia sold clips") and gsm.context.count("\nAnswer:") == 6
     assert "#### 624\n\nQuestion: Janet’s ducks lay 16 eggs" in gsm.context and gsm.context.endswith("market?\nAnswer:")
     assert gsm.target.endswith("#### 18")
-    wiki = docs["wikitext"][0]
-    assert wiki.raw.startswith(" = Robert <unk> = ") and "@-@" not in wiki.text and "@-@" in "".join(
-        d.raw for d in docs["wikitext"]
-    )
+    wiki = docs["wikitext"]  # articles shortest first, so general-small's 16 are the cheapest 16
+    assert [len(d.raw) for d in wiki] == sorted(len(d.raw) for d in wiki)
+    assert wiki[0].raw.startswith(" = New York State Route <unk> = ") and len(wiki[0].raw.split()) == 461
+    assert any(d.raw.startswith(" = Robert <unk> = ") for d in wiki)  # the split's first article, as before
+    assert "@-@" not in "".join(d.text for d in wiki) and "@-@" in "".join(d.raw for d in wiki)
+    assert max(len(d.raw.split()) for d in wiki[:16]) == 1554 and SUITES["general-small"]["wikitext"] == 16
 
 
 def test_hellaswag_ctx_b_is_recovered_where_it_can_be() -> None:

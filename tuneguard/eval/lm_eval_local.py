@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneguard.eval.records import Doc
-from tuneguard.eval.tasks import TASKS, hellaswag_parts, vendored_rows, wikitext_pages, wikitext_text
+from tuneguard.eval.tasks import TASKS, hellaswag_parts, vendored_rows, wikitext_articles
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -44,7 +44,7 @@ _CONVERT: dict[str, Callable[[dict[str, Any], Doc], dict[str, Any]]] = {"hellasw
 def local_rows(name: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The first ``limit`` items of built-in task ``name`` as rows of the dataset lm-eval's config reads."""
     if name == "wikitext":
-        return [{"page": page} for page in wikitext_pages(wikitext_text())][:limit]
+        return [{"page": page} for page in wikitext_articles()][:limit]
     convert = _CONVERT.get(name)
     rows = vendored_rows(TASKS[name].source)[:limit]
     if convert is None:
