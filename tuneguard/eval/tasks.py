@@ -213,7 +213,7 @@ def _builtin() -> dict[str, Task]:
 
 TASKS = _builtin()
 SUITES: dict[str, dict[str, int | None]] = {
-    # Sized so base + tuned take about five minutes with SmolLM2-135M on a 2-core CPU (eval/data/README.md).
+    # Sized so base + tuned take about six minutes with SmolLM2-135M on a 2-core CPU (eval/data/README.md).
     # GSM8K generates up to 256 tokens after a 5-shot prompt (about 3 s an item there): 8 items, one
     # generation batch, say whether the fine-tune broke the worked-answer format, not a small regression.
     "general-small": {
