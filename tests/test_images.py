@@ -324,7 +324,7 @@ def test_preview_writes_a_grid_of_originals_and_copies(tmp_path: Path, resnet_di
     assert cli_main(["data", "preview", str(path), "--n", "3", "--epochs", "2", "--out", str(out)]) == 0
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.width > 200 and grid.height > 200
-    assert "3 training images" in capsys.readouterr().out
+    assert "3 training images" in capsys.readouterr().err
     assert cli_main(["data", "preview", str(path), "data.image_augment=[]", "--out", str(out)]) == 2
     assert "data.image_augment is empty" in capsys.readouterr().err
     for wrong in (tmp_path, tmp_path / "grid.jpgx"):

@@ -79,9 +79,9 @@ def test_the_warning_names_the_usual_range_only_far_outside_it() -> None:
 def test_a_run_warns_at_its_start(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
     out = run_train(make_run(tmp_path / "far", tiny_llama_dir, train={"max_steps": 1}), "train.lr=0.2")
     assert out.record["lr"] == 0.2  # run.json records the rate it trained at
-    assert "warning: train.lr=0.2 is more than 10x above the usual range for adapter.method 'lora'" in capsys.readouterr().out
+    assert "warning: train.lr=0.2 is more than 10x above the usual range for adapter.method 'lora'" in capsys.readouterr().err
     run_train(make_run(tmp_path / "usual", tiny_llama_dir, train={"max_steps": 1}), "train.lr=3e-4")
-    assert "warning: train.lr" not in capsys.readouterr().out
+    assert "warning: train.lr" not in "".join(capsys.readouterr())
 
 
 @pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "fast"])
@@ -158,7 +158,7 @@ def test_decay_with_adalora_and_prompt_tuning(tmp_path: Path, four_layer_llama: 
         assert [g["lr"] for g in s.optimizer.param_groups] == pytest.approx([1.25e-3, 2.5e-3, 5e-3, 1e-2])
     else:  # virtual tokens sit in no layer: the full rate, and the run says the decay does nothing
         assert layers == [None] and s.optimizer.param_groups[0]["lr"] == 1e-2
-        assert "train.layer_lr_decay=0.5 has no effect" in capsys.readouterr().out
+        assert "train.layer_lr_decay=0.5 has no effect" in capsys.readouterr().err
     one_step(s)  # the method's hooks (AdaLoRA's budget) run with grouped parameters
 
 

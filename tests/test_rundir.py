@@ -106,7 +106,7 @@ def test_a_new_adapter_moves_the_earlier_evaluation_aside(tmp_path: Path, capsys
     assert not run.eval_json.exists() and not any(p.exists() for p in run.report_paths)
     (aside,) = tmp_path.glob("run.replaced-*")
     assert sorted(p.name for p in aside.iterdir()) == ["eval.json", "report.html", "report.json", "report.md"]
-    assert "moved the earlier adapter's evaluation of" in capsys.readouterr().out
+    assert "moved the earlier adapter's evaluation of" in capsys.readouterr().err
     run.retire_evaluation()  # nothing to move: nothing happens
     assert len(list(tmp_path.glob("run.replaced-*"))) == 1
 

@@ -291,6 +291,7 @@ def _data_preview(args: argparse.Namespace) -> int:
 def _image_preview(args: argparse.Namespace, recipe: Recipe, seed: int) -> int:
     from tuneguard.backbones import image_input
     from tuneguard.data.preview import image_augmentation_preview
+    from tuneguard.progress import say
     from tuneguard.report.image_grid import write_image_grid
 
     out = Path(args.out or f"{Path(args.recipe).stem}-augment-preview.png")
@@ -299,7 +300,7 @@ def _image_preview(args: argparse.Namespace, recipe: Recipe, seed: int) -> int:
     epochs = args.epochs or 4
     rows = image_augmentation_preview(recipe.data, image_input(recipe.model), seed, args.n, epochs)
     write_image_grid(out, rows, f"data.image_augment {', '.join(recipe.data.image_augment)}; seed {seed}")
-    print(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{epochs - 1}")
+    say(f"{out}: {len(rows)} training images, each beside its copies in epochs 0-{epochs - 1}")
     return 0
 
 
@@ -359,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run directory")
     p.add_argument("--model", help="evaluate this model source alone (e.g. bundled:smollm2-135m-instruct)")
     p.add_argument("--tasks", nargs="+", help="tasks, suites (general-small, general) or task YAML files")
-    p.add_argument("--limit", type=positive_int, help="first N items of each task, in the original order")
+    p.add_argument("--limit", type=positive_int, help="first N items of each task, in the original order (WikiText: shortest first)")
     p.add_argument("--quant", help="with --model: none (default), nf4, fp4 or int8")
     p.add_argument("--batch-size", type=positive_int, help="with --model: rows scored at once (default 8)")
     p.add_argument("--with-original", action="store_true", help="with a run: also score the unquantized backbone")

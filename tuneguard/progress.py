@@ -22,6 +22,14 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+"""Everything that is not a result (progress, notes, warnings) goes here, so standard output holds only results."""
+
+
+def say(text: str, main: bool = True) -> None:
+    """A note for the user, not a result: on standard error, as written (no rich markup), never wrapped; only where
+    ``main`` (of several processes, one says it)."""
+    if main:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def quiet_libraries() -> None:

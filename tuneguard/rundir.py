@@ -25,6 +25,7 @@ from typing import Any, Literal
 from tuneguard.adapters.capabilities import reports_rank
 from tuneguard.errors import TuneguardError
 from tuneguard.io import append_jsonl, atomic_write_json, atomic_write_text, read_yaml, recover_partial_writes
+from tuneguard.progress import say
 
 Mode = Literal["new", "resume", "overwrite", "results"]
 """How a run is claimed: ``results`` is a finished run that eval or check writes into."""
@@ -524,7 +525,7 @@ class RunDir:
                 os.replace(self.path / name, aside / name)
         except OSError as exc:
             raise _os_error(self.path, exc) from None
-        print(f"tuneguard: moved {what} of {self.path} to {aside}")
+        say(f"tuneguard: moved {what} of {self.path} to {aside}")
 
     # ----------------------------------------------------------------------------- resuming
 

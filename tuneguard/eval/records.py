@@ -89,7 +89,7 @@ class Task:
     name: str
     kind: Kind
     load: Callable[[], list[Doc]]
-    """All items, in the source's original order."""
+    """All items, in the source's original order (WikiText's articles: shortest first, ``tasks.wikitext_articles``)."""
     metric: str
     """The primary metric, whose per-item outcomes go into the result."""
     delimiter: str = " "
@@ -111,7 +111,7 @@ class Task:
     """lm-eval tasks: lm-eval's task object and run options (``lm_eval_bridge.LmEvalTask``)."""
 
     def docs(self, limit: int | None = None) -> list[Doc]:
-        """The first ``limit`` items (and at most the suite's own limit) in the original order."""
+        """The first ``limit`` items (and at most the suite's own limit) in :attr:`load`'s order."""
         docs = self.load()
         caps = [n for n in (limit, self.limit) if n is not None]
         return docs[: min(caps)] if caps else docs

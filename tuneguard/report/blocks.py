@@ -209,11 +209,12 @@ def md_block(block: Block) -> str:
 
 
 def _td(cell: Cell, tag: str = "td") -> str:
-    """A cell. One without digits (a metric's or a test's name) may wrap, after a comma too
-    (``exact_match,strict-match``), so a wide table keeps its verdict column in view; numbers and intervals do not."""
+    """A cell. A table cell without digits (a metric's or a test's name) may wrap, after a comma too
+    (``exact_match,strict-match``), so a wide table keeps its verdict column in view; numbers and intervals
+    (``[-∞, +∞]`` too) do not."""
     raw = cell_text(cell)
     text, classes = html.escape(raw), [cell_class(cell)] if cell_class(cell) else []
-    if not re.search(r"\d", raw):
+    if tag == "td" and not re.search(r"[\d∞]", raw):
         classes.append("words")
         text = re.sub(r",(?=\S)", ",<wbr>", text)
     cls = f' class="{" ".join(classes)}"' if classes else ""

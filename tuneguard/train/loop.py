@@ -34,7 +34,7 @@ from tuneguard.data.prepare import Prepared, prepare_data
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir
 from tuneguard.numerics import numerics_record, resolve_mixed_precision
-from tuneguard.progress import TrainProgress, quiet_libraries
+from tuneguard.progress import TrainProgress, quiet_libraries, say
 from tuneguard.provenance import git_commit, peak_memory, versions
 from tuneguard.recipe import Recipe, dump_recipe, recipe_defaults
 from tuneguard.rundir import FINISHED_HINT, Mode, RunDir
@@ -254,7 +254,7 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
     if accelerator.is_main_process:  # only now that the inputs, the adapter's targets included, are known to be good
         run_dir.write_recipe(dump_recipe(recipe))
         for line in data_notes(data.stats):
-            accelerator.print(f"note: {line}")
+            say(f"note: {line}")
     # The fast path is built and verified for decoders (on encoders it misbehaves); the bitsandbytes
     # fix that prepare_for_training always applies is needed by both.
     model = prepare_for_training(model, recipe, accelerator.device, enabled=False if backbone.is_encoder else None,
@@ -263,16 +263,17 @@ def setup(recipe: Recipe, run_dir: RunDir, make_scorer: ScorerFactory | None = N
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
-    accelerator.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    main = accelerator.is_local_main_process
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)", main)
     loss_model = ClassificationLoss(model) if backbone.is_encoder else CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(recipe, model)
     for line in lr_notes(recipe, groups, warn=lr_factor is None):
-        accelerator.print(line)
+        say(line, main)
     if unused := recipe.adapter.unused_keys():
-        accelerator.print(f"note: {', '.join(unused)}: not read by adapter.method '{recipe.adapter.method}' (ignored)")
+        say(f"note: {', '.join(unused)}: not read by adapter.method '{recipe.adapter.method}' (ignored)", main)
     if note := selection_note(recipe.train.select, recipe.train.early_stopping_patience):
-        accelerator.print(note)
+        say(note, main)
     optimizer = make_optimizer(recipe, groups, accelerator.device)
     scheduler = make_scheduler(recipe, optimizer, total_steps, lr_factor)
     loss_model, optimizer, scheduler = accelerator.prepare(loss_model, optimizer, scheduler)
@@ -338,7 +339,7 @@ def resume(s: Session, checkpoint: Path | None, resume_changed: list[str],
     if "train.early_stopping_patience" in resume_changed:  # stopped under the old patience; judge by the new one
         patience = s.recipe.train.early_stopping_patience
         state.stopped_early = patience is not None and state.evals_without_improvement >= patience
-    s.accelerator.print(f"resumed from {checkpoint.name}")
+    say(f"resumed from {checkpoint.name}", s.accelerator.is_local_main_process)
     return state, best
 
 
@@ -509,7 +510,7 @@ def _train(recipe: Recipe, run_dir: RunDir, resume_run: bool, resume_changed: li
     if resume_run and not changed and run_dir.finished_after(checkpoint):
         raise TuneguardError(f"{run_dir.path}: training already finished, nothing to resume; {FINISHED_HINT}")
     if resume_run and checkpoint is None and is_main_process():
-        print(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
+        say(f"no checkpoint in {run_dir.checkpoints}; starting from scratch")
         run_dir.metrics.unlink(missing_ok=True)  # the killed start's lines; this run logs them again
     s = setup(recipe, run_dir, make_scorer)
     state, best = resume(s, checkpoint, resume_changed, changed)
@@ -586,10 +587,8 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
         s.run_dir.write_record(record)
         for key, what in (("truncated_train", "training"), ("truncated_val", "validation")):
             if s.data.stats.get(key):
-                acc.print(f"note: {s.data.stats[key]} {what} examples were truncated to "
-                          f"data.max_length={recipe.data.max_length}")
-        acc.print(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
-                  f"peak {record['peak_memory_mb']:.0f} MB)")
+                say(f"note: {s.data.stats[key]} {what} examples were truncated to data.max_length={recipe.data.max_length}")
+        say(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, peak {record['peak_memory_mb']:.0f} MB)")
     acc.wait_for_everyone()  # every process evaluates from the files just written (run.json, the adapter's hash)
     if state.diverged:
         raise TuneguardError(f"training diverged at step {state.step}: {state.diverged}; run.json records it and "
