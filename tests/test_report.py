@@ -256,6 +256,21 @@ def test_history_records_and_lists(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     out = io.StringIO()
     print_history(sst2, Console(file=out, width=200))
     assert "sst2-ia3" in out.getvalue() and "ia3" in out.getvalue()
+    # how many items each result scored, beside it: a suite whose items changed does not pass for a trend
+    assert [r["n"] for r in list_history(recipe="sst2-lora")] == [c["n"] for c in report["task"] + report["general"]]
+    assert re.search(r"┃ +n ┃", out.getvalue()) and re.search(rf"│ +{sst2[0]['n']} │", out.getvalue())
+    with closing(sqlite3.connect(tmp_path / "home" / "history.sqlite")) as con, con:  # a results table before n
+        columns = ("run_id, task, metric, aggregate, is_general, base, tuned, delta, ci_low, ci_high, p_value, verdict, "
+                   "p_adjusted, margin, beyond_margin, items_to_decide")
+        con.executescript(f"ALTER TABLE results RENAME TO old; CREATE TABLE results (run_id INTEGER NOT NULL REFERENCES "
+                          "runs(id) ON DELETE CASCADE, task TEXT NOT NULL, metric TEXT NOT NULL, aggregate TEXT NOT NULL, "
+                          "is_general INTEGER NOT NULL, base REAL, tuned REAL, delta REAL, ci_low REAL, ci_high REAL, "
+                          "p_value REAL, verdict TEXT, p_adjusted REAL, margin REAL, beyond_margin INTEGER, "
+                          f"items_to_decide INTEGER, PRIMARY KEY (run_id, task)); INSERT INTO results SELECT {columns} "
+                          "FROM old; DROP TABLE old;")
+    assert {r["n"] for r in list_history()} == {None}  # an older database gains the column, empty in its rows
+    record_run(other_dir, _report(other_dir, eval_data))
+    assert all(r["n"] for r in list_history(recipe="sst2-ia3"))
     # what the report's verdict says, beyond the margin included, is in the history too
     stored = {k: sst2[1][k] for k in ("p_adjusted", "margin", "beyond_margin", "items_to_decide")}
     reported = _report(other_dir, eval_data)["task"][0]

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS results (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     task TEXT NOT NULL, metric TEXT NOT NULL, aggregate TEXT NOT NULL, is_general INTEGER NOT NULL,
     base REAL, tuned REAL, delta REAL, ci_low REAL, ci_high REAL, p_value REAL, verdict TEXT,
-    p_adjusted REAL, margin REAL, beyond_margin INTEGER, items_to_decide INTEGER,
+    p_adjusted REAL, margin REAL, beyond_margin INTEGER, items_to_decide INTEGER, n INTEGER,
     PRIMARY KEY (run_id, task)
 );
 CREATE INDEX IF NOT EXISTS results_task ON results(task);
@@ -48,7 +48,9 @@ CREATE INDEX IF NOT EXISTS checks_task ON checks(task);
 _CHECK_KEYS = ("created", "run_dir", "recipe", "task", "metric", "kind", "data", "n", "value", "value_low",
                "value_high", "delta", "ci_low", "ci_high", "p_value", "flagged", "path", "trained_on")
 _RESULT_KEYS = ("task", "metric", "aggregate", "is_general", "base", "tuned", "delta", "ci_low", "ci_high",
-                "p_value", "verdict", "p_adjusted", "margin", "beyond_margin", "items_to_decide")
+                "p_value", "verdict", "p_adjusted", "margin", "beyond_margin", "items_to_decide", "n")
+"""``n``: the items scored, so a trend that moves because a suite's items changed (general-small's WikiText went from
+2 articles to 16 in session 37) says so beside the number."""
 
 
 def history_path() -> Path:
@@ -71,7 +73,8 @@ def _open(db: Path) -> sqlite3.Connection:
 
 
 _ADDED_COLUMNS = {"checks": {"trained_on": "INTEGER"},
-                  "results": {"p_adjusted": "REAL", "margin": "REAL", "beyond_margin": "INTEGER", "items_to_decide": "INTEGER"}}
+                  "results": {"p_adjusted": "REAL", "margin": "REAL", "beyond_margin": "INTEGER", "items_to_decide": "INTEGER",
+                              "n": "INTEGER"}}
 """Columns newer than their table: added to a database an older tuneguard created (NULL in its older rows)."""
 
 

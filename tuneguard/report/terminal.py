@@ -21,6 +21,7 @@ from tuneguard.report.blocks import (
     fmt_adapter,
     fmt_delta,
     fmt_float,
+    fmt_int,
     fmt_memory,
     fmt_value,
     fmt_verdict,
@@ -82,10 +83,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
 
 def print_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """The rows of :func:`tuneguard.report.history.list_history` as one table, oldest first."""
-    headers = ["time", "recipe", "adapter", "quantization", "task", "metric", "before", "after", "Δ", "verdict"]
+    headers = ["time", "recipe", "adapter", "quantization", "task", "metric", "n", "before", "after", "Δ", "verdict"]
     table = [
         [r["created"], r["recipe"] or DASH, fmt_adapter({"adapter": r["adapter_method"], "r": r["adapter_r"]}),
-         r["quantization"] or DASH, r["task"], r["metric"], fmt_value(r["base"], r["aggregate"]),
+         r["quantization"] or DASH, r["task"], r["metric"], fmt_int(r["n"]), fmt_value(r["base"], r["aggregate"]),
          fmt_value(r["tuned"], r["aggregate"]), fmt_delta(r), (fmt_verdict(r), verdict_class(r["verdict"]))]
         for r in rows
     ]
