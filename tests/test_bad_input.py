@@ -490,7 +490,7 @@ def test_export_carries_labels_and_prompt_and_is_verified(tmp_path: Path, tiny_l
     _, run_dir = finished_run(tmp_path / "enc", tiny_bert_dir, quantization={"method": "nf4"})
     capsys.readouterr()
     assert cli_main(["export", str(run_dir)]) == 0
-    note = capsys.readouterr().out.strip().splitlines()[-1]
+    note = capsys.readouterr().err.strip().splitlines()[-1]
     assert note.startswith("note: the adapter was trained and evaluated on the nf4 backbone"), note
     assert note.endswith("score it on your validation rows before relying on the report")
     config = AutoConfig.from_pretrained(run_dir / "merged")

@@ -441,3 +441,13 @@ def test_side_by_side_matches_own_tasks_by_their_items(tmp_path: Path) -> None:
     assert [r["task"] for r in rows] == ["own task (validation, the same 400 items)", "other-data (validation)"]
     assert [c is not None for c in rows[0]["cells"]] == [True, True, False]
     assert [c is not None for c in rows[1]["cells"]] == [False, False, True]
+
+
+def test_a_note_goes_to_standard_error_as_written(capsys: pytest.CaptureFixture) -> None:
+    """Notes name paths, and a path may hold what rich would read as markup or an emoji code."""
+    from tuneguard.progress import say
+
+    say("written: runs/[exp]/:rocket:/report.md, " + "x" * 150)
+    say("said by another process", main=False)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "written: runs/[exp]/:rocket:/report.md, " + "x" * 150 + "\n"

@@ -41,7 +41,7 @@ from tuneguard.errors import TuneguardError
 from tuneguard.hub import use_hub
 from tuneguard.io import atomic_dir, atomic_write_text, cache_dir
 from tuneguard.numerics import linear, resolve_dtype
-from tuneguard.progress import Advance, console, phase
+from tuneguard.progress import Advance, phase, say
 from tuneguard.recipe import ModelConfig, QuantizationConfig
 from tuneguard.weights import check_gguf, check_weights_dir
 
@@ -180,7 +180,7 @@ def gguf_to_safetensors(gguf: Path, trust_remote_code: bool = False) -> Path:
     # intact, so a kill here means converting again, never trusting unhashed files.
     weights = {f.name: file_sha256(f) for f in sorted(target.glob("*.safetensors"))}
     atomic_write_text(target / GGUF_SOURCE, json.dumps({"gguf": str(gguf), "sha256": digest, "weights": weights}))
-    console.print(f"{name}: dequantized to safetensors in {target}", soft_wrap=True)
+    say(f"{name}: dequantized to safetensors in {target}")
     return target
 
 

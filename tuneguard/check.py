@@ -30,7 +30,7 @@ from tuneguard.eval.monitor import (
 )
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stage import load_run, recipe_task
-from tuneguard.progress import console, quiet_libraries
+from tuneguard.progress import console, quiet_libraries, say
 from tuneguard.recipe import DataConfig, load_recipe
 from tuneguard.report.history import record_check
 from tuneguard.report.monitor import print_check
@@ -120,5 +120,5 @@ def _check(run: RunDir, data: Path, alpha: float, allow_overlap: bool, limit: in
         console.print(f"[yellow]{trained_on} of the {len(items)} rows were training rows of this run (overlap allowed): "
                       "the model can read better, and surer, on them than on new rows[/yellow]", soft_wrap=True)
     record_check(record, path)
-    console.print(f"check written to {path}", soft_wrap=True)
+    say(f"check written to {path}")
     return 1 if record["flagged"] else 0

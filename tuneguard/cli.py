@@ -55,7 +55,7 @@ def _add_select_parser(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from tuneguard.export import export_merged
-    from tuneguard.progress import quiet_libraries
+    from tuneguard.progress import quiet_libraries, say
     from tuneguard.recipe import load_recipe
     from tuneguard.rundir import RunDir
 
@@ -65,9 +65,9 @@ def _export(args: argparse.Namespace) -> int:
     recipe = load_recipe(run.recipe)
     out = Path(args.out) if args.out else run.merged
     note = export_merged(recipe, run.adapter, out, dtype=args.dtype)
-    print(f"merged model saved to {out}")
+    say(f"merged model saved to {out}")  # the result is the folder: standard output stays empty
     if note:
-        print(f"note: {note}")
+        say(f"note: {note}")
     return 0
 
 
@@ -169,7 +169,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from tuneguard.progress import console
+    from tuneguard.progress import say
     from tuneguard.report.history import count_runs, list_checks, list_history, unknown_filter
     from tuneguard.report.terminal import print_history
 
@@ -186,16 +186,16 @@ def _history(args: argparse.Namespace) -> int:
                                  f"{f' of task {args.task!r}' if args.task else ''}")
         png, drawn, total = trend_png(results, checks)
         atomic_write_bytes(args.plot, png)
-        console.print(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot} (the newest "
+        say(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot} (the newest "
                       f"{args.last} runs and checks at most; --last N)")
         if len(drawn) < total:
-            console.print(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
+            say(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
         return 0
     if results or not checks:
         print_history(results)
         shown, total = len({r["run_dir"] + r["created"] for r in results}), count_runs(task=args.task, recipe=args.recipe)
         if shown < total:
-            console.print(f"the newest {shown} of {total} runs; --last N shows more")
+            say(f"the newest {shown} of {total} runs; --last N shows more")
     if checks:
         from tuneguard.report.monitor import print_checks
 
@@ -224,19 +224,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from tuneguard.eval.compare_adapters import score_runs
-    from tuneguard.progress import console, quiet_libraries
+    from tuneguard.progress import quiet_libraries, say
     from tuneguard.report.compare_adapters import print_compare, write_compare
 
     quiet_libraries()
-    result = score_runs([Path(r) for r in args.runs], tasks=args.tasks, limit=args.limit, console=console)
+    result = score_runs([Path(r) for r in args.runs], tasks=args.tasks, limit=args.limit)
     print_compare(result)
     paths = write_compare(result, Path(args.out))
-    console.print(f"written: {', '.join(map(str, paths))}")
+    say(f"written: {', '.join(map(str, paths))}")
     return 0
 
 
 def _lr(args: argparse.Namespace) -> int:
-    from tuneguard.progress import console
+    from tuneguard.progress import say
     from tuneguard.recipe import load_recipe
     from tuneguard.report.lr_range import print_lr_range, write_lr_range
     from tuneguard.train.lr_range import lr_folder, range_test
@@ -245,7 +245,7 @@ def _lr(args: argparse.Namespace) -> int:
     folder = lr_folder(recipe, args.out)
     result = range_test(recipe, folder, start=args.start, end=args.end, steps=args.steps).to_dict()
     print_lr_range(result)
-    console.print(f"written: {', '.join(map(str, write_lr_range(folder, result)))}")
+    say(f"written: {', '.join(map(str, write_lr_range(folder, result)))}")
     return 0
 
 

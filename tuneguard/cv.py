@@ -19,7 +19,7 @@ from rich.text import Text
 
 from tuneguard.data.prepare import checked_overlap, read_split
 from tuneguard.errors import RegressionBudgetExceeded, TuneguardError
-from tuneguard.progress import console
+from tuneguard.progress import console, say
 from tuneguard.recipe import Recipe, load_recipe, recipe_defaults
 from tuneguard.report.cv import print_cv, summarize_folds, write_cv
 from tuneguard.run import reevaluate, run
@@ -142,5 +142,5 @@ def cross_validate(args: argparse.Namespace) -> int:
     summary = summarize_folds(str(base.output.name), [fold.run_dir for fold in folds], settings)
     print_cv(summary)
     paths = write_cv(cv_dir(base), summary)
-    console.print(f"cross-validation summary in {', '.join(map(str, paths))}")
+    say(f"cross-validation summary in {', '.join(map(str, paths))}")
     return 1 if summary["budget_exceeded"] else 0

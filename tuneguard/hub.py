@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants
 
-from tuneguard.progress import console
+from tuneguard.progress import say
 
 CONNECT_SECONDS = 3.0
 
@@ -50,5 +50,5 @@ def use_hub() -> None:
     loaded = sys.modules.get("datasets.config")  # datasets copies the setting when imported, so only if it was
     if loaded is not None:
         loaded.HF_HUB_OFFLINE = True
-    console.print(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached from here: only files already in "
-                  "the local cache are used", soft_wrap=True)
+    say(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached from here: only files already in "
+                  "the local cache are used")

@@ -16,7 +16,7 @@ from tuneguard.errors import TuneguardError, guarded
 from tuneguard.eval.stage import Evaluation, load_run, score_run
 from tuneguard.eval.validation import validation_scorer
 from tuneguard.eval.verdicts import check_budget
-from tuneguard.progress import console, quiet_libraries
+from tuneguard.progress import quiet_libraries, say
 from tuneguard.recipe import Recipe, load_recipe
 from tuneguard.report.files import build_report, write_reports
 from tuneguard.report.history import record_run
@@ -71,7 +71,7 @@ def report(recipe: Recipe, run_dir: Path, evaluation: Evaluation) -> int:
     write_reports(run_dir, built)
     print_report(built)
     record_run(run_dir, built)
-    console.print(f"evaluation took {evaluation.data['seconds']:.0f} s; reports in {run_dir}/report.{{md,html,json}}")
+    say(f"evaluation took {evaluation.data['seconds']:.0f} s; reports in {run_dir}/report.{{md,html,json}}")
     check_budget(evaluation.comparisons, recipe.eval.max_regression)
     return 0
 

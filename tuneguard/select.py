@@ -27,7 +27,7 @@ from tuneguard.backbones import ENCODER_TYPES, is_image_config, load_config, res
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.records import TaskResult
 from tuneguard.eval.verdicts import compare_task
-from tuneguard.progress import console
+from tuneguard.progress import console, say
 from tuneguard.recipe import Recipe, load_recipe, recipe_defaults
 from tuneguard.report.select import print_select, write_select
 from tuneguard.rundir import RunDir, recipe_changes
@@ -212,7 +212,7 @@ def select_backbones(args: argparse.Namespace) -> int:
     summary = rank(str(base.output.name), rows, settings)
     print_select(summary)
     paths = write_select(out, summary)
-    console.print(f"backbone ranking in {', '.join(map(str, paths))}")
+    say(f"backbone ranking in {', '.join(map(str, paths))}")
     if all("error" in r for r in rows):
         raise TuneguardError("no candidate could be measured; the reasons are in the table")
     return 0

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from tuneguard.args import positive_int
 from tuneguard.errors import TuneguardError
 
@@ -99,7 +101,7 @@ def _run_all(specs: list[dict[str, Any]], repeat: int, timeout: float) -> list[d
         console.print(f"[dim]bench ({round_ + 1}/{repeat}): {label}[/dim]")
         result = run_isolated(spec, timeout=timeout)
         if "error" in result:
-            console.print(f"[red]  failed: {result['error']}[/red]")
+            console.print(f"[red]  failed: {escape(result['error'])}[/red]")
         runs[i].append({**result, "round": round_ + 1})
     return [_median(results) for results in runs.values()]
 
@@ -124,11 +126,11 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 def _finish(args: argparse.Namespace, results: list[dict[str, Any]], summary: list[dict[str, Any]]) -> int:
     from tuneguard.bench.measure import changes_since, environment, load_results
     from tuneguard.io import atomic_write_json
-    from tuneguard.progress import console
+    from tuneguard.progress import say
 
     if args.json_out:
         atomic_write_json(Path(args.json_out), {"environment": environment(), "summary": summary, "results": results})
-        console.print(f"results saved to {args.json_out}")
+        say(f"results saved to {args.json_out}")
     if not args.compare:
         return 0
     changes = changes_since(results, load_results(args.compare), args.tolerance)
@@ -157,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
 
     if note := _loaded():
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     unknown = set(args.runners) - {"tuneguard", "trainer", "trainer+gc", "sft"}
     if unknown:
         raise TuneguardError(f"bench train --runners: unknown {sorted(unknown)}; choose tuneguard trainer trainer+gc sft")
@@ -197,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
     from tuneguard.progress import console
 
     if note := _loaded():
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     base = {"kind": "eval", "model": args.model, "quant": args.quant, "tasks": args.tasks, "limit": args.limit,
             "batch": args.batch, "generation_items": args.generation_items, "threads": args.threads,
             "device": _device(args)}
@@ -219,7 +221,7 @@ def _lm_eval(args: argparse.Namespace) -> int:
 
     require_lm_eval("tuneguard bench lm-eval")
     if note := _loaded():
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     base = {"kind": "lm-eval", "model": args.model, "dtype": args.dtype, "tasks": args.tasks or LM_EVAL_DEFAULTS["tasks"],
             "limit": args.limit, "batch": args.batch, "threads": args.threads, "device": _device(args)}
     results = _run_all([{**base, "runner": "tuneguard"}, {**base, "runner": "hf"}], args.repeat, args.timeout)
@@ -237,11 +239,11 @@ def _ratio(a: Any, b: Any) -> float | None:
 def _matrix(args: argparse.Namespace) -> int:
     from tuneguard.bench.matrix import run_matrix
     from tuneguard.bench.tables import matrix_block, print_blocks
-    from tuneguard.progress import console
+    from tuneguard.progress import say
 
     matrix = run_matrix(Path(args.recipe), args.adapter, args.overrides, Path(args.out), timeout=args.timeout)
     print_blocks([matrix_block(matrix)])
-    console.print(f"matrix written to {Path(args.out) / 'matrix.html'} and matrix.json")
+    say(f"matrix written to {Path(args.out) / 'matrix.html'} and matrix.json")
     return 0 if all("error" not in row for row in matrix["rows"]) else 1
 
 

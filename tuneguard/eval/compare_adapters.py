@@ -25,6 +25,7 @@ from tuneguard.eval.records import Task, TaskResult
 from tuneguard.eval.stage import recipe_task
 from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.verdicts import Comparison, compare_pairs
+from tuneguard.progress import say
 from tuneguard.recipe import Recipe, load_recipe
 from tuneguard.rundir import RunDir
 
@@ -81,8 +82,7 @@ def _own_tasks(runs: list[tuple[str, Path, Recipe]], tokenizer: Any, limit: int 
     return out
 
 
-def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: int | None = None,
-               console: Any = None) -> dict[str, Any]:
+def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: int | None = None) -> dict[str, Any]:
     """Score the base once and every run's adapter on the same items; compare them all."""
     runs = _load_runs(run_dirs)
     first = runs[0][2]
@@ -98,8 +98,7 @@ def score_runs(run_dirs: list[Path], *, tasks: list[str] | None = None, limit: i
         raise TuneguardError("nothing to compare: give --tasks, or runs whose recipes set eval.task or eval.suites")
 
     def score(model: Any, task_list: list[Task], adapter: str | None) -> dict[str, TaskResult]:
-        if console is not None:
-            console.print(f"scoring {adapter or 'the base'} on {len(task_list)} tasks")
+        say(f"scoring {adapter or 'the base'} on {len(task_list)} tasks")
         results = evaluate_tasks(model.eval(), backbone.tokenizer, task_list, limit=limit or first.eval.limit,
                                  batch_size=first.eval.batch_size, fingerprint=backbone.fingerprint, adapter_id=adapter)
         return {r.task: r for r in results}

@@ -20,7 +20,7 @@ from tuneguard.eval.records import Doc, Task, TaskResult, aggregate
 from tuneguard.eval.scoring import loglikelihood
 from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.tasks import wikitext_detokenize, wikitext_text
-from tuneguard.progress import console, phase
+from tuneguard.progress import phase, say
 
 __all__ = ["evaluate_tasks", "general_text_loss", "task_result"]
 
@@ -98,7 +98,7 @@ def evaluate_tasks(
         name = f"{label} · {task.name}" if label else task.name
         if kept is not None:
             if rank == 0 and show:
-                console.print(f"{name}: {len(docs)} items, scored before on this backbone and adapter (scores/)")
+                say(f"{name}: {len(docs)} items, scored before on this backbone and adapter (scores/)")
             results.append(kept)
             continue
         kind = KINDS[task.kind]

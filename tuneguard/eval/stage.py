@@ -32,7 +32,7 @@ from tuneguard.eval.records import Doc, Task, TaskResult
 from tuneguard.eval.suites import get_tasks
 from tuneguard.eval.tasks import classification_task_from_items
 from tuneguard.eval.verdicts import Comparison, compare_quantization, compare_results
-from tuneguard.progress import console
+from tuneguard.progress import say
 from tuneguard.recipe import LmEvalConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from tuneguard.rundir import RunDir
 from tuneguard.train.loop import TrainResult
@@ -100,7 +100,7 @@ def score_run(recipe: Recipe, run_dir: Path, trained: TrainResult, *, suites: li
     cache = ScoreCache(run.scores, backbone.fingerprint, file_sha256(run.adapter_weights))
     with dequantized(model) as held:
         if held and main_process:
-            console.print(f"4-bit weights decoded once for evaluation ({held / 2**20:.0f} MB)")
+            say(f"4-bit weights decoded once for evaluation ({held / 2**20:.0f} MB)")
         with model.disable_adapter():
             base, base_loss = _score(model, backbone, tasks, recipe, None, accelerator, limit, "base", cache)
         tuned, tuned_loss = _score(model, backbone, tasks, recipe, str(run.adapter), accelerator, limit, "tuned", cache)

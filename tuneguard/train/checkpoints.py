@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneguard.errors import TuneguardError
 from tuneguard.io import atomic_dir, atomic_write_json
-from tuneguard.progress import console
+from tuneguard.progress import say
 from tuneguard.recipe import Recipe
 from tuneguard.rundir import TRAIN_STATE, RunDir, read_json
 
@@ -154,9 +154,9 @@ def check_checkpoint(path: Path, process_index: int, trainable: set[str], sharde
                                  f"tuneguard held none), so they would restart untrained; {_INSTEAD}")
     rng = path / f"random_states_{process_index}.pkl"
     if process_index and not rng.exists():
-        console.print(f"warning: {path} holds no random state of process {process_index} (an earlier "
+        say(f"warning: {path} holds no random state of process {process_index} (an earlier "
                       "tuneguard saved process 0's only): it resumes with a fresh one, so its dropout masks differ from an uninterrupted "
-                      "run's", soft_wrap=True)
+                      "run's")
         return
     try:
         states = load(rng)  # Accelerate's own reader, weights_only: nothing in it is executed
