@@ -23,7 +23,7 @@ from tuneguard.eval.records import TaskResult
 from tuneguard.eval.stats import two_sample_interval, two_sample_z, wilson_interval
 from tuneguard.recipe import load_recipe
 from tuneguard.report.history import list_checks, record_check
-from tuneguard.report.monitor import print_checks, time_limits
+from tuneguard.report.monitor import print_checks, same_items, time_limits, trend_png
 from tuneguard.run import evaluate
 from tuneguard.train.loop import train
 
@@ -425,3 +425,15 @@ def test_sparse_label_tables_hold_the_level() -> None:
     assert permuted / 300 <= 0.05 < 0.07 <= approximated / 300
     dense = np.array([[40, 60], [400, 600]])
     assert _homogeneity(dense)["method"] == "chi-square"
+
+
+def test_the_trend_line_breaks_where_a_tasks_items_changed(tmp_path: Path) -> None:
+    """general-small's WikiText went from 2 articles to 16: one line through both would read as the model's change."""
+    runs = [{"created": f"2026-12-0{day}T00:00:00+00:00", "task": "wikitext", "metric": "perplexity", "aggregate":
+             "perplexity", "is_general": True, "tuned": value, "n": n}
+            for day, value, n in ((1, 18.7, 2), (2, 18.9, 2), (3, 21.5, 16), (4, 21.3, 16))]
+    assert [[r["n"] for r in segment] for segment in same_items(runs)] == [[2, 2], [16, 16]]
+    assert [len(s) for s in same_items([{**r, "n": None} for r in runs[:2]] + runs[2:])] == [2, 2]  # older rows: no n
+    png, drawn, total = trend_png(runs, [])
+    assert png[:4] == b"\x89PNG" and drawn == ["wikitext"] and total == 1
+    (tmp_path / "trend.png").write_bytes(png)

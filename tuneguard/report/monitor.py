@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,21 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def same_items(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive runs that scored as many items (history rows before ``n`` was kept count as one count): a line
+    joins only those, as a change of the task's items (general-small's WikiText, 2 -> 16) is not the model's."""
+    return [list(group) for _, group in itertools.groupby(runs, key=lambda r: r.get("n"))]
+
+
 def _panel(ax: Any, task: str, runs: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
-    if runs:
-        ax.plot([_time(r["created"]) for r in runs], [r["tuned"] for r in runs], "o-", color=PALETTE[0],
-                markersize=6, linewidth=1)
+    segments = same_items(runs)
+    for segment in segments:
+        times, values = [_time(r["created"]) for r in segment], [r["tuned"] for r in segment]
+        ax.plot(times, values, "o-", color=PALETTE[0], markersize=6, linewidth=1)
+        if len(segments) > 1:  # say where the items changed, with room above the highest point for it
+            ax.margins(y=0.15)
+            ax.annotate(f"n {fmt_int(segment[0].get('n'))}", (times[0], values[0]), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7, color="#5f6368")
     scored = [c for c in checks if c["value"] is not None]
     for c in scored:
         colour = COLOURS["regressed"] if c["flagged"] else PALETTE[2]
