@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run directory")
     p.add_argument("--model", help="evaluate this model source alone (e.g. bundled:smollm2-135m-instruct)")
     p.add_argument("--tasks", nargs="+", help="tasks, suites (general-small, general) or task YAML files")
-    p.add_argument("--limit", type=positive_int, help="first N items of each task, in the original order (WikiText: shortest first)")
+    p.add_argument("--limit", type=positive_int,
+                   help="first N items of each task, in the original order (WikiText: shortest first)")
     p.add_argument("--quant", help="with --model: none (default), nf4, fp4 or int8")
     p.add_argument("--batch-size", type=positive_int, help="with --model: rows scored at once (default 8)")
     p.add_argument("--with-original", action="store_true", help="with a run: also score the unquantized backbone")

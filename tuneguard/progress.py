@@ -27,8 +27,7 @@ console = Console(stderr=True)
 
 def say(text: str, main: bool = True) -> None:
     """A note for the user, not a result: on standard error, as written (no rich markup or emoji codes: a path may
-    hold ``[x]`` or ``:x:``), never wrapped; only where
-    ``main`` (of several processes, one says it)."""
+    hold ``[x]`` or ``:x:``), never wrapped; only where ``main`` (of several processes, one says it)."""
     if main:
         console.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
 

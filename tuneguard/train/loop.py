@@ -587,8 +587,10 @@ def finish(s: Session, state: TrainState, best: dict | None) -> TrainResult:
         s.run_dir.write_record(record)
         for key, what in (("truncated_train", "training"), ("truncated_val", "validation")):
             if s.data.stats.get(key):
-                say(f"note: {s.data.stats[key]} {what} examples were truncated to data.max_length={recipe.data.max_length}")
-        say(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, peak {record['peak_memory_mb']:.0f} MB)")
+                say(f"note: {s.data.stats[key]} {what} examples were truncated to "
+                    f"data.max_length={recipe.data.max_length}")
+        say(f"adapter saved to {s.run_dir.adapter}  ({record['tokens_per_s']} tokens/s, "
+            f"peak {record['peak_memory_mb']:.0f} MB)")
     acc.wait_for_everyone()  # every process evaluates from the files just written (run.json, the adapter's hash)
     if state.diverged:
         raise TuneguardError(f"training diverged at step {state.step}: {state.diverged}; run.json records it and "
