@@ -187,7 +187,7 @@ def _history(args: argparse.Namespace) -> int:
         png, drawn, total = trend_png(results, checks)
         atomic_write_bytes(args.plot, png)
         say(f"trend of {len(results)} run results and {len(checks)} checks drawn to {args.plot} (the newest "
-                      f"{args.last} runs and checks at most; --last N)")
+            f"{args.last} runs and checks at most; --last N)")
         if len(drawn) < total:
             say(f"{len(drawn)} of {total} tasks drawn ({', '.join(drawn)}); choose one with --task")
         return 0

@@ -51,4 +51,4 @@ def use_hub() -> None:
     if loaded is not None:
         loaded.HF_HUB_OFFLINE = True
     say(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached from here: only files already in "
-                  "the local cache are used")
+        "the local cache are used")

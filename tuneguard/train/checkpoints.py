@@ -154,9 +154,8 @@ def check_checkpoint(path: Path, process_index: int, trainable: set[str], sharde
                                  f"tuneguard held none), so they would restart untrained; {_INSTEAD}")
     rng = path / f"random_states_{process_index}.pkl"
     if process_index and not rng.exists():
-        say(f"warning: {path} holds no random state of process {process_index} (an earlier "
-                      "tuneguard saved process 0's only): it resumes with a fresh one, so its dropout masks differ from an uninterrupted "
-                      "run's")
+        say(f"warning: {path} holds no random state of process {process_index} (an earlier tuneguard saved process "
+            "0's only): it resumes with a fresh one, so its dropout masks differ from an uninterrupted run's")
         return
     try:
         states = load(rng)  # Accelerate's own reader, weights_only: nothing in it is executed
