@@ -103,12 +103,13 @@ def test_inconclusive_passes_unless_power_is_required(tmp_path: Path, capsys: py
     assert failure is not None and failure.get("type") == "undecided" and "items)" in failure.get("message", "")
 
 
-def test_baseline_is_compared_item_by_item(tmp_path: Path) -> None:
-    old_dir, old_data = make_run(tmp_path / "old", "sst2-lora")
+def test_baseline_is_compared_item_by_item(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old_dir, old_data = make_run(tmp_path / "old[x]", "sst2-lora")  # a path rich would read as markup
     write_reports(old_dir, _report(old_dir, _hashed(old_data)))
     same_dir, same_data = make_run(tmp_path / "same", "sst2-lora")
     write_reports(same_dir, _report(same_dir, _hashed(same_data)))
     assert cli_main(["gate", str(same_dir), "--baseline", str(old_dir / "report.json")]) == 0
+    assert f"against baseline {old_dir / 'report.json'}" in capsys.readouterr().out.replace("\n", "")
 
     worse_dir, worse_data = make_run(tmp_path / "worse", "sst2-lora")
     sst2 = np.asarray(worse_data["tuned"][0]["per_item"])

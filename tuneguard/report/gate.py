@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from tuneguard.errors import TuneguardError
 from tuneguard.eval.gate import (
@@ -120,7 +121,8 @@ def write_gate(rows: list[Comparison], require_power: bool, against: str, *, jun
     """Print the gate, write the files asked for, and return the exit code."""
     code = decide(rows, require_power)
     print_block(gate_block(rows, require_power, against))
-    Console().print(f"gate: {_HEADLINE[code]} ({_summary(rows, against)})", soft_wrap=True)
+    # Text, not markup: a baseline's path in the summary may hold "[x]"
+    Console().print(Text(f"gate: {_HEADLINE[code]} ({_summary(rows, against)})"), soft_wrap=True)
     if junit:
         atomic_write_text(junit, gate_junit(rows, require_power, against))
     if markdown:
