@@ -109,7 +109,7 @@ def test_baseline_is_compared_item_by_item(tmp_path: Path, capsys: pytest.Captur
     same_dir, same_data = make_run(tmp_path / "same", "sst2-lora")
     write_reports(same_dir, _report(same_dir, _hashed(same_data)))
     assert cli_main(["gate", str(same_dir), "--baseline", str(old_dir / "report.json")]) == 0
-    assert f"against baseline {old_dir / 'report.json'}" in capsys.readouterr().out.replace("\n", "")
+    assert f"against baseline {old_dir / 'report.json'}" in capsys.readouterr().out
 
     worse_dir, worse_data = make_run(tmp_path / "worse", "sst2-lora")
     sst2 = np.asarray(worse_data["tuned"][0]["per_item"])
